@@ -1,0 +1,357 @@
+//! The boot-info page: everything the VMM tells the guest at start. One
+//! guest image serves every backend because the trap instructions to use are
+//! named here, not compiled in.
+
+/// Magic of the boot-info page ("SCBOOT\0\1").
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"SCBOOT\x00\x01");
+
+/// The KVM backend the VM runs on.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Hardware KVM on Intel VT-x (kvm_intel).
+    Vmx = 1,
+    /// Hardware KVM on AMD-V (kvm_amd).
+    Svm = 2,
+    /// The software PVM backend (kvm_pvm).
+    Pvm = 3,
+}
+
+impl Backend {
+    /// Decodes the boot-info value.
+    pub const fn from_u32(v: u32) -> Option<Backend> {
+        match v {
+            1 => Some(Backend::Vmx),
+            2 => Some(Backend::Svm),
+            3 => Some(Backend::Pvm),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name as `sidecore info` prints it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Backend::Vmx => "vmx",
+            Backend::Svm => "svm",
+            Backend::Pvm => "pvm",
+        }
+    }
+
+    /// The in-kernel hypercall instruction of this backend.
+    pub const fn hypercall_insn(self) -> HypercallInsn {
+        match self {
+            Backend::Vmx => HypercallInsn::Vmcall,
+            Backend::Svm => HypercallInsn::Vmmcall,
+            Backend::Pvm => HypercallInsn::PvmInt1b,
+        }
+    }
+
+    /// The instruction that reaches this KVM's CPUID table.
+    pub const fn cpuid_insn(self) -> CpuidInsn {
+        match self {
+            Backend::Vmx | Backend::Svm => CpuidInsn::Cpuid,
+            Backend::Pvm => CpuidInsn::PvmInt1a,
+        }
+    }
+}
+
+/// Instruction for the in-kernel hypercall (the null call's in-kernel trap
+/// path). Number in RAX, arguments in RBX, RCX, RDX, result in RAX.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallInsn {
+    /// `vmcall` (VT-x).
+    Vmcall = 1,
+    /// `vmmcall` (AMD-V).
+    Vmmcall = 2,
+    /// `int $0x1b` (PVM).
+    PvmInt1b = 3,
+}
+
+impl HypercallInsn {
+    /// Decodes the boot-info value.
+    pub const fn from_u32(v: u32) -> Option<HypercallInsn> {
+        match v {
+            1 => Some(HypercallInsn::Vmcall),
+            2 => Some(HypercallInsn::Vmmcall),
+            3 => Some(HypercallInsn::PvmInt1b),
+            _ => None,
+        }
+    }
+
+    /// What KVM returns in RAX for a hypercall number it does not know.
+    pub const fn unknown_result(self) -> i64 {
+        match self {
+            // -KVM_ENOSYS
+            HypercallInsn::Vmcall | HypercallInsn::Vmmcall => -1000,
+            // -ENOSYS
+            HypercallInsn::PvmInt1b => -38,
+        }
+    }
+}
+
+/// Instruction that reaches the CPUID table the VMM gave KVM_SET_CPUID2.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidInsn {
+    /// `cpuid` (hardware KVM).
+    Cpuid = 1,
+    /// `int $0x1a` (PVM; a raw `cpuid` is answered by the outer hypervisor).
+    PvmInt1a = 2,
+}
+
+impl CpuidInsn {
+    /// Decodes the boot-info value.
+    pub const fn from_u32(v: u32) -> Option<CpuidInsn> {
+        match v {
+            1 => Some(CpuidInsn::Cpuid),
+            2 => Some(CpuidInsn::PvmInt1a),
+            _ => None,
+        }
+    }
+}
+
+/// The workloads the guest-agent knows, by boot-info number.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Prints a line with a value it computed.
+    Hello = 1,
+    /// 10^8 register-only loop iterations, timed: shows native execution.
+    Spin = 2,
+    /// Runs every path and checks every answer.
+    Selftest = 3,
+}
+
+impl Workload {
+    /// Every workload, for `--help` and lookups.
+    pub const ALL: [Workload; 3] = [Workload::Hello, Workload::Spin, Workload::Selftest];
+
+    /// Decodes the boot-info value.
+    pub const fn from_u32(v: u32) -> Option<Workload> {
+        match v {
+            1 => Some(Workload::Hello),
+            2 => Some(Workload::Spin),
+            3 => Some(Workload::Selftest),
+            _ => None,
+        }
+    }
+
+    /// The name the command line uses.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Workload::Hello => "hello",
+            Workload::Spin => "spin",
+            Workload::Selftest => "selftest",
+        }
+    }
+}
+
+/// Sidecall reply bounds, one per counter class of [`crate::op::op_class`],
+/// in TSC cycles.
+pub const TIMEOUT_CLASSES: usize = crate::op::OP_CLASS_COUNT;
+
+/// PIO port: console line. EAX = length of the line in the vCPU's console
+/// buffer.
+pub const PORT_CONSOLE: u16 = 0x3f0;
+/// PIO port: the guest's exit status (EAX), after which the vCPU stops.
+pub const PORT_EXIT: u16 = 0x3f1;
+/// PIO port: the exit-path call; the request is in the vCPU's exit slot.
+pub const PORT_CALL: u16 = 0x3f2;
+/// PIO port: a phase marker ([`MARKER_SIDECALL_BEGIN`], …) in EAX.
+pub const PORT_MARKER: u16 = 0x3f3;
+/// PIO port: a request to the VMM's control plane ([`CONTROL_STOP_SIDECORE`], …).
+pub const PORT_CONTROL: u16 = 0x3f4;
+/// PIO port: the null call's userspace exit path (data ignored).
+pub const PORT_NULL: u16 = 0x3f5;
+
+/// Marker: a phase that must cause no exit begins.
+pub const MARKER_SIDECALL_BEGIN: u32 = 1;
+/// Marker: that phase ends.
+pub const MARKER_SIDECALL_END: u32 = 2;
+/// Control: stop this VM's sidecore(s) a short while from now, while the
+/// guest keeps calling (tests the fallback).
+pub const CONTROL_STOP_SIDECORE: u32 = 1;
+/// Control: start the sidecore(s) again.
+pub const CONTROL_START_SIDECORE: u32 = 2;
+
+/// The boot-info page at [`crate::layout::BOOT_INFO_GPA`]. Written by the
+/// VMM before the first KVM_RUN, read-only to the guest.
+#[repr(C, align(4096))]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`].
+    pub abi_version: u32,
+    /// [`Backend`].
+    pub backend: u32,
+    /// [`HypercallInsn`] for the in-kernel null call.
+    pub hypercall_insn: u32,
+    /// [`CpuidInsn`] for CPUID.
+    pub cpuid_insn: u32,
+    /// Number of vCPUs.
+    pub nr_vcpus: u32,
+    /// [`Workload`] to run.
+    pub workload: u32,
+    /// TSC frequency in kHz (guest TSC = host TSC on every backend here).
+    pub tsc_khz: u64,
+    /// Workload arguments (their meaning depends on the workload; 0 means
+    /// the workload's default).
+    pub args: [u64; 8],
+    /// Guest RAM size in bytes (RAM is `[0, ram_size)`).
+    pub ram_size: u64,
+    /// The page-table pool's GPA.
+    pub pt_pool_gpa: u64,
+    /// The page-table pool's size in bytes.
+    pub pt_pool_size: u64,
+    /// End of the image (exclusive).
+    pub image_end: u64,
+    /// The shared region's GPA ([`crate::ring::RegionHeader`] first).
+    pub shared_gpa: u64,
+    /// The shared region's size.
+    pub shared_size: u64,
+    /// First byte of free RAM.
+    pub free_gpa: u64,
+    /// 1 when a sidecore serves this VM's rings and the guest should use
+    /// sidecalls; 0 to use the exit paths only.
+    pub sidecalls: u32,
+    /// PIO port for the console ([`PORT_CONSOLE`]).
+    pub console_port: u16,
+    /// PIO port for the exit status ([`PORT_EXIT`]).
+    pub exit_port: u16,
+    /// PIO port for exit-path calls ([`PORT_CALL`]).
+    pub call_port: u16,
+    /// PIO port for phase markers ([`PORT_MARKER`]).
+    pub marker_port: u16,
+    /// PIO port for control requests ([`PORT_CONTROL`]).
+    pub control_port: u16,
+    /// PIO port of the null call's userspace exit path ([`PORT_NULL`]).
+    pub null_port: u16,
+    /// How long a sidecall waits for its reply before it falls back to the
+    /// exit path, per op class, in TSC cycles.
+    pub sidecall_timeout: [u64; TIMEOUT_CLASSES],
+    /// After a fallback, how long (TSC cycles) the guest uses the exit path
+    /// before it probes the sidecore again (unless the heartbeat moves).
+    pub sidecall_backoff: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 4096);
+const _: () = assert!(core::mem::offset_of!(BootInfo, magic) == 0);
+const _: () = assert!(core::mem::offset_of!(BootInfo, abi_version) == 8);
+const _: () = assert!(core::mem::offset_of!(BootInfo, backend) == 12);
+const _: () = assert!(core::mem::offset_of!(BootInfo, hypercall_insn) == 16);
+const _: () = assert!(core::mem::offset_of!(BootInfo, cpuid_insn) == 20);
+const _: () = assert!(core::mem::offset_of!(BootInfo, nr_vcpus) == 24);
+const _: () = assert!(core::mem::offset_of!(BootInfo, workload) == 28);
+const _: () = assert!(core::mem::offset_of!(BootInfo, tsc_khz) == 32);
+const _: () = assert!(core::mem::offset_of!(BootInfo, args) == 40);
+const _: () = assert!(core::mem::offset_of!(BootInfo, ram_size) == 104);
+const _: () = assert!(core::mem::offset_of!(BootInfo, free_gpa) == 152);
+const _: () = assert!(core::mem::offset_of!(BootInfo, sidecalls) == 160);
+const _: () = assert!(core::mem::offset_of!(BootInfo, console_port) == 164);
+const _: () = assert!(core::mem::offset_of!(BootInfo, null_port) == 174);
+const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_timeout) == 176);
+const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_backoff) == 216);
+
+impl BootInfo {
+    /// A boot-info page for `backend` with every field but the layout filled
+    /// with its default.
+    pub const fn new(backend: Backend) -> BootInfo {
+        BootInfo {
+            magic: BOOT_MAGIC,
+            abi_version: crate::ABI_VERSION,
+            backend: backend as u32,
+            hypercall_insn: backend.hypercall_insn() as u32,
+            cpuid_insn: backend.cpuid_insn() as u32,
+            nr_vcpus: 1,
+            workload: Workload::Hello as u32,
+            tsc_khz: 0,
+            args: [0; 8],
+            ram_size: 0,
+            pt_pool_gpa: crate::layout::PT_POOL_GPA,
+            pt_pool_size: crate::layout::PT_POOL_SIZE,
+            image_end: 0,
+            shared_gpa: 0,
+            shared_size: 0,
+            free_gpa: 0,
+            sidecalls: 0,
+            console_port: PORT_CONSOLE,
+            exit_port: PORT_EXIT,
+            call_port: PORT_CALL,
+            marker_port: PORT_MARKER,
+            control_port: PORT_CONTROL,
+            null_port: PORT_NULL,
+            sidecall_timeout: [0; TIMEOUT_CLASSES],
+            sidecall_backoff: 0,
+        }
+    }
+
+    /// Checks what the guest must be able to trust before it uses anything
+    /// else: magic, version, and that the enums decode.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.magic != BOOT_MAGIC {
+            return Err("boot-info magic");
+        }
+        if self.abi_version != crate::ABI_VERSION {
+            return Err("boot-info ABI version");
+        }
+        if Backend::from_u32(self.backend).is_none() {
+            return Err("boot-info backend");
+        }
+        if HypercallInsn::from_u32(self.hypercall_insn).is_none() {
+            return Err("boot-info hypercall instruction");
+        }
+        if CpuidInsn::from_u32(self.cpuid_insn).is_none() {
+            return Err("boot-info cpuid instruction");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_boot_info_checks() {
+        for b in [Backend::Vmx, Backend::Svm, Backend::Pvm] {
+            let bi = BootInfo::new(b);
+            assert_eq!(bi.check(), Ok(()));
+            assert_eq!(Backend::from_u32(bi.backend), Some(b));
+        }
+    }
+
+    #[test]
+    fn pvm_uses_its_own_trap_instructions() {
+        let bi = BootInfo::new(Backend::Pvm);
+        assert_eq!(HypercallInsn::from_u32(bi.hypercall_insn), Some(HypercallInsn::PvmInt1b));
+        assert_eq!(CpuidInsn::from_u32(bi.cpuid_insn), Some(CpuidInsn::PvmInt1a));
+        assert_eq!(HypercallInsn::PvmInt1b.unknown_result(), -38);
+        assert_eq!(HypercallInsn::Vmcall.unknown_result(), -1000);
+        assert_eq!(Backend::Svm.hypercall_insn(), HypercallInsn::Vmmcall);
+    }
+
+    #[test]
+    fn bad_boot_info_is_refused() {
+        let mut bi = BootInfo::new(Backend::Pvm);
+        bi.magic = 0;
+        assert!(bi.check().is_err());
+        let mut bi = BootInfo::new(Backend::Pvm);
+        bi.abi_version += 1;
+        assert!(bi.check().is_err());
+        let mut bi = BootInfo::new(Backend::Pvm);
+        bi.cpuid_insn = 9;
+        assert!(bi.check().is_err());
+    }
+
+    #[test]
+    fn workload_names_are_unique() {
+        for (i, a) in Workload::ALL.iter().enumerate() {
+            assert_eq!(Workload::from_u32(*a as u32), Some(*a));
+            for b in &Workload::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The shared-memory ABI of Sidecore, used by both sides: the VMM and its
+//! sidecores on the host, and the guest-agent inside the VM.
+//!
+//! Everything here is `#![no_std]` with no dependencies. Every structure that
+//! crosses the guest boundary is `#[repr(C)]` and its size, alignment and field
+//! offsets are fixed by `const` assertions, so a change that moves a field
+//! fails to compile instead of silently breaking the ABI.
+//!
+//! * [`layout`]: the guest-physical memory map.
+//! * [`boot`]: the boot-info page the VMM writes for the guest.
+//! * [`ring`]: the shared region — header, per-vCPU rings of 64-byte slots,
+//!   the lap-counted slot state word.
+//! * [`op`]: opcodes, flags, status codes and request/reply encodings.
+#![no_std]
+
+pub mod boot;
+pub mod layout;
+pub mod op;
+pub mod ring;
+
+/// Version of the whole ABI (boot-info page and shared region). Bumped on any
+/// incompatible change; both sides refuse a mismatch.
+pub const ABI_VERSION: u32 = 1;

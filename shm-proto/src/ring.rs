@@ -1,0 +1,380 @@
+//! The shared region: a header, then one [`VcpuShared`] block per vCPU with its
+//! ring of [`Slot`]s.
+//!
+//! # Slot protocol
+//!
+//! Each call takes a *ticket* from its vCPU's ring: tickets count up from 0
+//! (modulo 2^60), the ticket `t` lives in slot `t % RING_SLOTS`, and
+//! `t / RING_SLOTS` is its lap. A slot's `state` word holds
+//! `ticket << 4 | state`, so the sidecore can tell a current request from one
+//! of an earlier lap, or one whose ticket skipped ahead.
+//!
+//! ```text
+//!   guest:    write head+words, then state = (t, POSTED)        [Release]
+//!   sidecore: state == (t, POSTED) with t == expected            [Acquire]
+//!             CAS (t, POSTED) -> (t, CLAIMED)  — it owns the slot now
+//!             copy head+words out once, validate, act
+//!             write reply head+words, then state = (t, DONE)      [Release]
+//!   guest:    state == (t, DONE)                                 [Acquire], read reply
+//!   guest, no reply in time: CAS (t, POSTED) -> (t, CANCELLED), then take the
+//!             exit path; if the CAS fails the sidecore has claimed the call
+//!             and the guest waits for its reply.
+//! ```
+//!
+//! The compare-and-swap on both sides makes every call happen **at most
+//! once**. A slot is written by one side at a time: the guest while it is
+//! EMPTY/DONE/CANCELLED, the sidecore while it is CLAIMED.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::op::WORDS;
+
+/// Slots per vCPU ring (a power of two).
+pub const RING_SLOTS: usize = 64;
+/// Bits of a state word that hold the ticket.
+pub const TICKET_BITS: u32 = 60;
+/// Mask of a ticket.
+pub const TICKET_MASK: u64 = (1 << TICKET_BITS) - 1;
+
+/// The state part of a slot's state word.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Never used, or free for the guest.
+    Empty = 0,
+    /// The guest has published a request.
+    Posted = 1,
+    /// The sidecore owns the slot and is carrying the request out.
+    Claimed = 2,
+    /// The reply is published.
+    Done = 3,
+    /// The guest gave up waiting and withdrew the request before anyone
+    /// claimed it.
+    Cancelled = 4,
+}
+
+impl SlotState {
+    /// Decodes the low four bits of a state word; `None` for values no
+    /// well-behaved party writes.
+    pub const fn from_bits(v: u64) -> Option<SlotState> {
+        match v & 0xf {
+            0 => Some(SlotState::Empty),
+            1 => Some(SlotState::Posted),
+            2 => Some(SlotState::Claimed),
+            3 => Some(SlotState::Done),
+            4 => Some(SlotState::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// Packs a ticket and a state into a state word.
+pub const fn state_word(ticket: u64, state: SlotState) -> u64 {
+    ((ticket & TICKET_MASK) << 4) | state as u64
+}
+
+/// The ticket part of a state word.
+pub const fn word_ticket(word: u64) -> u64 {
+    word >> 4
+}
+
+/// The slot index of a ticket.
+pub const fn slot_index(ticket: u64) -> usize {
+    // RING_SLOTS is a power of two well below 2^32: the masked value fits.
+    #[allow(clippy::cast_possible_truncation)]
+    let i = (ticket as usize) & (RING_SLOTS - 1);
+    i
+}
+
+/// The ticket after `t`, wrapping at 2^60.
+pub const fn next_ticket(t: u64) -> u64 {
+    t.wrapping_add(1) & TICKET_MASK
+}
+
+/// Signed distance from `expected` to `t` in ticket space (wrap-aware):
+/// negative for a repeated (old) ticket, positive for one that skipped ahead.
+pub const fn ticket_distance(expected: u64, t: u64) -> i64 {
+    // Shift into the top bits so the subtraction wraps at 2^60.
+    let d = (t.wrapping_sub(expected) << 4) as i64;
+    d >> 4
+}
+
+/// One 64-byte ring slot.
+#[repr(C, align(64))]
+pub struct Slot {
+    /// `ticket << 4 | state` ([`state_word`]). Published with Release,
+    /// read with Acquire.
+    pub state: AtomicU64,
+    /// Request head ([`crate::op::encode_head`]) or reply status
+    /// ([`crate::op::encode_status`]).
+    pub head: AtomicU64,
+    /// Request arguments or reply results.
+    pub words: [AtomicU64; WORDS],
+}
+
+const _: () = assert!(core::mem::size_of::<Slot>() == 64);
+const _: () = assert!(core::mem::align_of::<Slot>() == 64);
+const _: () = assert!(core::mem::offset_of!(Slot, state) == 0);
+const _: () = assert!(core::mem::offset_of!(Slot, head) == 8);
+const _: () = assert!(core::mem::offset_of!(Slot, words) == 16);
+
+/// A request or reply body copied out of a slot: the head word and the six
+/// words, each read exactly once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Body {
+    /// Head word (request head or reply status).
+    pub head: u64,
+    /// The six argument or result words.
+    pub words: [u64; WORDS],
+}
+
+impl Slot {
+    /// Reads the body once. Relaxed loads: the caller has already ordered
+    /// them after the state word with an Acquire load or a successful CAS.
+    pub fn read_body(&self) -> Body {
+        let mut words = [0u64; WORDS];
+        for (w, a) in words.iter_mut().zip(self.words.iter()) {
+            *w = a.load(Ordering::Relaxed);
+        }
+        Body { head: self.head.load(Ordering::Relaxed), words }
+    }
+
+    /// Writes the body. Relaxed stores: the caller publishes them with a
+    /// Release store of the state word.
+    pub fn write_body(&self, body: &Body) {
+        self.head.store(body.head, Ordering::Relaxed);
+        for (a, w) in self.words.iter().zip(body.words.iter()) {
+            a.store(*w, Ordering::Relaxed);
+        }
+    }
+
+    /// Guest side: publishes `body` as ticket `t`.
+    pub fn post(&self, t: u64, body: &Body) {
+        self.write_body(body);
+        self.state.store(state_word(t, SlotState::Posted), Ordering::Release);
+    }
+
+    /// Guest side: `Some(reply)` once ticket `t` is done.
+    pub fn poll_reply(&self, t: u64) -> Option<Body> {
+        if self.state.load(Ordering::Acquire) == state_word(t, SlotState::Done) {
+            Some(self.read_body())
+        } else {
+            None
+        }
+    }
+
+    /// Guest side: withdraws ticket `t` if nobody has claimed it. `true`
+    /// means the guest now owns the call and must take the exit path.
+    pub fn try_cancel(&self, t: u64) -> bool {
+        self.state
+            .compare_exchange(
+                state_word(t, SlotState::Posted),
+                state_word(t, SlotState::Cancelled),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Sidecore side: claims the posted state word `seen`. `true` means the
+    /// sidecore owns the slot.
+    pub fn try_claim(&self, seen: u64) -> bool {
+        self.state
+            .compare_exchange(
+                seen,
+                (seen & !0xf) | SlotState::Claimed as u64,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Sidecore side: publishes the reply for the claimed ticket `t`.
+    pub fn publish_reply(&self, t: u64, reply: &Body) {
+        self.write_body(reply);
+        self.state.store(state_word(t, SlotState::Done), Ordering::Release);
+    }
+}
+
+/// A 128-byte line holding one counter, so that counters written by
+/// different parties never share a line (adjacent-line prefetch pairs 64-byte
+/// lines).
+#[repr(C, align(128))]
+pub struct Line {
+    /// The counter.
+    pub value: AtomicU64,
+    _pad: [u64; 15],
+}
+
+const _: () = assert!(core::mem::size_of::<Line>() == 128);
+
+/// Per-vCPU words the guest writes for the VMM to read (statistics and the
+/// outcome of its selftest).
+#[repr(C, align(128))]
+pub struct GuestCounters {
+    /// Sidecalls that got a reply.
+    pub sidecalls: AtomicU64,
+    /// Sidecalls that timed out and went to the exit path instead.
+    pub fallbacks: AtomicU64,
+    /// Sidecalls whose cancel lost the race (the sidecore had claimed them):
+    /// the guest waited for their reply.
+    pub late_replies: AtomicU64,
+    /// Times the guest probed a sidecore it had marked absent.
+    pub probes: AtomicU64,
+    _pad: [u64; 12],
+}
+
+const _: () = assert!(core::mem::size_of::<GuestCounters>() == 128);
+
+/// Bytes in a vCPU's console buffer.
+pub const CONSOLE_BYTES: usize = 256;
+
+/// Everything shared per vCPU: its ring, its counters, the exit-path mailbox
+/// and the console buffer. Two pages, page aligned.
+#[repr(C, align(4096))]
+pub struct VcpuShared {
+    /// The ring.
+    pub slots: [Slot; RING_SLOTS],
+    /// Next ticket the sidecore expects (written by the host only): lets
+    /// the guest see how far the sidecore has got (backpressure).
+    pub consumer: Line,
+    /// Next ticket the guest will use (written by the guest only;
+    /// informational, never trusted by the host).
+    pub producer: Line,
+    /// Mailbox of the exit path: the guest writes a request here in the slot
+    /// encoding and exits with PIO to [`crate::boot::BootInfo::call_port`];
+    /// the VMM writes the reply and sets the state word to DONE.
+    pub exit_slot: Slot,
+    _pad_exit: [u64; 8],
+    /// Counters the guest keeps.
+    pub guest: GuestCounters,
+    /// Console line buffer: the guest fills it and exits with PIO to
+    /// [`crate::boot::BootInfo::console_port`], the length in EAX.
+    pub console: [u8; CONSOLE_BYTES],
+}
+
+/// Offset of vCPU blocks in the region.
+pub const VCPU_SHARED_OFFSET: u64 = 4096;
+/// Bytes per vCPU block.
+pub const VCPU_SHARED_SIZE: u64 = core::mem::size_of::<VcpuShared>() as u64;
+
+const _: () = assert!(core::mem::size_of::<VcpuShared>() == 8192);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, slots) == 0);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, consumer) == 4096);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, producer) == 4224);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, exit_slot) == 4352);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, guest) == 4480);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, console) == 4608);
+
+/// Magic of the region header ("SIDECORE").
+pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SIDECORE");
+
+/// Feature bit: the NULL, CPUID and registry services are served.
+pub const FEATURE_CALLS: u64 = 1 << 0;
+/// Feature bit: the page-table service is served.
+pub const FEATURE_PTE: u64 = 1 << 1;
+
+/// The region header, at the start of the shared region (one page).
+#[repr(C, align(4096))]
+pub struct RegionHeader {
+    /// [`REGION_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`].
+    pub abi_version: u32,
+    /// Number of vCPU blocks that follow.
+    pub nr_vcpus: u32,
+    /// Feature bits ([`FEATURE_CALLS`], …) the host serves.
+    pub features: u64,
+    /// Slots per ring ([`RING_SLOTS`]).
+    pub ring_slots: u32,
+    /// Bytes per slot (64).
+    pub slot_size: u32,
+    /// Offset of vCPU block 0 from the region start.
+    pub vcpu_offset: u64,
+    /// Bytes per vCPU block.
+    pub vcpu_stride: u64,
+    _pad: [u64; 10],
+    /// Incremented by a running sidecore every so many sweeps; a guest that
+    /// marked the sidecore absent probes it again when this moves.
+    pub heartbeat: Line,
+}
+
+const _: () = assert!(core::mem::size_of::<RegionHeader>() == 4096);
+const _: () = assert!(core::mem::offset_of!(RegionHeader, heartbeat) == 128);
+
+/// Bytes of a shared region for `nr_vcpus` vCPUs.
+pub const fn region_size(nr_vcpus: u32) -> u64 {
+    VCPU_SHARED_OFFSET + (nr_vcpus as u64) * VCPU_SHARED_SIZE
+}
+
+/// Offset of vCPU `i`'s block in the region.
+pub const fn vcpu_offset(i: u32) -> u64 {
+    VCPU_SHARED_OFFSET + (i as u64) * VCPU_SHARED_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn slot_protocol_happy_path() {
+        let s = Slot {
+            state: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            words: Default::default(),
+        };
+        let req = Body { head: 1, words: [7, 0, 0, 0, 0, 0] };
+        s.post(5, &req);
+        let seen = s.state.load(Ordering::Acquire);
+        assert_eq!(word_ticket(seen), 5);
+        assert_eq!(SlotState::from_bits(seen), Some(SlotState::Posted));
+        assert!(s.try_claim(seen));
+        assert!(!s.try_cancel(5), "cancel must lose after the claim");
+        assert_eq!(s.read_body(), req);
+        assert!(s.poll_reply(5).is_none());
+        s.publish_reply(5, &Body { head: 0, words: [7; WORDS] });
+        assert_eq!(s.poll_reply(5).map(|b| b.words[0]), Some(7));
+    }
+
+    #[test]
+    fn cancel_beats_late_claim() {
+        let s = Slot {
+            state: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            words: Default::default(),
+        };
+        s.post(9, &Body::default());
+        let seen = s.state.load(Ordering::Acquire);
+        assert!(s.try_cancel(9));
+        assert!(!s.try_claim(seen), "claim must lose after the cancel");
+    }
+
+    proptest! {
+        #[test]
+        fn state_word_roundtrip(t in 0u64..=TICKET_MASK, st in 0u64..5) {
+            let state = SlotState::from_bits(st).unwrap();
+            let w = state_word(t, state);
+            prop_assert_eq!(word_ticket(w), t);
+            prop_assert_eq!(SlotState::from_bits(w), Some(state));
+        }
+
+        #[test]
+        fn tickets_wrap_and_keep_slots_in_order(start in (TICKET_MASK - 300)..=TICKET_MASK, n in 1usize..600) {
+            let mut t = start;
+            for _ in 0..n {
+                let nt = next_ticket(t);
+                prop_assert_eq!(slot_index(nt), (slot_index(t) + 1) % RING_SLOTS);
+                prop_assert_eq!(ticket_distance(t, nt), 1);
+                prop_assert_eq!(ticket_distance(nt, t), -1);
+                t = nt;
+            }
+        }
+
+        #[test]
+        fn distance_detects_skip_and_repeat(e in 0u64..=TICKET_MASK, d in -100_000i64..100_000) {
+            let t = (e as i64).wrapping_add(d) as u64 & TICKET_MASK;
+            prop_assert_eq!(ticket_distance(e, t), d);
+        }
+    }
+}
