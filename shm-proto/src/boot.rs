@@ -165,6 +165,13 @@ pub const PORT_CONTROL: u16 = 0x3f4;
 /// PIO port: the null call's userspace exit path (data ignored).
 pub const PORT_NULL: u16 = 0x3f5;
 
+/// CPUID leaf whose EBX, ECX, EDX the VMM sets to [`CPUID_SIGNATURE`] in the
+/// table it gives KVM_SET_CPUID2: only an answer from that table carries it.
+pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;
+/// "SidecoreVMM\0" as EBX, ECX, EDX.
+pub const CPUID_SIGNATURE: [u32; 3] =
+    [u32::from_le_bytes(*b"Side"), u32::from_le_bytes(*b"core"), u32::from_le_bytes(*b"VMM\0")];
+
 /// Marker: a phase that must cause no exit begins.
 pub const MARKER_SIDECALL_BEGIN: u32 = 1;
 /// Marker: that phase ends.
@@ -310,6 +317,7 @@ impl BootInfo {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
 

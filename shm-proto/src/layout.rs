@@ -58,4 +58,4 @@ pub const fn align_up(x: u64, align: u64) -> u64 {
 
 const _: () = assert!(vcpu_stack_top(MAX_VCPUS - 1) <= PT_POOL_GPA);
 const _: () = assert!(PT_POOL_GPA + PT_POOL_SIZE <= IMAGE_GPA);
-const _: () = assert!(VCPU_AREA_STRIDE % PAGE_SIZE == 0);
+const _: () = assert!(VCPU_AREA_STRIDE.is_multiple_of(PAGE_SIZE));

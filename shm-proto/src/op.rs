@@ -170,7 +170,10 @@ pub const fn decode_status(word: u64) -> Result<Status, u64> {
     if word >> 32 != 0 {
         return Err(word);
     }
-    match Status::from_u32(word as u32) {
+    // The high half is zero (checked above): the value fits.
+    #[allow(clippy::cast_possible_truncation)]
+    let low = word as u32;
+    match Status::from_u32(low) {
         Some(s) => Ok(s),
         None => Err(word),
     }
@@ -195,6 +198,7 @@ pub const OP_CLASS_COUNT: usize = 5;
 pub const OP_CLASS_NAMES: [&str; OP_CLASS_COUNT] = ["unknown", "null", "cpuid", "pte", "hypercall"];
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -203,10 +207,7 @@ mod tests {
     fn head_refuses_reserved_bits() {
         assert_eq!(decode_head(1 << 32), Err(Status::ReservedBits));
         assert_eq!(decode_head(encode_head(1, 1 << 5)), Err(Status::ReservedBits));
-        assert_eq!(
-            decode_head(encode_head(2, FLAG_NO_REPLY)),
-            Ok(Head { opcode: 2, flags: FLAG_NO_REPLY })
-        );
+        assert_eq!(decode_head(encode_head(2, FLAG_NO_REPLY)), Ok(Head { opcode: 2, flags: FLAG_NO_REPLY }));
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub const fn next_ticket(t: u64) -> u64 {
 /// negative for a repeated (old) ticket, positive for one that skipped ahead.
 pub const fn ticket_distance(expected: u64, t: u64) -> i64 {
     // Shift into the top bits so the subtraction wraps at 2^60.
-    let d = (t.wrapping_sub(expected) << 4) as i64;
+    let d = (t.wrapping_sub(expected) << 4).cast_signed();
     d >> 4
 }
 
@@ -180,12 +180,7 @@ impl Slot {
     /// sidecore owns the slot.
     pub fn try_claim(&self, seen: u64) -> bool {
         self.state
-            .compare_exchange(
-                seen,
-                (seen & !0xf) | SlotState::Claimed as u64,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(seen, (seen & !0xf) | SlotState::Claimed as u64, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
@@ -313,17 +308,14 @@ pub const fn vcpu_offset(i: u32) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     #[test]
     fn slot_protocol_happy_path() {
-        let s = Slot {
-            state: AtomicU64::new(0),
-            head: AtomicU64::new(0),
-            words: Default::default(),
-        };
+        let s = Slot { state: AtomicU64::new(0), head: AtomicU64::new(0), words: Default::default() };
         let req = Body { head: 1, words: [7, 0, 0, 0, 0, 0] };
         s.post(5, &req);
         let seen = s.state.load(Ordering::Acquire);
@@ -339,11 +331,7 @@ mod tests {
 
     #[test]
     fn cancel_beats_late_claim() {
-        let s = Slot {
-            state: AtomicU64::new(0),
-            head: AtomicU64::new(0),
-            words: Default::default(),
-        };
+        let s = Slot { state: AtomicU64::new(0), head: AtomicU64::new(0), words: Default::default() };
         s.post(9, &Body::default());
         let seen = s.state.load(Ordering::Acquire);
         assert!(s.try_cancel(9));

@@ -1,1 +1,23 @@
-//! placeholder
+//! The sidecore: a host thread pinned to a dedicated CPU that serves guests'
+//! sidecalls by polling their shared-memory rings.
+//!
+//! * [`service`]: the service handlers (null, CPUID, the hypercall registry)
+//!   that both the sidecore and the VMM's exit path call.
+//! * [`cpuid`]: KVM's rules for answering CPUID from a KVM_SET_CPUID2 table.
+//! * [`ring`]: the host side of one vCPU's ring: poll, claim, validate,
+//!   dispatch, reply.
+//! * [`poll`]: the pinned thread that sweeps its rings, and its handle.
+//! * [`stats`]: per-op and per-status counters readable from any thread.
+//! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
+
+pub mod cpuid;
+pub mod pin;
+pub mod poll;
+pub mod ring;
+pub mod service;
+pub mod stats;
+
+pub use crate::poll::{Sidecore, SidecoreConfig, SidecoreError};
+pub use crate::ring::{RingRef, SharedRegion};
+pub use crate::service::{CallCtx, Services};
+pub use crate::stats::VmStats;

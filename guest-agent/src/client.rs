@@ -1,0 +1,189 @@
+//! Calls into the VMM: by sidecall through the vCPU's ring, or by the exit
+//! path of each service. A sidecall that gets no reply in time is cancelled
+//! and falls back to the exit path — at most once, by compare-and-swap.
+
+use core::sync::atomic::Ordering;
+
+use shm_proto::boot::{CpuidInsn, HypercallInsn};
+use shm_proto::op::{self, encode_head, Opcode, Status, WORDS};
+use shm_proto::ring::{next_ticket, slot_index, Body};
+
+use crate::arch;
+use crate::Env;
+
+/// How a call was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// By the sidecore.
+    Sidecall,
+    /// By the exit path (never tried the sidecore, or fell back).
+    Exit,
+}
+
+/// A reply: status, result words, and which path answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    /// The status the server gave (or [`Status::HostError`] for an
+    /// undecodable one).
+    pub status: Status,
+    /// Result words.
+    pub words: [u64; WORDS],
+    /// Which path answered.
+    pub via: Via,
+}
+
+/// The per-vCPU client.
+pub struct Client<'a> {
+    env: &'a Env,
+    hypercall_insn: HypercallInsn,
+    cpuid_insn: CpuidInsn,
+    ticket: u64,
+    /// The sidecore is used at all (boot-info `sidecalls`).
+    enabled: bool,
+    /// Marked absent after a fallback: use the exit path until the back-off
+    /// passes or the heartbeat moves.
+    absent: bool,
+    absent_since: u64,
+    heartbeat_at_absent: u64,
+}
+
+impl<'a> Client<'a> {
+    /// A client for this vCPU.
+    pub fn new(env: &'a Env) -> Client<'a> {
+        let boot = env.boot;
+        // check() has validated both enums.
+        let hypercall_insn = HypercallInsn::from_u32(boot.hypercall_insn).unwrap_or(HypercallInsn::PvmInt1b);
+        let cpuid_insn = CpuidInsn::from_u32(boot.cpuid_insn).unwrap_or(CpuidInsn::PvmInt1a);
+        // Continue from wherever the ring is (a previous workload may have used it).
+        let ticket = env.shared.producer.value.load(Ordering::Relaxed);
+        Client {
+            env,
+            hypercall_insn,
+            cpuid_insn,
+            ticket,
+            enabled: boot.sidecalls != 0,
+            absent: false,
+            absent_since: 0,
+            heartbeat_at_absent: 0,
+        }
+    }
+
+    /// Whether a sidecore serves this VM at all.
+    pub fn sidecalls_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Makes a call: by sidecall when a sidecore is present, else (or on
+    /// time-out) by the op's exit path.
+    pub fn call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
+        if self.sidecore_usable() {
+            if let Some(r) = self.sidecall(opcode, args) {
+                return r;
+            }
+        }
+        self.exit_call(opcode, args)
+    }
+
+    fn sidecore_usable(&mut self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if !self.absent {
+            return true;
+        }
+        let hb = self.env.header.heartbeat.value.load(Ordering::Relaxed);
+        let waited = arch::rdtsc().wrapping_sub(self.absent_since);
+        if hb != self.heartbeat_at_absent || waited > self.env.boot.sidecall_backoff {
+            self.absent = false;
+            self.env.shared.guest.probes.fetch_add(1, Ordering::Relaxed);
+        }
+        !self.absent
+    }
+
+    /// One sidecall; `None` if it timed out and was cancelled (the caller then
+    /// takes the exit path).
+    pub fn sidecall(&mut self, opcode: u16, args: [u64; WORDS]) -> Option<Reply> {
+        let t = self.ticket;
+        let slot = &self.env.shared.slots[slot_index(t)];
+        slot.post(t, &Body { head: encode_head(opcode, 0), words: args });
+        self.ticket = next_ticket(t);
+        self.env.shared.producer.value.store(self.ticket, Ordering::Relaxed);
+        let bound = self.env.boot.sidecall_timeout[op::op_class(opcode)];
+        let start = arch::rdtsc();
+        let g = &self.env.shared.guest;
+        loop {
+            if let Some(body) = slot.poll_reply(t) {
+                g.sidecalls.fetch_add(1, Ordering::Relaxed);
+                return Some(reply_of(&body, Via::Sidecall));
+            }
+            if arch::rdtsc().wrapping_sub(start) > bound {
+                break;
+            }
+        }
+        if slot.try_cancel(t) {
+            g.fallbacks.fetch_add(1, Ordering::Relaxed);
+            self.absent = true;
+            self.absent_since = arch::rdtsc();
+            self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
+            return None;
+        }
+        // The sidecore claimed the call before the cancel: it will answer, and
+        // the call must not be made again.
+        g.late_replies.fetch_add(1, Ordering::Relaxed);
+        loop {
+            if let Some(body) = slot.poll_reply(t) {
+                g.sidecalls.fetch_add(1, Ordering::Relaxed);
+                return Some(reply_of(&body, Via::Sidecall));
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The op's exit path: CPUID by the backend's instruction (answered by
+    /// KVM), everything else by the PIO mailbox (answered by the VMM).
+    pub fn exit_call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
+        if opcode == Opcode::Cpuid as u16 {
+            if let (Ok(leaf), Ok(sub)) = (u32::try_from(args[0]), u32::try_from(args[1])) {
+                let r = arch::cpuid(self.cpuid_insn, leaf, sub);
+                let mut words = [0u64; WORDS];
+                for (w, v) in words.iter_mut().zip(r) {
+                    *w = u64::from(v);
+                }
+                return Reply { status: Status::Ok, words, via: Via::Exit };
+            }
+        }
+        self.pio_call(opcode, args)
+    }
+
+    /// A call through the PIO mailbox: the userspace VMM answers it with the
+    /// same handler the sidecore uses.
+    pub fn pio_call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
+        let slot = &self.env.shared.exit_slot;
+        slot.post(0, &Body { head: encode_head(opcode, 0), words: args });
+        arch::outl(self.env.boot.call_port, 0);
+        match slot.poll_reply(0) {
+            Some(body) => reply_of(&body, Via::Exit),
+            None => Reply { status: Status::HostError, words: [0; WORDS], via: Via::Exit },
+        }
+    }
+
+    /// The in-kernel hypercall (the null call's in-kernel path).
+    pub fn kernel_hypercall(&self, nr: u64) -> i64 {
+        arch::hypercall(self.hypercall_insn, nr, 0)
+    }
+
+    /// CPUID by the backend's instruction.
+    pub fn kernel_cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        arch::cpuid(self.cpuid_insn, leaf, subleaf)
+    }
+
+    /// The null call's userspace exit path: a bare PIO write.
+    pub fn pio_null(&self) {
+        arch::outl(self.env.boot.null_port, 0);
+    }
+}
+
+fn reply_of(body: &Body, via: Via) -> Reply {
+    let status = op::decode_status(body.head).unwrap_or(Status::HostError);
+    Reply { status, words: body.words, via }
+}

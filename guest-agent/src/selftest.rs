@@ -1,0 +1,397 @@
+//! `selftest`: runs every path that exists and checks every answer.
+//!
+//! 1. The in-kernel hypercall returns the backend's unknown-hypercall code.
+//! 2. CPUID through the backend's instruction carries the VMM's signature.
+//! 3. PIO calls round-trip values through the userspace VMM.
+//! 4. CPUID for pseudo-random leaves/subleaves: KVM's answer (instruction)
+//!    equals the VMM's handler's answer (PIO mailbox).
+//! 5. With a sidecore: a phase bracketed by markers in which the same leaves,
+//!    null calls and registry hypercalls go by sidecall and must cause no
+//!    exit; then a phase in which the VMM stops the sidecore while the guest
+//!    keeps calling a counter hypercall: every call is answered, none twice.
+
+use core::fmt::{self, Write as _};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use shm_proto::boot::{
+    HypercallInsn, CONTROL_START_SIDECORE, CONTROL_STOP_SIDECORE, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
+    MARKER_SIDECALL_BEGIN, MARKER_SIDECALL_END,
+};
+use shm_proto::op::{Opcode, Status, HC_COUNTER_ADD, HC_MIX, HC_MONOTONIC_NS, WORDS};
+
+use crate::arch;
+use crate::client::{Client, Reply, Via};
+use crate::console::Console;
+use crate::Env;
+
+/// Scratch bytes per vCPU in free RAM (after one shared sync page).
+const SCRATCH_PER_VCPU: u64 = 256 * 1024;
+/// Default number of CPUID pairs.
+const DEFAULT_CPUID_PAIRS: u64 = 10_000;
+/// Calls per kind in the sidecall phase.
+const CALLS_PER_KIND: u64 = 1_000;
+/// Most calls in the fallback phase before it gives up waiting for the
+/// sidecore to stop.
+const FALLBACK_PHASE_LIMIT: u64 = 2_000_000;
+
+struct Check<'a> {
+    env: &'a Env,
+    failures: u32,
+}
+
+impl Check<'_> {
+    fn fail(&mut self, args: fmt::Arguments) {
+        self.failures += 1;
+        if self.failures <= 8 {
+            let mut c = Console::new(self.env);
+            let _ = writeln!(c, "selftest: FAIL on vCPU {}: {}", self.env.vcpu, args);
+        }
+    }
+
+    fn expect_reply(&mut self, what: &str, r: &Reply, want: &[u64]) {
+        if r.status != Status::Ok {
+            self.fail(format_args!("{what}: status {:?} via {:?}", r.status, r.via));
+        } else if r.words[..want.len()] != *want {
+            self.fail(format_args!("{what}: got {:x?} via {:?}, want {want:x?}", &r.words[..want.len()], r.via));
+        }
+    }
+}
+
+/// xorshift64: reproducible pseudo-random numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn u32(&mut self) -> u32 {
+        self.next().to_le_bytes()[0..4].iter().rev().fold(0u32, |a, b| (a << 8) | u32::from(*b))
+    }
+}
+
+/// A CPUID leaf and subleaf that exercise KVM's rules: basic, hypervisor and
+/// extended leaves in and just past range, indexed leaves with any subleaf,
+/// and anything at all.
+fn pick_leaf(rng: &mut Rng, max_basic: u32, max_ext: u32) -> (u32, u32) {
+    let r = rng.below(10);
+    let span = |lo: u32, hi: u32, rng: &mut Rng| -> u32 {
+        let n = u64::from(hi.wrapping_sub(lo)) + 3;
+        lo.wrapping_add(u32::try_from(rng.below(n)).unwrap_or(0))
+    };
+    let leaf = match r {
+        0..=2 => span(0, max_basic, rng),
+        3 => span(0x4000_0000, 0x4000_0010, rng),
+        4 | 5 => span(0x8000_0000, max_ext, rng),
+        6 => rng.u32(),
+        7 => [4u32, 7, 0xb, 0xd, 0xf, 0x10, 0x12, 0x14, 0x1f, 0x8000_001d][usize::try_from(rng.below(10)).unwrap_or(0)],
+        8 => span(0xc000_0000, 0xc000_0004, rng),
+        _ => span(0x4000_0100, 0x4000_0110, rng),
+    };
+    let sub = if rng.below(4) == 0 { rng.u32() } else { u32::try_from(rng.below(70)).unwrap_or(0) };
+    (leaf, sub)
+}
+
+fn cpuid_args(leaf: u32, sub: u32) -> [u64; WORDS] {
+    [u64::from(leaf), u64::from(sub), 0, 0, 0, 0]
+}
+
+/// What HC_MIX must return (the VMM computes the same).
+fn mix(a: u64, b: u64, vcpu: u32) -> u64 {
+    a.wrapping_mul(3).wrapping_add(b ^ u64::from(vcpu))
+}
+
+/// A barrier across all vCPUs in the shared sync page. `false` if the others
+/// did not arrive within ~10 s.
+fn barrier(env: &Env, round: u64) -> bool {
+    // SAFETY: the first page of free RAM is the vCPUs' sync page (identity
+    // mapped, guest-owned); only atomics touch it.
+    let count = unsafe { &*(env.boot.free_gpa as *const AtomicU64) };
+    count.fetch_add(1, Ordering::AcqRel);
+    let target = round * u64::from(env.boot.nr_vcpus);
+    let limit = env.boot.tsc_khz.saturating_mul(10_000);
+    let t0 = arch::rdtsc();
+    while count.load(Ordering::Acquire) < target {
+        if arch::rdtsc().wrapping_sub(t0) > limit {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// Runs the selftest; 0 when everything agreed.
+pub fn run(env: &Env) -> u32 {
+    let mut ck = Check { env, failures: 0 };
+    let mut c = Client::new(env);
+    let boot = env.boot;
+    let v = env.vcpu;
+
+    // 1. In-kernel hypercall with a number KVM does not know.
+    let insn = HypercallInsn::from_u32(boot.hypercall_insn).unwrap_or(HypercallInsn::PvmInt1b);
+    let got = c.kernel_hypercall(0x7fff_0000);
+    if got != insn.unknown_result() {
+        ck.fail(format_args!("in-kernel hypercall returned {got}, want {}", insn.unknown_result()));
+    }
+
+    // 2. The VMM's CPUID table answers the backend's instruction.
+    let sig = c.kernel_cpuid(CPUID_SIGNATURE_LEAF, 0);
+    if sig[1..] != CPUID_SIGNATURE {
+        ck.fail(format_args!("CPUID 0x40000000 signature {:x?}: not the VMM's table", &sig[1..]));
+    }
+
+    // 3. PIO round trips through the userspace VMM.
+    c.pio_null();
+    let r = c.pio_call(HC_MIX, [0x1234_5678_9abc, 77, 0, 0, 0, 0]);
+    ck.expect_reply("PIO hypercall mix", &r, &[mix(0x1234_5678_9abc, 77, v)]);
+    let r = c.pio_call(Opcode::Null as u16, [0xfeed_f00d ^ u64::from(v), 0, 0, 0, 0, 0]);
+    ck.expect_reply("PIO null", &r, &[0xfeed_f00d ^ u64::from(v)]);
+    let t1 = c.pio_call(HC_MONOTONIC_NS, [0; WORDS]);
+    let t2 = c.pio_call(HC_MONOTONIC_NS, [0; WORDS]);
+    if t1.status != Status::Ok || t2.status != Status::Ok || t2.words[0] < t1.words[0] || t1.words[0] == 0 {
+        ck.fail(format_args!("PIO monotonic time went {} -> {}", t1.words[0], t2.words[0]));
+    }
+    let r = c.pio_call(0x1ff, [0; WORDS]);
+    if r.status != Status::UnknownOp {
+        ck.fail(format_args!("unregistered hypercall 0x1ff gave {:?}, want UnknownOp", r.status));
+    }
+
+    // 4. CPUID: KVM's answer against the VMM handler's, pseudo-random leaves.
+    let pairs = if boot.args[0] == 0 { DEFAULT_CPUID_PAIRS } else { boot.args[0] };
+    let scratch = boot.free_gpa + 4096 + u64::from(v) * SCRATCH_PER_VCPU;
+    let pairs = pairs.min(SCRATCH_PER_VCPU / 16);
+    if scratch + SCRATCH_PER_VCPU > boot.ram_size {
+        ck.fail(format_args!("not enough free RAM for the selftest's scratch area: give the VM more --mem"));
+        return finish(env, ck);
+    }
+    // SAFETY: [scratch, scratch + SCRATCH_PER_VCPU) is this vCPU's own part of
+    // free RAM (checked inside RAM above), identity mapped and writable.
+    let answers =
+        unsafe { core::slice::from_raw_parts_mut(scratch as *mut [u32; 4], usize::try_from(pairs).unwrap_or(0)) };
+    let max_basic = c.kernel_cpuid(0, 0)[0].min(0x100);
+    let max_ext = c.kernel_cpuid(0x8000_0000, 0)[0].clamp(0x8000_0000, 0x8000_0100);
+    let seed = 0x9e37_79b9_7f4a_7c15 ^ (u64::from(v) << 32);
+    let mut rng = Rng(seed);
+    for slot in answers.iter_mut() {
+        let (leaf, sub) = pick_leaf(&mut rng, max_basic, max_ext);
+        let k = c.kernel_cpuid(leaf, sub);
+        *slot = k;
+        let u = c.pio_call(Opcode::Cpuid as u16, cpuid_args(leaf, sub));
+        let want = k.map(u64::from);
+        ck.expect_reply(&format_name(leaf, sub, "PIO handler vs KVM"), &u, &want);
+    }
+    let r = c.pio_call(Opcode::Cpuid as u16, [1 << 32, 0, 0, 0, 0, 0]);
+    if r.status != Status::BadArgument {
+        ck.fail(format_args!("CPUID leaf 2^32 gave {:?}, want BadArgument", r.status));
+    }
+
+    if c.sidecalls_enabled() {
+        sidecall_phase(env, &mut c, &mut ck, answers, seed, max_basic, max_ext);
+        fallback_phase(env, &mut c, &mut ck);
+    }
+    finish(env, ck)
+}
+
+fn format_name(leaf: u32, sub: u32, what: &str) -> Name {
+    let mut n = Name { buf: [0; 64], len: 0 };
+    let _ = write!(n, "CPUID {leaf:#x}.{sub:#x} {what}");
+    n
+}
+
+/// A short formatted name on the stack.
+struct Name {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl fmt::Write for Name {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl core::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?")
+    }
+}
+
+/// Everything by sidecall, bracketed by markers: the VMM counts the exits
+/// in between and expects none.
+fn sidecall_phase(
+    env: &Env,
+    c: &mut Client,
+    ck: &mut Check,
+    answers: &[[u32; 4]],
+    seed: u64,
+    max_basic: u32,
+    max_ext: u32,
+) {
+    let v = env.vcpu;
+    let marker = env.boot.marker_port;
+    // Wait until the sidecore answers (it may still be starting), outside the
+    // phase.
+    for _ in 0..1000 {
+        if c.sidecall(Opcode::Null as u16, [0; WORDS]).is_some() {
+            break;
+        }
+    }
+    arch::outl(marker, MARKER_SIDECALL_BEGIN);
+    let mut bad = 0u64;
+    let mut not_sidecall = 0u64;
+    let mut first_bad: Option<(u32, u32, [u64; 4], [u32; 4])> = None;
+    let mut rng = Rng(seed);
+    for want in answers {
+        let (leaf, sub) = pick_leaf(&mut rng, max_basic, max_ext);
+        let r = c.call(Opcode::Cpuid as u16, cpuid_args(leaf, sub));
+        if r.via != Via::Sidecall {
+            not_sidecall += 1;
+        }
+        let got = [r.words[0], r.words[1], r.words[2], r.words[3]];
+        if r.status != Status::Ok || got != want.map(u64::from) {
+            bad += 1;
+            first_bad.get_or_insert((leaf, sub, got, *want));
+        }
+    }
+    let mut last_time = 0;
+    for i in 0..CALLS_PER_KIND {
+        let r = c.call(Opcode::Null as u16, [i ^ 0x5a5a, 0, 0, 0, 0, 0]);
+        bad += u64::from(r.status != Status::Ok || r.words[0] != i ^ 0x5a5a);
+        not_sidecall += u64::from(r.via != Via::Sidecall);
+        let r = c.call(HC_MIX, [i, i * 7, 0, 0, 0, 0]);
+        bad += u64::from(r.status != Status::Ok || r.words[0] != mix(i, i * 7, v));
+        not_sidecall += u64::from(r.via != Via::Sidecall);
+        let r = c.call(HC_MONOTONIC_NS, [0; WORDS]);
+        bad += u64::from(r.status != Status::Ok || r.words[0] < last_time);
+        last_time = r.words[0];
+        not_sidecall += u64::from(r.via != Via::Sidecall);
+    }
+    arch::outl(marker, MARKER_SIDECALL_END);
+    if let Some((leaf, sub, got, want)) = first_bad {
+        ck.fail(format_args!("sidecall CPUID {leaf:#x}.{sub:#x} = {got:x?}, KVM said {want:x?}"));
+    }
+    if bad > 0 {
+        ck.fail(format_args!("{bad} sidecall answers differ from the exit paths'"));
+    }
+    if not_sidecall > 0 {
+        let mut con = Console::new(env);
+        let _ =
+            writeln!(con, "selftest: note: vCPU {v}: {not_sidecall} calls of the sidecall phase fell back to exits");
+    }
+}
+
+/// The VMM stops the sidecore while the guest keeps calling a hypercall with
+/// a side effect (a per-vCPU counter): every call must be answered exactly
+/// once, first by sidecall, then by the exit path, then by sidecall again
+/// once the sidecore is back.
+fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
+    let g = &env.shared.guest;
+    let control = env.boot.control_port;
+    if !barrier(env, 1) {
+        ck.fail(format_args!("other vCPUs did not reach the fallback phase"));
+        return;
+    }
+    let base = c.pio_call(HC_COUNTER_ADD, [0; WORDS]);
+    if base.status != Status::Ok {
+        ck.fail(format_args!("counter read gave {:?}", base.status));
+        return;
+    }
+    let mut sum = base.words[0];
+    let fallbacks0 = g.fallbacks.load(Ordering::Relaxed);
+    if env.vcpu == 0 {
+        arch::outl(control, CONTROL_STOP_SIDECORE);
+    }
+    let (mut by_side, mut by_exit) = (0u64, 0u64);
+    let mut i = 0u64;
+    while i < FALLBACK_PHASE_LIMIT {
+        i += 1;
+        let r = c.call(HC_COUNTER_ADD, [i, 0, 0, 0, 0, 0]);
+        sum = sum.wrapping_add(i);
+        if r.status != Status::Ok || r.words[0] != sum {
+            ck.fail(format_args!(
+                "counter call {i} returned {} ({:?} via {:?}), want {sum}",
+                r.words[0], r.status, r.via
+            ));
+            return;
+        }
+        match r.via {
+            Via::Sidecall => by_side += 1,
+            Via::Exit => by_exit += 1,
+        }
+        if by_exit >= 50 && g.fallbacks.load(Ordering::Relaxed) > fallbacks0 {
+            break;
+        }
+    }
+    if g.fallbacks.load(Ordering::Relaxed) == fallbacks0 {
+        ck.fail(format_args!("the sidecore was stopped but no sidecall fell back ({i} calls)"));
+    }
+    if !barrier(env, 2) {
+        ck.fail(format_args!("other vCPUs did not finish the fallback phase"));
+        return;
+    }
+    if env.vcpu == 0 {
+        arch::outl(control, CONTROL_START_SIDECORE);
+    }
+    // The sidecore is back: the guest must find it again (heartbeat or
+    // back-off) within a few seconds, and the counter must still agree.
+    let deadline = env.boot.tsc_khz.saturating_mul(5_000);
+    let t0 = arch::rdtsc();
+    let mut back = false;
+    while arch::rdtsc().wrapping_sub(t0) < deadline {
+        i += 1;
+        let r = c.call(HC_COUNTER_ADD, [i, 0, 0, 0, 0, 0]);
+        sum = sum.wrapping_add(i);
+        if r.status != Status::Ok || r.words[0] != sum {
+            ck.fail(format_args!("counter call {i} after restart returned {}, want {sum}", r.words[0]));
+            return;
+        }
+        if r.via == Via::Sidecall {
+            back = true;
+            break;
+        }
+    }
+    if !back {
+        ck.fail(format_args!("the restarted sidecore was not used again within 5 s"));
+    }
+    let end = c.pio_call(HC_COUNTER_ADD, [0; WORDS]);
+    if end.words[0] != sum {
+        ck.fail(format_args!(
+            "counter is {} after {i} calls, want {sum}: a call was lost or applied twice",
+            end.words[0]
+        ));
+    }
+    let mut con = Console::new(env);
+    let _ = writeln!(
+        con,
+        "selftest: vCPU {}: fallback phase: {i} counter calls, {by_side} by sidecall, {by_exit} by exit, {} cancelled, {} late replies, none lost or doubled",
+        env.vcpu,
+        g.fallbacks.load(Ordering::Relaxed) - fallbacks0,
+        g.late_replies.load(Ordering::Relaxed),
+    );
+}
+
+fn finish(env: &Env, ck: Check) -> u32 {
+    if ck.failures > 0 {
+        let mut c = Console::new(env);
+        let _ = writeln!(c, "selftest: vCPU {}: {} checks failed", env.vcpu, ck.failures);
+        1
+    } else {
+        0
+    }
+}

@@ -1,0 +1,37 @@
+//! The small workloads: `hello` and `spin`.
+
+use shm_proto::boot::Backend;
+
+use crate::{arch, gprintln, Env};
+
+/// Prints a line with a value the guest computed: the number of primes below
+/// 10,000 (1229), counted by trial division.
+pub fn hello(env: &Env) -> u32 {
+    let mut count = 0u32;
+    for n in 2u32..10_000 {
+        if (2..).take_while(|d| d * d <= n).all(|d| n % d != 0) {
+            count += 1;
+        }
+    }
+    let backend = Backend::from_u32(env.boot.backend).map_or("?", Backend::name);
+    gprintln!(env, "hello from vCPU {} on {backend}: {count} primes below 10000", env.vcpu);
+    0
+}
+
+/// 10^8 (or `args[0]`) iterations of a register-only loop, timed with the TSC.
+/// Only vCPU 0 runs it, so the run prints one line.
+pub fn spin(env: &Env) -> u32 {
+    if env.vcpu != 0 {
+        return 0;
+    }
+    let iters = if env.boot.args[0] == 0 { 100_000_000 } else { env.boot.args[0] };
+    let t0 = arch::rdtsc();
+    arch::spin_loop(iters);
+    let cycles = arch::rdtsc().wrapping_sub(t0);
+    let khz = env.boot.tsc_khz.max(1);
+    // Precision loss is fine for a printed figure.
+    #[allow(clippy::cast_precision_loss)]
+    let ns = cycles as f64 * 1e6 / khz as f64 / iters as f64;
+    gprintln!(env, "spin: {ns:.3} ns/iteration");
+    0
+}

@@ -1,0 +1,165 @@
+//! The services, as handlers that the sidecore and the VMM's exit path both
+//! call, so that both paths compute identical answers.
+
+use shm_proto::op::{self, Opcode, Status, USER_OP_FIRST, USER_OP_LAST, WORDS};
+
+use crate::cpuid::CpuidTable;
+
+/// Who is calling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallCtx {
+    /// The calling vCPU's index (trusted: the host knows which ring or which
+    /// vCPU thread the request came from).
+    pub vcpu: u32,
+}
+
+/// A registry hypercall: takes the request words, returns the result words or
+/// an error status. Runs on the sidecore's hot path: no blocking, no
+/// allocation.
+pub type Hypercall = Box<dyn Fn(&CallCtx, &[u64; WORDS]) -> Result<[u64; WORDS], Status> + Send + Sync>;
+
+/// Number of registry opcodes.
+const REGISTRY_SIZE: usize = (USER_OP_LAST - USER_OP_FIRST) as usize + 1;
+
+/// Registering a hypercall failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The opcode is outside the registry's range.
+    #[error("hypercall opcode {0:#x} is outside the registry range {USER_OP_FIRST:#x}..={USER_OP_LAST:#x}")]
+    OutOfRange(u16),
+    /// The opcode is taken.
+    #[error("hypercall opcode {0:#x} is already registered")]
+    Taken(u16),
+}
+
+/// The services of one VM.
+pub struct Services {
+    cpuid: Vec<CpuidTable>,
+    registry: Vec<Option<Hypercall>>,
+}
+
+impl Services {
+    /// Services answering CPUID from one table per vCPU (index = vCPU).
+    pub fn new(cpuid: Vec<CpuidTable>) -> Services {
+        let mut registry = Vec::with_capacity(REGISTRY_SIZE);
+        registry.resize_with(REGISTRY_SIZE, || None);
+        Services { cpuid, registry }
+    }
+
+    /// Adds a hypercall at `opcode` (`0x100..=0x1ff`).
+    pub fn register(&mut self, opcode: u16, f: Hypercall) -> Result<(), RegistryError> {
+        let i = usize::from(opcode.checked_sub(USER_OP_FIRST).ok_or(RegistryError::OutOfRange(opcode))?);
+        let cell = self.registry.get_mut(i).ok_or(RegistryError::OutOfRange(opcode))?;
+        if cell.is_some() {
+            return Err(RegistryError::Taken(opcode));
+        }
+        *cell = Some(f);
+        Ok(())
+    }
+
+    /// Registered hypercall opcodes.
+    pub fn registered(&self) -> impl Iterator<Item = u16> + '_ {
+        self.registry
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some())
+            .filter_map(|(i, _)| u16::try_from(i).ok().map(|i| i + USER_OP_FIRST))
+    }
+
+    /// Number of vCPUs with a CPUID table.
+    pub fn vcpus(&self) -> usize {
+        self.cpuid.len()
+    }
+
+    /// Validates and carries out one request whose head word and argument
+    /// words were copied out of guest memory once. Every value is treated
+    /// as hostile; the result is a status and the reply words.
+    pub fn dispatch(&self, ctx: &CallCtx, head: u64, words: &[u64; WORDS]) -> (Status, [u64; WORDS]) {
+        match self.handle(ctx, head, words) {
+            Ok(out) => (Status::Ok, out),
+            Err(s) => (s, [0; WORDS]),
+        }
+    }
+
+    fn handle(&self, ctx: &CallCtx, head: u64, words: &[u64; WORDS]) -> Result<[u64; WORDS], Status> {
+        let h = op::decode_head(head)?;
+        match Opcode::from_u16(h.opcode) {
+            Some(Opcode::Null) => Ok([words[0], 0, 0, 0, 0, 0]),
+            Some(Opcode::Cpuid) => {
+                let leaf = u32::try_from(words[0]).map_err(|_| Status::BadArgument)?;
+                let sub = u32::try_from(words[1]).map_err(|_| Status::BadArgument)?;
+                let table = usize::try_from(ctx.vcpu).ok().and_then(|v| self.cpuid.get(v)).ok_or(Status::HostError)?;
+                let r = table.lookup(leaf, sub);
+                Ok([u64::from(r[0]), u64::from(r[1]), u64::from(r[2]), u64::from(r[3]), 0, 0])
+            }
+            Some(Opcode::PteUpdate) => Err(Status::UnknownOp),
+            None => {
+                let i = h.opcode.checked_sub(USER_OP_FIRST).ok_or(Status::UnknownOp)?;
+                match self.registry.get(usize::from(i)) {
+                    Some(Some(f)) => f(ctx, words),
+                    _ => Err(Status::UnknownOp),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+mod tests {
+    use super::*;
+    use crate::cpuid::CpuidEntry;
+    use shm_proto::op::{encode_head, FLAG_NO_REPLY};
+
+    fn services() -> Services {
+        let t = CpuidTable::new(vec![CpuidEntry { function: 0, eax: 1, ebx: 2, ecx: 3, edx: 4, ..Default::default() }]);
+        let mut s = Services::new(vec![t]);
+        s.register(0x100, Box::new(|ctx, w| Ok([w[0] + u64::from(ctx.vcpu), 0, 0, 0, 0, 0]))).unwrap();
+        s
+    }
+
+    const CTX: CallCtx = CallCtx { vcpu: 0 };
+
+    #[test]
+    fn null_echoes_word_zero() {
+        let (st, out) = services().dispatch(&CTX, encode_head(1, 0), &[42, 1, 2, 3, 4, 5]);
+        assert_eq!((st, out[0]), (Status::Ok, 42));
+    }
+
+    #[test]
+    fn cpuid_answers_from_the_vcpu_table() {
+        let s = services();
+        assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[0, 0, 0, 0, 0, 0]).1[..4], [1, 2, 3, 4]);
+        assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[1 << 32, 0, 0, 0, 0, 0]).0, Status::BadArgument);
+        assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[0, u64::MAX, 0, 0, 0, 0]).0, Status::BadArgument);
+        // A vCPU with no table (a hostile ring index can never get here, but
+        // the handler must not index out of bounds either).
+        assert_eq!(s.dispatch(&CallCtx { vcpu: 7 }, encode_head(2, 0), &[0; WORDS]).0, Status::HostError);
+    }
+
+    #[test]
+    fn unknown_and_reserved_are_refused() {
+        let s = services();
+        for op in [0u16, 4, 0xff, 0x101, 0x1ff, 0x200, 0xffff] {
+            assert_eq!(s.dispatch(&CTX, encode_head(op, 0), &[0; WORDS]).0, Status::UnknownOp, "op {op:#x}");
+        }
+        assert_eq!(s.dispatch(&CTX, 1 | (1 << 40), &[0; WORDS]).0, Status::ReservedBits);
+        assert_eq!(s.dispatch(&CTX, encode_head(1, 0x8000), &[0; WORDS]).0, Status::ReservedBits);
+        assert_eq!(s.dispatch(&CTX, encode_head(1, FLAG_NO_REPLY), &[0; WORDS]).0, Status::Ok);
+    }
+
+    #[test]
+    fn registry_dispatches_and_refuses_bad_registrations() {
+        let mut s = services();
+        assert_eq!(
+            s.dispatch(&CallCtx { vcpu: 2 }, encode_head(0x100, 0), &[5, 0, 0, 0, 0, 0]),
+            (Status::Ok, [7, 0, 0, 0, 0, 0])
+        );
+        assert!(matches!(s.register(0x100, Box::new(|_, _| Ok([0; WORDS]))), Err(RegistryError::Taken(0x100))));
+        assert!(matches!(s.register(0x99, Box::new(|_, _| Ok([0; WORDS]))), Err(RegistryError::OutOfRange(0x99))));
+        assert!(matches!(s.register(0x200, Box::new(|_, _| Ok([0; WORDS]))), Err(RegistryError::OutOfRange(0x200))));
+        s.register(0x1ff, Box::new(|_, _| Err(Status::Denied))).unwrap();
+        assert_eq!(s.dispatch(&CTX, encode_head(0x1ff, 0), &[0; WORDS]).0, Status::Denied);
+        assert_eq!(s.registered().collect::<Vec<_>>(), vec![0x100, 0x1ff]);
+    }
+}

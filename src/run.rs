@@ -1,0 +1,414 @@
+//! `sidecore run`: builds the VM, starts the sidecore(s) and one pinned
+//! thread per vCPU, prints the guest's console, and collects each vCPU's
+//! exit status.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::VcpuFd;
+use shm_proto::boot::{CONTROL_START_SIDECORE, CONTROL_STOP_SIDECORE, MARKER_SIDECALL_BEGIN, MARKER_SIDECALL_END};
+use sidecore_core::pin::pin_current_thread;
+use sidecore_core::ring::RingRef;
+use sidecore_core::service::Services;
+use sidecore_core::stats::VmStats;
+use sidecore_core::{Sidecore, SidecoreConfig};
+
+use crate::hypercalls::register_vmm_hypercalls;
+use crate::kvm_stats::{StatsSample, VcpuStats};
+use crate::vcpu::{describe_registers, Action, Exit, ExitHandler};
+use crate::vm::{Vm, VmError, VmSpec};
+
+/// Running the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Building it failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A CPU named on the command line is not online.
+    #[error("{what} CPU {cpu} is not online (online CPUs: {online}) — pick CPUs from that list")]
+    CpuNotOnline {
+        /// Which option.
+        what: &'static str,
+        /// The CPU.
+        cpu: usize,
+        /// The online list.
+        online: String,
+    },
+    /// Reading host facts failed.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    /// The VMM's hypercalls could not be registered.
+    #[error("cannot register the VMM's hypercalls")]
+    Registry(#[from] sidecore_core::service::RegistryError),
+    /// A sidecore could not start.
+    #[error(transparent)]
+    Sidecore(#[from] sidecore_core::SidecoreError),
+    /// A vCPU thread could not start.
+    #[error("cannot start vCPU thread {0}")]
+    Spawn(String, #[source] std::io::Error),
+    /// A vCPU thread died.
+    #[error("vCPU thread {0} died")]
+    VcpuDied(u32),
+}
+
+/// Where the guest's console goes.
+#[derive(Clone)]
+pub enum ConsoleSink {
+    /// This process's stdout.
+    Stdout,
+    /// A buffer (for probes and tests).
+    Capture(Arc<Mutex<Vec<u8>>>),
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ConsoleSink::Stdout => std::io::stdout().lock().write_all(buf).map(|()| buf.len()),
+            ConsoleSink::Capture(b) => {
+                b.lock().map_err(|_| std::io::Error::other("console buffer poisoned"))?.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ConsoleSink::Stdout => std::io::stdout().flush(),
+            ConsoleSink::Capture(_) => Ok(()),
+        }
+    }
+}
+
+/// How to run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// The VM.
+    pub spec: VmSpec,
+    /// CPU of each vCPU (`None`: the default placement).
+    pub vcpu_cpus: Option<Vec<usize>>,
+    /// Sidecore CPUs (empty: no sidecore, exit paths only).
+    pub sidecore_cpus: Vec<usize>,
+    /// The console.
+    pub console: ConsoleSink,
+    /// Print `sidecall phase: N exits` lines.
+    pub report_phases: bool,
+}
+
+/// How one vCPU ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest reported this status.
+    Status(u32),
+    /// The guest faulted; the message has the registers.
+    Fault(String),
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Per vCPU.
+    pub ends: Vec<VcpuEnd>,
+    /// Guest exits counted in each vCPU's sidecall phase, if it had one.
+    pub phase_exits: Vec<Option<i64>>,
+    /// Exit-path counters by op and status.
+    pub exit_stats: sidecore_core::stats::StatsSnapshot,
+    /// Sidecall counters by op and status.
+    pub sidecall_stats: sidecore_core::stats::StatsSnapshot,
+}
+
+impl RunReport {
+    /// The process exit code: 0 if every vCPU reported 0, else the first
+    /// non-zero status (a fault counts as 1).
+    pub fn exit_code(&self) -> u8 {
+        for e in &self.ends {
+            match e {
+                VcpuEnd::Status(0) => {}
+                VcpuEnd::Status(s) => return u8::try_from(*s).unwrap_or(1).max(1),
+                VcpuEnd::Fault(_) => return 1,
+            }
+        }
+        0
+    }
+}
+
+/// Default placement: vCPU i on the i-th online CPU counted down from the
+/// last, skipping sidecore CPUs where possible.
+pub fn default_vcpu_cpus(online: &[usize], sidecores: &[usize], n: u32) -> Vec<usize> {
+    let mut cands: Vec<usize> = online.iter().rev().copied().filter(|c| !sidecores.contains(c)).collect();
+    if cands.is_empty() {
+        cands = online.iter().rev().copied().collect();
+    }
+    if cands.is_empty() {
+        return vec![0; n as usize];
+    }
+    (0..n as usize).map(|i| cands[i % cands.len()]).collect()
+}
+
+/// Checks that every CPU in `cpus` is online.
+pub fn check_online(what: &'static str, cpus: &[usize], online: &[usize]) -> Result<(), RunError> {
+    for &cpu in cpus {
+        if !online.contains(&cpu) {
+            return Err(RunError::CpuNotOnline { what, cpu, online: crate::host::format_cpu_list(online) });
+        }
+    }
+    Ok(())
+}
+
+/// The sidecores of one VM, which the guest may ask to stop and start.
+pub struct SidecoreSet {
+    cpus: Vec<usize>,
+    state: Mutex<SetState>,
+}
+
+enum SetState {
+    Running(Vec<Sidecore>),
+    Stopped(Vec<RingRef>),
+}
+
+impl SidecoreSet {
+    /// Starts one sidecore per CPU; ring i goes to sidecore i mod n.
+    pub fn start(cpus: Vec<usize>, rings: Vec<RingRef>) -> Result<SidecoreSet, RunError> {
+        let cores = spawn_sharded(&cpus, rings)?;
+        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)) })
+    }
+
+    /// Stops them (rings kept for a restart).
+    pub fn stop(&self) -> Result<(), RunError> {
+        let Ok(mut st) = self.state.lock() else { return Ok(()) };
+        if let SetState::Running(cores) = std::mem::replace(&mut *st, SetState::Stopped(Vec::new())) {
+            let mut rings = Vec::new();
+            for c in cores {
+                rings.extend(c.stop()?);
+            }
+            rings.sort_by_key(RingRef::vcpu);
+            *st = SetState::Stopped(rings);
+        }
+        Ok(())
+    }
+
+    /// Starts them again after [`SidecoreSet::stop`].
+    pub fn restart(&self) -> Result<(), RunError> {
+        let Ok(mut st) = self.state.lock() else { return Ok(()) };
+        if let SetState::Stopped(rings) = std::mem::replace(&mut *st, SetState::Stopped(Vec::new())) {
+            *st = SetState::Running(spawn_sharded(&self.cpus, rings)?);
+        }
+        Ok(())
+    }
+}
+
+fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>) -> Result<Vec<Sidecore>, RunError> {
+    let mut shards: Vec<Vec<RingRef>> = cpus.iter().map(|_| Vec::new()).collect();
+    for (i, r) in rings.into_iter().enumerate() {
+        shards[i % cpus.len()].push(r);
+    }
+    let mut cores = Vec::new();
+    for (k, (cpu, rings)) in cpus.iter().zip(shards).enumerate() {
+        cores.push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}") }, rings)?);
+    }
+    Ok(cores)
+}
+
+struct Shared {
+    services: Arc<Services>,
+    exit_stats: Arc<VmStats>,
+    sidecores: Option<Arc<SidecoreSet>>,
+    console: ConsoleSink,
+    report_phases: bool,
+}
+
+/// Runs the VM to completion.
+pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
+    let online = crate::host::online_cpus()?;
+    check_online("--sidecore", &opts.sidecore_cpus, &online)?;
+    let vcpu_cpus = match &opts.vcpu_cpus {
+        Some(list) => {
+            check_online("--vcpu-cpus", list, &online)?;
+            (0..opts.spec.vcpus as usize).map(|i| list[i % list.len().max(1)]).collect()
+        }
+        None => default_vcpu_cpus(&online, &opts.sidecore_cpus, opts.spec.vcpus),
+    };
+    let mut spec = opts.spec.clone();
+    spec.sidecalls = !opts.sidecore_cpus.is_empty();
+    let mut vm = Vm::build(&spec)?;
+
+    let mut services = Services::new(vm.cpuid.clone());
+    let counters = Arc::new((0..spec.vcpus).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    register_vmm_hypercalls(&mut services, counters)?;
+    let services = Arc::new(services);
+    let sidecall_stats = Arc::new(VmStats::default());
+    let sidecores = if opts.sidecore_cpus.is_empty() {
+        None
+    } else {
+        let rings = (0..spec.vcpus)
+            .filter_map(|i| RingRef::new(vm.region.clone(), i, services.clone(), sidecall_stats.clone()))
+            .collect();
+        Some(Arc::new(SidecoreSet::start(opts.sidecore_cpus.clone(), rings)?))
+    };
+    let shared = Arc::new(Shared {
+        services,
+        exit_stats: Arc::new(VmStats::default()),
+        sidecores: sidecores.clone(),
+        console: opts.console.clone(),
+        report_phases: opts.report_phases,
+    });
+
+    let vcpus = std::mem::take(&mut vm.vcpus);
+    let vm = Arc::new(vm);
+    let mut threads = Vec::new();
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let i = u32::try_from(i).unwrap_or(u32::MAX);
+        let cpu = vcpu_cpus[i as usize];
+        let (vm, shared) = (vm.clone(), shared.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu_thread(i, vcpu, cpu, &vm, &shared))
+            .map_err(|e| RunError::Spawn(format!("vcpu{i}"), e))?;
+        threads.push(t);
+    }
+    let mut ends = Vec::new();
+    let mut phase_exits = Vec::new();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (end, phase) = t.join().map_err(|_| RunError::VcpuDied(u32::try_from(i).unwrap_or(u32::MAX)))?;
+        ends.push(end);
+        phase_exits.push(phase);
+    }
+    if let Some(s) = &sidecores {
+        s.stop()?;
+    }
+    Ok(RunReport {
+        ends,
+        phase_exits,
+        exit_stats: shared.exit_stats.snapshot(),
+        sidecall_stats: sidecall_stats.snapshot(),
+    })
+}
+
+struct Phase {
+    stats: Option<StatsSample>,
+    runs: u64,
+    fallbacks: u64,
+}
+
+fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -> (VcpuEnd, Option<i64>) {
+    if let Err(e) = pin_current_thread(cpu) {
+        return (VcpuEnd::Fault(format!("vCPU {i}: {e}")), None);
+    }
+    let Some(vs) = vm.region.vcpu(i) else {
+        return (VcpuEnd::Fault(format!("vCPU {i}: no shared block")), None);
+    };
+    let kstats = VcpuStats::open(&vcpu).ok();
+    let mut handler = ExitHandler {
+        vcpu: i,
+        shared: vs,
+        services: &shared.services,
+        stats: &shared.exit_stats,
+        boot: &vm.boot,
+        console: shared.console.clone(),
+        counts: Default::default(),
+    };
+    let mut runs = 0u64;
+    let mut phase: Option<Phase> = None;
+    let mut phase_exits = None;
+    loop {
+        let action = match vcpu.run() {
+            Ok(exit) => {
+                runs += 1;
+                handler.handle(Exit::from(exit))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Resume,
+            Err(e) => Action::Fault(format!("KVM_RUN failed: {e}")),
+        };
+        match action {
+            Action::Resume => {}
+            Action::Exited(status) => return (VcpuEnd::Status(status), phase_exits),
+            Action::Fault(msg) => {
+                let regs = describe_registers(&vcpu);
+                return (VcpuEnd::Fault(format!("vCPU {i}: {msg}\n  {regs}")), phase_exits);
+            }
+            Action::Marker(MARKER_SIDECALL_BEGIN) => {
+                phase = Some(Phase {
+                    stats: kstats.as_ref().and_then(|s| s.read().ok()),
+                    runs,
+                    fallbacks: vs.guest.fallbacks.load(Ordering::Relaxed),
+                });
+            }
+            Action::Marker(MARKER_SIDECALL_END) => {
+                if let Some(p) = phase.take() {
+                    let after = kstats.as_ref().and_then(|s| s.read().ok());
+                    let kernel = match (&p.stats, &after) {
+                        (Some(a), Some(b)) => a.guest_exits_until(b),
+                        _ => 0,
+                    };
+                    // The end marker is itself one KVM_RUN return and one
+                    // exit: it closes the phase, it is not part of it.
+                    let returns = i64::try_from(runs - p.runs).unwrap_or(i64::MAX) - 1;
+                    let kernel = kernel - 1;
+                    let fallbacks =
+                        i64::try_from(vs.guest.fallbacks.load(Ordering::Relaxed) - p.fallbacks).unwrap_or(i64::MAX);
+                    let n = kernel.max(0) + returns + fallbacks;
+                    phase_exits = Some(n);
+                    if shared.report_phases {
+                        let mut c = shared.console.clone();
+                        let _ = writeln!(c, "sidecall phase: {n} exits (vCPU {i}: {kernel} in-kernel, {returns} to userspace, {fallbacks} fallbacks)");
+                    }
+                }
+            }
+            Action::Marker(_) => {}
+            Action::Control(CONTROL_STOP_SIDECORE) => {
+                if let Some(set) = shared.sidecores.clone() {
+                    // Stop it a little later, while the guest keeps calling.
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(2));
+                        let _ = set.stop();
+                    });
+                }
+            }
+            Action::Control(CONTROL_START_SIDECORE) => {
+                if let Some(set) = &shared.sidecores {
+                    if let Err(e) = set.restart() {
+                        return (VcpuEnd::Fault(format!("vCPU {i}: restarting the sidecore failed: {e}")), phase_exits);
+                    }
+                }
+            }
+            Action::Control(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_placement_counts_down_and_skips_sidecores() {
+        assert_eq!(default_vcpu_cpus(&[0, 1], &[0], 1), vec![1]);
+        assert_eq!(default_vcpu_cpus(&[0, 1], &[], 2), vec![1, 0]);
+        assert_eq!(default_vcpu_cpus(&[0, 1], &[0], 2), vec![1, 1]);
+        assert_eq!(default_vcpu_cpus(&[0], &[0], 2), vec![0, 0]);
+        assert_eq!(default_vcpu_cpus(&[0, 1, 2, 3], &[0, 1], 3), vec![3, 2, 3]);
+    }
+
+    #[test]
+    fn offline_cpu_is_named() {
+        let e = check_online("--vcpu-cpus", &[5], &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("--vcpu-cpus CPU 5 is not online"), "{e}");
+        assert!(e.contains("0-1"), "{e}");
+    }
+
+    #[test]
+    fn exit_code_follows_the_first_failure() {
+        let r = |ends| RunReport {
+            ends,
+            phase_exits: vec![],
+            exit_stats: Default::default(),
+            sidecall_stats: Default::default(),
+        };
+        assert_eq!(r(vec![VcpuEnd::Status(0), VcpuEnd::Status(0)]).exit_code(), 0);
+        assert_eq!(r(vec![VcpuEnd::Status(0), VcpuEnd::Status(3)]).exit_code(), 3);
+        assert_eq!(r(vec![VcpuEnd::Fault("x".into())]).exit_code(), 1);
+        assert_eq!(r(vec![VcpuEnd::Status(256)]).exit_code(), 1);
+    }
+}

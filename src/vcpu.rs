@@ -1,0 +1,363 @@
+//! The vCPU: its exits, translated from `kvm_ioctls::VcpuExit` into the
+//! project's own [`Exit`] at one boundary, handled by a function that can be
+//! tested with fabricated exits, and the run loop of its pinned thread.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use shm_proto::boot::BootInfo;
+use shm_proto::op;
+use shm_proto::ring::{word_ticket, Body, VcpuShared, CONSOLE_BYTES};
+use sidecore_core::service::{CallCtx, Services};
+use sidecore_core::stats::VmStats;
+
+/// A VM exit, as this VMM sees it.
+#[derive(Debug)]
+pub enum Exit<'a> {
+    /// PIO write.
+    PortOut {
+        /// Port.
+        port: u16,
+        /// Data (1, 2 or 4 bytes).
+        data: &'a [u8],
+    },
+    /// PIO read.
+    PortIn {
+        /// Port.
+        port: u16,
+        /// Where the answer goes.
+        data: &'a mut [u8],
+    },
+    /// MMIO write (e.g. a store into the read-only page-table pool).
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Data.
+        data: &'a [u8],
+    },
+    /// MMIO read of unbacked memory.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Where the answer goes.
+        data: &'a mut [u8],
+    },
+    /// The guest halted with no in-kernel irqchip to wake it.
+    Hlt,
+    /// Triple fault or shutdown.
+    Shutdown,
+    /// KVM could not emulate something.
+    InternalError,
+    /// VM entry failed.
+    FailEntry(u64),
+    /// Interrupted by a signal.
+    Interrupted,
+    /// Anything else.
+    Other(&'static str),
+}
+
+impl<'a> From<VcpuExit<'a>> for Exit<'a> {
+    fn from(e: VcpuExit<'a>) -> Exit<'a> {
+        match e {
+            VcpuExit::IoOut(port, data) => Exit::PortOut { port, data },
+            VcpuExit::IoIn(port, data) => Exit::PortIn { port, data },
+            VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
+            VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
+            VcpuExit::Hlt => Exit::Hlt,
+            VcpuExit::Shutdown => Exit::Shutdown,
+            VcpuExit::InternalError => Exit::InternalError,
+            VcpuExit::FailEntry(reason, _cpu) => Exit::FailEntry(reason),
+            VcpuExit::Intr => Exit::Interrupted,
+            VcpuExit::Exception => Exit::Other("exception"),
+            VcpuExit::Debug(_) => Exit::Other("debug"),
+            VcpuExit::Hypercall(_) => Exit::Other("hypercall"),
+            VcpuExit::SystemEvent(..) => Exit::Other("system event"),
+            _ => Exit::Other("unexpected exit reason"),
+        }
+    }
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run the guest again.
+    Resume,
+    /// The guest reported its status; stop this vCPU.
+    Exited(u32),
+    /// A phase marker: the run loop samples its counters, then resumes.
+    Marker(u32),
+    /// A control request: the run loop passes it on, then resumes.
+    Control(u32),
+    /// The guest cannot go on (the message says why); dump registers and stop.
+    Fault(String),
+}
+
+/// Counters of the exit paths of one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Exit-path calls (PIO mailbox).
+    pub calls: u64,
+    /// Null-call PIO exits.
+    pub null: u64,
+    /// Console lines.
+    pub console: u64,
+    /// MMIO writes.
+    pub mmio_writes: u64,
+    /// Exits of no known purpose (unknown ports, MMIO reads).
+    pub unknown: u64,
+}
+
+/// Handles one vCPU's exits.
+pub struct ExitHandler<'a, W: Write> {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// The vCPU's shared block (mailbox, console buffer).
+    pub shared: &'a VcpuShared,
+    /// The VM's services.
+    pub services: &'a Services,
+    /// Counters of exit-path calls by op and status.
+    pub stats: &'a VmStats,
+    /// Ports, from the boot-info page.
+    pub boot: &'a BootInfo,
+    /// Where console lines go.
+    pub console: W,
+    /// Counters.
+    pub counts: ExitCounts,
+}
+
+fn port_value(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    for (d, s) in b.iter_mut().zip(data) {
+        *d = *s;
+    }
+    u32::from_le_bytes(b)
+}
+
+impl<W: Write> ExitHandler<'_, W> {
+    /// Handles `exit`.
+    pub fn handle(&mut self, exit: Exit) -> Action {
+        match exit {
+            Exit::PortOut { port, data } => self.port_out(port, port_value(data)),
+            Exit::PortIn { data, .. } => {
+                data.fill(0xff);
+                self.counts.unknown += 1;
+                Action::Resume
+            }
+            Exit::MmioWrite { .. } => {
+                self.counts.mmio_writes += 1;
+                Action::Resume
+            }
+            Exit::MmioRead { data, .. } => {
+                data.fill(0xff);
+                self.counts.unknown += 1;
+                Action::Resume
+            }
+            Exit::Interrupted => Action::Resume,
+            Exit::Hlt => Action::Fault("the guest halted (HLT) with nothing to wake it".into()),
+            Exit::Shutdown => Action::Fault("the guest shut down (triple fault)".into()),
+            Exit::InternalError => Action::Fault("KVM internal error (emulation failure)".into()),
+            Exit::FailEntry(r) => Action::Fault(format!("VM entry failed, hardware reason {r:#x}")),
+            Exit::Other(what) => Action::Fault(format!("unexpected exit: {what}")),
+        }
+    }
+
+    fn port_out(&mut self, port: u16, value: u32) -> Action {
+        let b = self.boot;
+        if port == b.console_port {
+            self.console_line(value);
+            Action::Resume
+        } else if port == b.call_port {
+            self.mailbox_call();
+            Action::Resume
+        } else if port == b.null_port {
+            self.counts.null += 1;
+            Action::Resume
+        } else if port == b.exit_port {
+            Action::Exited(value)
+        } else if port == b.marker_port {
+            Action::Marker(value)
+        } else if port == b.control_port {
+            Action::Control(value)
+        } else {
+            self.counts.unknown += 1;
+            Action::Resume
+        }
+    }
+
+    fn console_line(&mut self, len: u32) {
+        self.counts.console += 1;
+        let n = usize::try_from(len).unwrap_or(0).min(CONSOLE_BYTES);
+        let mut line = Vec::with_capacity(n);
+        for b in &self.shared.console[..n] {
+            // SAFETY: reading a byte of guest memory; the guest may change it
+            // concurrently (a hostile vCPU), which a volatile read tolerates.
+            line.push(unsafe { std::ptr::read_volatile(b) });
+        }
+        let _ = self.console.write_all(&line);
+        let _ = self.console.flush();
+    }
+
+    /// The exit path of every service: the request is in the mailbox slot,
+    /// read once; the reply goes back there.
+    fn mailbox_call(&mut self) {
+        self.counts.calls += 1;
+        let slot = &self.shared.exit_slot;
+        let state = slot.state.load(Ordering::Acquire);
+        let req = slot.read_body();
+        let ticket = word_ticket(state);
+        let (status, words) = self.services.dispatch(&CallCtx { vcpu: self.vcpu }, req.head, &req.words);
+        // Masked to 16 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        self.stats.count(op::op_class((req.head & 0xffff) as u16), status);
+        slot.publish_reply(ticket, &Body { head: op::encode_status(status), words });
+    }
+}
+
+/// Registers and descriptor state of a vCPU, for fault reports.
+pub fn describe_registers(vcpu: &VcpuFd) -> String {
+    let mut s = String::new();
+    match vcpu.get_regs() {
+        Ok(r) => {
+            s += &format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi
+            );
+        }
+        Err(e) => s += &format!("(registers unreadable: {e})"),
+    }
+    if let Ok(sr) = vcpu.get_sregs() {
+        s += &format!(
+            " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} ss={:#x}",
+            sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer, sr.cs.selector, sr.ss.selector
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+mod tests {
+    use super::*;
+    use shm_proto::boot::{Backend, MARKER_SIDECALL_BEGIN};
+    use shm_proto::op::{encode_head, Opcode, Status};
+    use shm_proto::ring::{state_word, SlotState};
+    use sidecore_core::cpuid::{CpuidEntry, CpuidTable};
+
+    fn shared() -> Box<VcpuShared> {
+        let layout = std::alloc::Layout::new::<VcpuShared>();
+        // SAFETY: VcpuShared is atomics and bytes, for which all-zero is valid;
+        // the pointer comes from alloc_zeroed with VcpuShared's own layout.
+        unsafe {
+            let p = std::alloc::alloc_zeroed(layout).cast::<VcpuShared>();
+            assert!(!p.is_null());
+            Box::from_raw(p)
+        }
+    }
+
+    fn services() -> Services {
+        Services::new(vec![CpuidTable::new(vec![CpuidEntry {
+            function: 0,
+            eax: 0xd,
+            ebx: 1,
+            ecx: 2,
+            edx: 3,
+            ..Default::default()
+        }])])
+    }
+
+    #[test]
+    fn ports_map_to_actions() {
+        let sh = shared();
+        let sv = services();
+        let st = VmStats::default();
+        let boot = BootInfo::new(Backend::Pvm);
+        let mut out = Vec::new();
+        let mut h = ExitHandler {
+            vcpu: 0,
+            shared: &sh,
+            services: &sv,
+            stats: &st,
+            boot: &boot,
+            console: &mut out,
+            counts: ExitCounts::default(),
+        };
+        assert_eq!(h.handle(Exit::PortOut { port: boot.exit_port, data: &7u32.to_le_bytes() }), Action::Exited(7));
+        assert_eq!(
+            h.handle(Exit::PortOut { port: boot.marker_port, data: &MARKER_SIDECALL_BEGIN.to_le_bytes() }),
+            Action::Marker(1)
+        );
+        assert_eq!(h.handle(Exit::PortOut { port: boot.control_port, data: &[2] }), Action::Control(2));
+        assert_eq!(h.handle(Exit::PortOut { port: boot.null_port, data: &[0] }), Action::Resume);
+        assert_eq!(h.handle(Exit::PortOut { port: 0x1234, data: &[0] }), Action::Resume);
+        let mut buf = [0u8; 4];
+        assert_eq!(h.handle(Exit::PortIn { port: 0x60, data: &mut buf }), Action::Resume);
+        assert_eq!(buf, [0xff; 4]);
+        assert!(matches!(h.handle(Exit::Shutdown), Action::Fault(_)));
+        assert!(matches!(h.handle(Exit::Hlt), Action::Fault(_)));
+        assert!(matches!(h.handle(Exit::FailEntry(0x21)), Action::Fault(m) if m.contains("0x21")));
+        assert!(matches!(h.handle(Exit::InternalError), Action::Fault(_)));
+        assert_eq!(h.handle(Exit::Interrupted), Action::Resume);
+        assert_eq!(h.counts.null, 1);
+        assert_eq!(h.counts.unknown, 2);
+    }
+
+    #[test]
+    fn console_line_is_bounded_by_the_buffer() {
+        let sh = shared();
+        let sv = services();
+        let st = VmStats::default();
+        let boot = BootInfo::new(Backend::Pvm);
+        let mut out = Vec::new();
+        {
+            let mut h = ExitHandler {
+                vcpu: 0,
+                shared: &sh,
+                services: &sv,
+                stats: &st,
+                boot: &boot,
+                console: &mut out,
+                counts: ExitCounts::default(),
+            };
+            let p = sh.console.as_ptr().cast_mut();
+            // SAFETY: writing the test's own buffer, nobody else touches it.
+            unsafe { std::ptr::copy_nonoverlapping(b"hi\n".as_ptr(), p, 3) };
+            h.handle(Exit::PortOut { port: boot.console_port, data: &3u32.to_le_bytes() });
+            // A hostile length is clamped to the buffer.
+            h.handle(Exit::PortOut { port: boot.console_port, data: &u32::MAX.to_le_bytes() });
+        }
+        assert_eq!(&out[..3], b"hi\n");
+        assert_eq!(out.len(), 3 + CONSOLE_BYTES);
+    }
+
+    #[test]
+    fn mailbox_call_uses_the_shared_handlers() {
+        let sh = shared();
+        let sv = services();
+        let st = VmStats::default();
+        let boot = BootInfo::new(Backend::Pvm);
+        let mut out = Vec::new();
+        let mut h = ExitHandler {
+            vcpu: 0,
+            shared: &sh,
+            services: &sv,
+            stats: &st,
+            boot: &boot,
+            console: &mut out,
+            counts: ExitCounts::default(),
+        };
+        sh.exit_slot.post(0, &Body { head: encode_head(Opcode::Cpuid as u16, 0), words: [0; 6] });
+        assert_eq!(h.handle(Exit::PortOut { port: boot.call_port, data: &[0] }), Action::Resume);
+        let r = sh.exit_slot.poll_reply(0).expect("reply published");
+        assert_eq!(r.head, 0);
+        assert_eq!(r.words[..4], [0xd, 1, 2, 3]);
+        // Garbage in the mailbox gets an error status, never a panic.
+        sh.exit_slot.post(0, &Body { head: u64::MAX, words: [u64::MAX; 6] });
+        h.handle(Exit::PortOut { port: boot.call_port, data: &[0] });
+        assert_eq!(sh.exit_slot.poll_reply(0).map(|b| b.head), Some(Status::ReservedBits as u64));
+        sh.exit_slot.state.store(state_word(77, SlotState::Empty), Ordering::Release);
+        h.handle(Exit::PortOut { port: boot.call_port, data: &[0] });
+        assert_eq!(st.snapshot().total(), 3);
+        assert_eq!(h.counts.calls, 3);
+    }
+}

@@ -1,0 +1,582 @@
+//! Building a VM: guest memory, memslots, the ELF image, the page tables in
+//! the read-only pool, the boot-info page, the shared region, and vCPUs set
+//! up for 64-bit mode on the detected backend.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use shm_proto::boot::{Backend, BootInfo, Workload, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF, TIMEOUT_CLASSES};
+use shm_proto::layout::{
+    align_up, vcpu_stack_top, vcpu_vif_gpa, BOOT_INFO_GPA, GDT_GPA, IMAGE_GPA, MAX_RAM, MAX_VCPUS, PAGE_SIZE,
+    PT_POOL_GPA, PT_POOL_SIZE, SHARED_ALIGN, VCPU_AREA_GPA, VCPU_AREA_STRIDE,
+};
+use shm_proto::op::OP_CLASS_COUNT;
+use shm_proto::ring::{
+    region_size, RegionHeader, FEATURE_CALLS, REGION_MAGIC, RING_SLOTS, VCPU_SHARED_OFFSET, VCPU_SHARED_SIZE,
+};
+use sidecore_core::cpuid::{set_apic_id, set_signature, CpuidEntry, CpuidTable};
+use sidecore_core::ring::SharedRegion;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::elf::{self, ElfLimits, LoadedImage};
+use crate::host::{self, BackendInfo};
+use crate::pagetable::{PageTables, PtPool, PTE_NX, PTE_RW};
+
+/// PVM: the VIF area MSR (this fork).
+pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
+/// Host writes of the VIF MSR need this bit.
+const PVM_VIF_HOST_WRITE: u64 = 0x400;
+/// Scratch free RAM the guest-agent's workloads need, per vCPU, plus one
+/// shared page.
+pub const FREE_RAM_PER_VCPU: u64 = 256 * 1024;
+/// Smallest amount of free RAM a VM gets.
+pub const MIN_FREE_RAM: u64 = 1 << 20;
+
+/// Building the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Talking to /dev/kvm failed.
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    /// KVM speaks another API.
+    #[error("KVM API version {0}, expected 12 — this kernel's KVM is not supported")]
+    ApiVersion(i32),
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create a VM (KVM_CREATE_VM)")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_SET_TSS_ADDR failed.
+    #[error("cannot set the TSS address (KVM_SET_TSS_ADDR)")]
+    SetTss(#[source] kvm_ioctls::Error),
+    /// --vcpus out of range.
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    VcpuCount(u32),
+    /// --mem out of range.
+    #[error("--mem {mib} MiB: must be between {min} and {max} MiB")]
+    MemSize {
+        /// Asked for.
+        mib: u64,
+        /// Least.
+        min: u64,
+        /// Most.
+        max: u64,
+    },
+    /// Not enough RAM for image + shared region + free RAM.
+    #[error("--mem {mib} MiB is too small for this guest: it needs at least {need_mib} MiB (image ends at {image_end:#x}, shared region and {vcpus} vCPUs' scratch follow)")]
+    MemTooSmall {
+        /// Asked for.
+        mib: u64,
+        /// Needed.
+        need_mib: u64,
+        /// End of the image.
+        image_end: u64,
+        /// vCPU count.
+        vcpus: u32,
+    },
+    /// Creating or mapping the guest memory failed.
+    #[error("cannot create guest memory of {0} bytes")]
+    Memory(u64, #[source] std::io::Error),
+    /// vm-memory refused the mapping.
+    #[error("cannot map guest memory")]
+    MemoryMap(#[source] vm_memory::mmap::MmapRegionError),
+    /// vm-memory refused the region list.
+    #[error("cannot set up guest memory regions")]
+    MemoryRegions(#[source] vm_memory::GuestRegionCollectionError),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register memslot {slot} ({what})")]
+    Memslot {
+        /// Slot number.
+        slot: u32,
+        /// What it holds.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The ELF is unusable.
+    #[error("guest image {path}")]
+    Elf {
+        /// Where it came from.
+        path: String,
+        /// Why.
+        #[source]
+        source: elf::ElfError,
+    },
+    /// Building the page tables failed.
+    #[error("cannot build the guest's page tables")]
+    PageTables(#[source] crate::pagetable::PageTableError),
+    /// Writing guest memory failed.
+    #[error("cannot write the {0} into guest memory")]
+    GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
+    /// A vCPU ioctl failed.
+    #[error("vCPU {vcpu}: {what} failed")]
+    Vcpu {
+        /// vCPU index.
+        vcpu: u32,
+        /// The ioctl.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The PVM VIF area was not taken.
+    #[error(
+        "vCPU {vcpu}: PVM refused the VIF area at {gpa:#x} ({detail}) — the guest would run emulated, ~1000x slower"
+    )]
+    Vif {
+        /// vCPU index.
+        vcpu: u32,
+        /// The area.
+        gpa: u64,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The shared region is unusable.
+    #[error("shared region")]
+    Region(#[source] sidecore_core::ring::RegionError),
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// Where the image came from (for messages).
+    pub guest_path: String,
+    /// The ELF bytes.
+    pub guest_elf: Vec<u8>,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Workload to run.
+    pub workload: Workload,
+    /// Workload arguments.
+    pub args: [u64; 8],
+    /// Whether the guest should use sidecalls.
+    pub sidecalls: bool,
+    /// Sidecall reply bound, in µs.
+    pub sidecall_timeout_us: u64,
+}
+
+/// Where things are in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// RAM size.
+    pub ram_size: u64,
+    /// End of the image.
+    pub image_end: u64,
+    /// Shared region GPA.
+    pub shared_gpa: u64,
+    /// Shared region size.
+    pub shared_size: u64,
+    /// First free byte.
+    pub free_gpa: u64,
+}
+
+/// Computes the layout after the image, or says how much RAM is missing.
+pub fn compute_layout(ram_size: u64, image_end: u64, vcpus: u32) -> Result<Layout, u64> {
+    let shared_gpa = align_up(image_end, SHARED_ALIGN);
+    let shared_size = align_up(region_size(vcpus), PAGE_SIZE);
+    let free_gpa = shared_gpa + align_up(shared_size, SHARED_ALIGN);
+    let need = free_gpa + (PAGE_SIZE + u64::from(vcpus) * FREE_RAM_PER_VCPU).max(MIN_FREE_RAM);
+    if need > ram_size {
+        return Err(align_up(need, 1 << 20) >> 20);
+    }
+    Ok(Layout { ram_size, image_end, shared_gpa, shared_size, free_gpa })
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    /// The backend.
+    pub backend: BackendInfo,
+    /// /dev/kvm.
+    pub kvm: Kvm,
+    /// The VM.
+    pub fd: VmFd,
+    /// Guest memory (memfd-backed).
+    pub mem: Arc<GuestMemoryMmap>,
+    /// Layout.
+    pub layout: Layout,
+    /// The loaded image.
+    pub image: LoadedImage,
+    /// vCPUs, ready for their first KVM_RUN.
+    pub vcpus: Vec<VcpuFd>,
+    /// Each vCPU's CPUID table as KVM holds it.
+    pub cpuid: Vec<CpuidTable>,
+    /// The guest's page tables.
+    pub tables: PageTables,
+    /// TSC kHz.
+    pub tsc_khz: u64,
+    /// The shared region, as the host maps it.
+    pub region: Arc<SharedRegion>,
+    /// The boot-info page as written.
+    pub boot: BootInfo,
+}
+
+fn guest_memory(ram: u64) -> Result<GuestMemoryMmap, VmError> {
+    let size = usize::try_from(ram)
+        .map_err(|_| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"sidecore-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmError::Memory(ram, std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let file: File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    file.set_len(ram).map_err(|e| VmError::Memory(ram, e))?;
+    let region = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(VmError::MemoryMap)?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(VmError::MemoryRegions)
+}
+
+fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, VmError> {
+    mem.get_host_address(GuestAddress(gpa)).map(|p| p as u64).map_err(|e| VmError::GuestWrite("memslot", e))
+}
+
+fn add_memslot(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    flags: u32,
+    what: &'static str,
+) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host_addr(mem, gpa)?,
+    };
+    // SAFETY: the host range belongs to `mem`, which the Vm keeps alive for as
+    // long as the VM fd exists (both live in the same struct; the fd is
+    // dropped with it).
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| VmError::Memslot { slot, what, source })
+}
+
+/// Leaf flags for the identity map at `gpa`, or `None` to leave it unmapped.
+fn identity_flags(gpa: u64, vcpus: u32, image: &LoadedImage, layout: &Layout) -> Option<u64> {
+    let vcpu_end = VCPU_AREA_GPA + u64::from(vcpus) * VCPU_AREA_STRIDE;
+    match gpa {
+        BOOT_INFO_GPA | GDT_GPA => Some(PTE_NX),
+        g if (VCPU_AREA_GPA..vcpu_end).contains(&g) => Some(PTE_RW | PTE_NX),
+        g if g < PT_POOL_GPA => None,
+        g if g < PT_POOL_GPA + PT_POOL_SIZE => Some(PTE_NX),
+        g if g < layout.shared_gpa => {
+            let s = image.segments.iter().find(|s| g + PAGE_SIZE > s.gpa && g < s.gpa + s.mem_size)?;
+            Some(if s.writable { PTE_RW } else { 0 } | if s.executable { 0 } else { PTE_NX })
+        }
+        _ => Some(PTE_RW | PTE_NX),
+    }
+}
+
+fn code_segment() -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x08,
+        type_: 11,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    }
+}
+
+fn data_segment() -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 3,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// The GDT: null, 64-bit code (0x08), data (0x10).
+pub const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+
+/// The boot-info page for this VM.
+pub fn boot_info(spec: &VmSpec, backend: Backend, layout: &Layout, tsc_khz: u64) -> BootInfo {
+    let mut b = BootInfo::new(backend);
+    b.nr_vcpus = spec.vcpus;
+    b.workload = spec.workload as u32;
+    b.tsc_khz = tsc_khz;
+    b.args = spec.args;
+    b.ram_size = layout.ram_size;
+    b.image_end = layout.image_end;
+    b.shared_gpa = layout.shared_gpa;
+    b.shared_size = layout.shared_size;
+    b.free_gpa = layout.free_gpa;
+    b.sidecalls = u32::from(spec.sidecalls);
+    let cycles = spec.sidecall_timeout_us.saturating_mul(tsc_khz) / 1000;
+    b.sidecall_timeout = [cycles; TIMEOUT_CLASSES];
+    debug_assert_eq!(TIMEOUT_CLASSES, OP_CLASS_COUNT);
+    b.sidecall_backoff = cycles.saturating_mul(10);
+    b
+}
+
+impl Vm {
+    /// Builds the VM.
+    pub fn build(spec: &VmSpec) -> Result<Vm, VmError> {
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(spec.vcpus));
+        }
+        let (min_mib, max_mib) = (4, MAX_RAM >> 20);
+        if spec.mem_mib < min_mib || spec.mem_mib > max_mib {
+            return Err(VmError::MemSize { mib: spec.mem_mib, min: min_mib, max: max_mib });
+        }
+        let ram = spec.mem_mib << 20;
+        let image =
+            elf::check_elf(&spec.guest_elf, &ElfLimits { ram_size: ram, image_gpa: IMAGE_GPA, image_limit: ram })
+                .map_err(|source| VmError::Elf { path: spec.guest_path.clone(), source })?;
+        let layout = compute_layout(ram, image.image_end, spec.vcpus).map_err(|need_mib| VmError::MemTooSmall {
+            mib: spec.mem_mib,
+            need_mib,
+            image_end: image.image_end,
+            vcpus: spec.vcpus,
+        })?;
+
+        let kvm = host::open_kvm()?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::ApiVersion(api));
+        }
+        let backend = host::detect_backend(&kvm)?;
+        let tsc_khz = host::tsc_khz(&kvm)?.khz;
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        if backend.backend == Backend::Vmx {
+            fd.set_tss_address(0xfffb_d000).map_err(VmError::SetTss)?;
+        }
+
+        let mem = guest_memory(ram)?;
+        let pool_end = PT_POOL_GPA + PT_POOL_SIZE;
+        add_memslot(&fd, &mem, 0, 0, PT_POOL_GPA, 0, "low memory")?;
+        add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_SIZE, KVM_MEM_READONLY, "page-table pool, read-only")?;
+        add_memslot(&fd, &mem, 2, pool_end, ram - pool_end, 0, "image, shared region and free RAM")?;
+
+        let image =
+            elf::load_elf(&mem, &spec.guest_elf, &ElfLimits { ram_size: ram, image_gpa: IMAGE_GPA, image_limit: ram })
+                .map_err(|source| VmError::Elf { path: spec.guest_path.clone(), source })?;
+
+        let mut tables = PageTables::new(&mem, PtPool::new(PT_POOL_GPA, PT_POOL_SIZE)).map_err(VmError::PageTables)?;
+        let mut gpa = PAGE_SIZE;
+        while gpa < ram {
+            if let Some(flags) = identity_flags(gpa, spec.vcpus, &image, &layout) {
+                tables.map(&mem, gpa, gpa, flags).map_err(VmError::PageTables)?;
+            }
+            gpa += PAGE_SIZE;
+        }
+
+        let boot = boot_info(spec, backend.backend, &layout, tsc_khz);
+        let boot_ptr =
+            mem.get_host_address(GuestAddress(BOOT_INFO_GPA)).map_err(|e| VmError::GuestWrite("boot-info page", e))?;
+        // SAFETY: the boot-info page is a page-aligned page inside guest memory
+        // (BOOT_INFO_GPA is below the smallest RAM size) and no vCPU runs yet,
+        // so nothing else accesses it.
+        unsafe { boot_ptr.cast::<BootInfo>().write(boot) };
+        for (i, d) in GDT.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(GDT_GPA + 8 * i as u64)).map_err(|e| VmError::GuestWrite("GDT", e))?;
+        }
+        let region = init_region(&mem, &layout, spec.vcpus)?;
+
+        let mut vm = Vm {
+            backend,
+            kvm,
+            fd,
+            mem: Arc::new(mem),
+            layout,
+            image,
+            vcpus: Vec::new(),
+            cpuid: Vec::new(),
+            tables,
+            tsc_khz,
+            region,
+            boot,
+        };
+        for i in 0..spec.vcpus {
+            vm.add_vcpu(i)?;
+        }
+        Ok(vm)
+    }
+
+    fn add_vcpu(&mut self, i: u32) -> Result<(), VmError> {
+        let err = |what| move |source| VmError::Vcpu { vcpu: i, what, source };
+        let vcpu = self.fd.create_vcpu(u64::from(i)).map_err(err("KVM_CREATE_VCPU"))?;
+
+        let mut cpuid = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Vcpu {
+            vcpu: i,
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source: e,
+        })?;
+        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(entry_from_kvm).collect();
+        set_signature(&mut entries, CPUID_SIGNATURE_LEAF, CPUID_SIGNATURE);
+        set_apic_id(&mut entries, i);
+        let kvm_entries: Vec<kvm_bindings::kvm_cpuid_entry2> = entries.iter().map(entry_to_kvm).collect();
+        cpuid = kvm_bindings::CpuId::from_entries(&kvm_entries).map_err(|_| VmError::Vcpu {
+            vcpu: i,
+            what: "building the CPUID table",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+
+        let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        sregs.cr0 = 0x8005_0033; // PG AM WP NE ET MP PE
+        sregs.cr3 = self.tables.root;
+        sregs.cr4 = 0x620; // PAE OSFXSR OSXMMEXCPT: no SMEP/SMAP/LA57 (PVM triple-faults)
+        sregs.efer = 0xd01; // NXE LMA LME SCE
+        sregs.cs = code_segment();
+        let ds = data_segment();
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (ds, ds, ds, ds, ds);
+        sregs.gdt.base = GDT_GPA;
+        sregs.gdt.limit = u16::try_from(GDT.len() * 8 - 1).unwrap_or(23);
+        sregs.idt.base = GDT_GPA + 0x800;
+        sregs.idt.limit = 0;
+        vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
+
+        let regs = kvm_bindings::kvm_regs {
+            rip: self.image.entry,
+            rsp: vcpu_stack_top(i),
+            rdi: BOOT_INFO_GPA,
+            rsi: u64::from(i),
+            rflags: 0x2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+
+        if self.backend.backend == Backend::Pvm {
+            register_vif(&vcpu, i)?;
+        }
+        // What KVM holds now (it may have adjusted dynamic bits) is what the
+        // sidecore must answer.
+        let held = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?;
+        self.cpuid.push(CpuidTable::new(held.as_slice().iter().map(entry_from_kvm).collect()));
+        self.vcpus.push(vcpu);
+        Ok(())
+    }
+}
+
+fn register_vif(vcpu: &VcpuFd, i: u32) -> Result<(), VmError> {
+    let gpa = vcpu_vif_gpa(i);
+    let vif_err = |detail: String| VmError::Vif { vcpu: i, gpa, detail };
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_PVM_VIF,
+        data: gpa | PVM_VIF_HOST_WRITE,
+        ..Default::default()
+    }])
+    .map_err(|e| vif_err(format!("{e:?}")))?;
+    let n = vcpu.set_msrs(&msrs).map_err(|e| vif_err(format!("KVM_SET_MSRS: {e}")))?;
+    if n != 1 {
+        return Err(vif_err(format!("KVM_SET_MSRS set {n} of 1 MSRs")));
+    }
+    let mut back = Msrs::from_entries(&[kvm_msr_entry { index: MSR_PVM_VIF, ..Default::default() }])
+        .map_err(|e| vif_err(format!("{e:?}")))?;
+    let n = vcpu.get_msrs(&mut back).map_err(|e| vif_err(format!("KVM_GET_MSRS: {e}")))?;
+    let got = back.as_slice().first().map_or(0, |e| e.data);
+    if n != 1 || got & !0xfff != gpa {
+        return Err(vif_err(format!("MSR reads back {got:#x}")));
+    }
+    Ok(())
+}
+
+fn init_region(mem: &GuestMemoryMmap, layout: &Layout, vcpus: u32) -> Result<Arc<SharedRegion>, VmError> {
+    let zero = vec![0u8; usize::try_from(layout.shared_size).unwrap_or(0)];
+    mem.write_slice(&zero, GuestAddress(layout.shared_gpa)).map_err(|e| VmError::GuestWrite("shared region", e))?;
+    let base =
+        mem.get_host_address(GuestAddress(layout.shared_gpa)).map_err(|e| VmError::GuestWrite("shared region", e))?;
+    let len = usize::try_from(layout.shared_size).unwrap_or(0);
+    let base = std::ptr::NonNull::new(base).ok_or(VmError::GuestWrite(
+        "shared region",
+        vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(layout.shared_gpa)),
+    ))?;
+    // The mapping lives in the guest memory's region, which stays mapped while
+    // any clone of the memfd-backed GuestMemoryMmap lives; the Vm holds one
+    // and the region keeps its own handle on the mapping below.
+    let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::new(mem.clone());
+    // SAFETY: [base, base + len) is the shared region inside guest memory,
+    // mapped for as long as `owner` (a clone of the memory, sharing its
+    // mapping) lives; it is accessed only through shm-proto atomics.
+    let region = unsafe { SharedRegion::new(base, len, vcpus, owner) }.map_err(VmError::Region)?;
+    let h = base.as_ptr().cast::<RegionHeader>();
+    // SAFETY: `h` is the page-aligned start of the shared region, inside
+    // guest memory, and no vCPU or sidecore runs yet: these plain fields are
+    // written once before anyone reads them (the heartbeat is atomic and
+    // starts at zero).
+    unsafe {
+        std::ptr::addr_of_mut!((*h).magic).write(REGION_MAGIC);
+        std::ptr::addr_of_mut!((*h).abi_version).write(shm_proto::ABI_VERSION);
+        std::ptr::addr_of_mut!((*h).nr_vcpus).write(vcpus);
+        std::ptr::addr_of_mut!((*h).features).write(FEATURE_CALLS);
+        std::ptr::addr_of_mut!((*h).ring_slots).write(u32::try_from(RING_SLOTS).unwrap_or(0));
+        std::ptr::addr_of_mut!((*h).slot_size).write(64);
+        std::ptr::addr_of_mut!((*h).vcpu_offset).write(VCPU_SHARED_OFFSET);
+        std::ptr::addr_of_mut!((*h).vcpu_stride).write(VCPU_SHARED_SIZE);
+    }
+    Ok(Arc::new(region))
+}
+
+fn entry_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
+    CpuidEntry { function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx }
+}
+
+fn entry_to_kvm(e: &CpuidEntry) -> kvm_bindings::kvm_cpuid_entry2 {
+    kvm_bindings::kvm_cpuid_entry2 {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_places_shared_region_after_image_and_checks_ram() {
+        let l = compute_layout(64 << 20, 0x21_0000, 2).unwrap();
+        assert_eq!(l.shared_gpa, 0x40_0000);
+        assert_eq!(l.free_gpa, 0x60_0000);
+        assert!(l.shared_size >= region_size(2));
+        assert_eq!(compute_layout(6 << 20, 0x21_0000, 2), Err(7));
+    }
+
+    #[test]
+    fn boot_info_names_backend_instructions_and_timeouts() {
+        let spec = VmSpec {
+            guest_path: "x".into(),
+            guest_elf: vec![],
+            mem_mib: 64,
+            vcpus: 2,
+            workload: Workload::Selftest,
+            args: [0; 8],
+            sidecalls: true,
+            sidecall_timeout_us: 1000,
+        };
+        let l = compute_layout(64 << 20, 0x21_0000, 2).unwrap();
+        let b = boot_info(&spec, Backend::Vmx, &l, 2_000_000);
+        assert_eq!(b.check(), Ok(()));
+        assert_eq!(b.hypercall_insn, shm_proto::boot::HypercallInsn::Vmcall as u32);
+        assert_eq!(b.sidecall_timeout[1], 2_000_000);
+        assert_eq!(b.sidecalls, 1);
+        assert_eq!(b.nr_vcpus, 2);
+    }
+}

@@ -1,0 +1,129 @@
+//! Integration tests: boot the bundled guest-agent under /dev/kvm through the
+//! `sidecore` binary. They run one at a time (a shared lock): on a 2-CPU
+//! machine, parallel VMs pile onto the same CPUs and sidecalls time out.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("skipping: /dev/kvm not present on this machine");
+        false
+    }
+}
+
+fn sidecore(args: &[&str]) -> Output {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    Command::new(env!("CARGO_BIN_EXE_sidecore")).args(args).output().expect("run sidecore")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn hello_prints_a_computed_value() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&["run", "--workload", "hello"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("hello from vCPU 0"), "{out}");
+    assert!(out.contains("1229 primes below 10000"), "{out}");
+}
+
+#[test]
+fn spin_runs_natively() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&["run", "--workload", "spin", "--vcpu-cpus", "1"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let lines: Vec<_> = out.lines().filter(|l| l.starts_with("spin: ")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let ns: f64 = lines[0]
+        .strip_prefix("spin: ")
+        .and_then(|s| s.strip_suffix(" ns/iteration"))
+        .and_then(|s| s.parse().ok())
+        .expect("spin line format");
+    // Native is ~0.3 ns, emulated ~2,000 ns: this tells the two apart, it is
+    // not a performance target.
+    assert!(ns < 100.0, "guest is not running natively: {ns} ns/iteration");
+}
+
+#[test]
+fn selftest_passes_on_exit_paths_with_one_and_two_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    for vcpus in ["1", "2"] {
+        let o = sidecore(&["run", "--workload", "selftest", "--vcpus", vcpus]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{vcpus} vCPUs\nstdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(out.matches("selftest: ok").count(), 1, "{out}");
+    }
+}
+
+#[test]
+fn selftest_passes_with_a_sidecore_and_its_phase_has_no_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&["run", "--sidecore", "0", "--vcpu-cpus", "1", "--workload", "selftest"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(out.matches("selftest: ok").count(), 1, "{out}");
+    let phase: Vec<_> = out.lines().filter(|l| l.starts_with("sidecall phase: ")).collect();
+    assert_eq!(phase.len(), 1, "{out}");
+    assert!(phase[0].starts_with("sidecall phase: 0 exits"), "{out}");
+    assert!(out.contains("none lost or doubled"), "{out}");
+}
+
+#[test]
+fn info_reports_the_backend() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&["info", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("info --json is JSON");
+    let backend = v["backend"].as_str().expect("backend field");
+    assert!(["pvm", "vmx", "svm"].contains(&backend), "{backend}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(backend, "pvm");
+    }
+    assert_eq!(v["guest_native"], serde_json::Value::Bool(true), "{out}");
+}
+
+fn assert_clean_failure(args: &[&str], needle: &str) {
+    let o = sidecore(args);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{args:?} should fail\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(needle), "{args:?}: stderr lacks {needle:?}:\n{err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    assert_clean_failure(&["run", "--guest", "/nonexistent"], "/nonexistent");
+    assert_clean_failure(&["run", "--workload", "nope"], "unknown workload 'nope'");
+    let not_elf = std::env::temp_dir().join(format!("sidecore-not-elf-{}", std::process::id()));
+    std::fs::write(&not_elf, b"#!/bin/sh\necho this is not an ELF\n").expect("write temp file");
+    let p = not_elf.display().to_string();
+    assert_clean_failure(&["run", "--guest", &p], &p);
+    let _ = std::fs::remove_file(&not_elf);
+    assert_clean_failure(&["run", "--mem", "2"], "--mem 2 MiB");
+    assert_clean_failure(&["run", "--vcpus", "0"], "--vcpus 0");
+    if kvm_available() {
+        assert_clean_failure(&["run", "--vcpu-cpus", "4095"], "--vcpu-cpus CPU 4095 is not online");
+        assert_clean_failure(&["run", "--sidecore", "4095"], "--sidecore CPU 4095 is not online");
+        assert_clean_failure(&["run", "--mem", "5"], "too small");
+    }
+}
