@@ -103,6 +103,17 @@ impl PtPool {
         (i < self.levels.len()).then_some(i)
     }
 
+    /// The level of every pool page, in order (0 = not a table).
+    pub fn levels(&self) -> &[u8] {
+        &self.levels
+    }
+
+    /// GPA of the first pool page after the last one in use.
+    pub fn first_free(&self) -> u64 {
+        let used = self.levels.iter().rposition(|l| *l != 0).map_or(0, |i| i + 1);
+        self.base + used as u64 * 4096
+    }
+
     /// Takes a free page for a table of `level`; the caller zeroes it.
     pub fn alloc(&mut self, level: u8) -> Result<u64, PageTableError> {
         let start = self.next_free;

@@ -234,6 +234,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     let mut vm = Vm::build(&spec)?;
 
     let mut services = Services::new(vm.cpuid.clone());
+    services.set_pte(vm.pte_service()?);
     let counters = Arc::new((0..spec.vcpus).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
     register_vmm_hypercalls(&mut services, counters)?;
     let services = Arc::new(services);

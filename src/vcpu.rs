@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use shm_proto::boot::BootInfo;
-use shm_proto::op;
+use shm_proto::op::{self, Opcode, Status};
 use shm_proto::ring::{word_ticket, Body, VcpuShared, CONSOLE_BYTES};
 use sidecore_core::service::{CallCtx, Services};
 use sidecore_core::stats::VmStats;
@@ -144,8 +144,9 @@ impl<W: Write> ExitHandler<'_, W> {
                 self.counts.unknown += 1;
                 Action::Resume
             }
-            Exit::MmioWrite { .. } => {
+            Exit::MmioWrite { addr, data } => {
                 self.counts.mmio_writes += 1;
+                self.pte_trap(addr, data);
                 Action::Resume
             }
             Exit::MmioRead { data, .. } => {
@@ -214,6 +215,33 @@ impl<W: Write> ExitHandler<'_, W> {
     }
 }
 
+impl<W: Write> ExitHandler<'_, W> {
+    /// The page-table service's trap path: a guest store into the read-only
+    /// pool. Decoded into (table, index, entry), applied by the same handler
+    /// as the sidecall, the status left in the vCPU's host status word.
+    fn pte_trap(&mut self, addr: u64, data: &[u8]) {
+        let result = match (self.services.pte(), <[u8; 8]>::try_from(data)) {
+            (Some(pte), Ok(bytes)) if addr.is_multiple_of(8) => {
+                let l = pte.layout();
+                if (l.pool_gpa..l.pool_gpa + l.pool_size).contains(&addr) {
+                    pte.update(addr & !0xfff, (addr & 0xfff) / 8, u64::from_le_bytes(bytes))
+                } else {
+                    Err(Status::BadArgument)
+                }
+            }
+            (None, _) => Err(Status::UnknownOp),
+            _ => Err(Status::BadArgument),
+        };
+        let (status, kind) = match result {
+            Ok((kind, _)) => (Status::Ok, kind as u64),
+            Err(s) => (s, 0),
+        };
+        self.stats.count(op::op_class(Opcode::PteUpdate as u16), status);
+        self.shared.host.pte_kind.store(kind, Ordering::Relaxed);
+        self.shared.host.pte_status.store(status as u64, Ordering::Release);
+    }
+}
+
 /// Registers and descriptor state of a vCPU, for fault reports.
 pub fn describe_registers(vcpu: &VcpuFd) -> String {
     let mut s = String::new();
@@ -240,7 +268,7 @@ pub fn describe_registers(vcpu: &VcpuFd) -> String {
 mod tests {
     use super::*;
     use shm_proto::boot::{Backend, MARKER_SIDECALL_BEGIN};
-    use shm_proto::op::{encode_head, Opcode, Status};
+    use shm_proto::op::encode_head;
     use shm_proto::ring::{state_word, SlotState};
     use sidecore_core::cpuid::{CpuidEntry, CpuidTable};
 
@@ -359,5 +387,67 @@ mod tests {
         h.handle(Exit::PortOut { port: boot.call_port, data: &[0] });
         assert_eq!(st.snapshot().total(), 3);
         assert_eq!(h.counts.calls, 3);
+    }
+
+    struct Pool(std::ptr::NonNull<u8>, std::alloc::Layout);
+    // SAFETY: test-only plain memory.
+    unsafe impl Send for Pool {}
+    // SAFETY: test-only plain memory.
+    unsafe impl Sync for Pool {}
+    impl Drop for Pool {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout below.
+            unsafe { std::alloc::dealloc(self.0.as_ptr(), self.1) };
+        }
+    }
+
+    #[test]
+    fn pool_store_is_the_pte_trap_path() {
+        use sidecore_core::pte::{PteLayout, PteService, Visibility};
+        let layout = std::alloc::Layout::from_size_align(0x4000, 4096).unwrap();
+        // SAFETY: non-zero size.
+        let p = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).unwrap();
+        let owner = std::sync::Arc::new(Pool(p, layout));
+        let pl = PteLayout {
+            ram_size: 0x100_0000,
+            pool_gpa: 0x10_0000,
+            pool_size: 0x4000,
+            image_gpa: 0x20_0000,
+            image_end: 0x21_0000,
+            free_gpa: 0x60_0000,
+        };
+        // SAFETY: the block is pool_size bytes and lives as long as owner.
+        let pte = unsafe { PteService::new(pl, &[4, 3, 2, 1], p, owner, Visibility::GuestFlush) }.unwrap();
+        let mut sv = services();
+        sv.set_pte(pte);
+        let sh = shared();
+        let st = VmStats::default();
+        let boot = BootInfo::new(Backend::Pvm);
+        let mut out = Vec::new();
+        let mut h = ExitHandler {
+            vcpu: 0,
+            shared: &sh,
+            services: &sv,
+            stats: &st,
+            boot: &boot,
+            console: &mut out,
+            counts: ExitCounts::default(),
+        };
+        let store = |h: &mut ExitHandler<&mut Vec<u8>>, addr: u64, v: u64| {
+            assert_eq!(h.handle(Exit::MmioWrite { addr, data: &v.to_le_bytes() }), Action::Resume);
+            (sh.host.pte_status.load(Ordering::Acquire), sh.host.pte_kind.load(Ordering::Relaxed))
+        };
+        // A map into the PT (pool page 3), index 2.
+        assert_eq!(store(&mut h, 0x10_3010, 0x60_0000 | 1), (Status::Ok as u64, 1));
+        // The same handler refuses what the sidecall path refuses.
+        assert_eq!(store(&mut h, 0x10_3018, 0x1000 | 1).0, Status::Denied as u64);
+        assert_eq!(store(&mut h, 0x10_3018, 0x60_0000 | 1 | 0x80).0, Status::ReservedBits as u64);
+        // Torn or misplaced stores.
+        assert_eq!(h.handle(Exit::MmioWrite { addr: 0x10_3018, data: &[1, 2, 3, 4] }), Action::Resume);
+        assert_eq!(sh.host.pte_status.load(Ordering::Acquire), Status::BadArgument as u64);
+        assert_eq!(store(&mut h, 0x10_3019, 0).0, Status::BadArgument as u64);
+        assert_eq!(store(&mut h, 0x90_0000, 0).0, Status::BadArgument as u64);
+        assert_eq!(st.snapshot().get(op::op_class(Opcode::PteUpdate as u16), Status::Ok), 1);
+        assert_eq!(h.counts.mmio_writes, 6);
     }
 }

@@ -32,7 +32,7 @@ pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
 const PVM_VIF_HOST_WRITE: u64 = 0x400;
 /// Scratch free RAM the guest-agent's workloads need, per vCPU, plus one
 /// shared page.
-pub const FREE_RAM_PER_VCPU: u64 = 256 * 1024;
+pub const FREE_RAM_PER_VCPU: u64 = 512 * 1024;
 /// Smallest amount of free RAM a VM gets.
 pub const MIN_FREE_RAM: u64 = 1 << 20;
 
@@ -134,6 +134,9 @@ pub enum VmError {
         /// What went wrong.
         detail: String,
     },
+    /// The page-table service could not be set up.
+    #[error("page-table service")]
+    PteSetup(#[source] sidecore_core::pte::PteSetupError),
     /// The shared region is unusable.
     #[error("shared region")]
     Region(#[source] sidecore_core::ring::RegionError),
@@ -193,8 +196,8 @@ pub struct Vm {
     pub backend: BackendInfo,
     /// /dev/kvm.
     pub kvm: Kvm,
-    /// The VM.
-    pub fd: VmFd,
+    /// The VM (shared with the page-table service's shadow zap).
+    pub fd: Arc<VmFd>,
     /// Guest memory (memfd-backed).
     pub mem: Arc<GuestMemoryMmap>,
     /// Layout.
@@ -265,7 +268,9 @@ fn identity_flags(gpa: u64, vcpus: u32, image: &LoadedImage, layout: &Layout) ->
         BOOT_INFO_GPA | GDT_GPA => Some(PTE_NX),
         g if (VCPU_AREA_GPA..vcpu_end).contains(&g) => Some(PTE_RW | PTE_NX),
         g if g < PT_POOL_GPA => None,
-        g if g < PT_POOL_GPA + PT_POOL_SIZE => Some(PTE_NX),
+        // Writable in the guest's tables, read-only in the memslot: a guest
+        // store there is the page-table service's trap path (an MMIO exit).
+        g if g < PT_POOL_GPA + PT_POOL_SIZE => Some(PTE_RW | PTE_NX),
         g if g < layout.shared_gpa => {
             let s = image.segments.iter().find(|s| g + PAGE_SIZE > s.gpa && g < s.gpa + s.mem_size)?;
             Some(if s.writable { PTE_RW } else { 0 } | if s.executable { 0 } else { PTE_NX })
@@ -381,7 +386,9 @@ impl Vm {
             gpa += PAGE_SIZE;
         }
 
-        let boot = boot_info(spec, backend.backend, &layout, tsc_khz);
+        let mut boot = boot_info(spec, backend.backend, &layout, tsc_khz);
+        boot.pt_root = tables.root;
+        boot.pt_pool_free = tables.pool.first_free();
         let boot_ptr =
             mem.get_host_address(GuestAddress(BOOT_INFO_GPA)).map_err(|e| VmError::GuestWrite("boot-info page", e))?;
         // SAFETY: the boot-info page is a page-aligned page inside guest memory
@@ -396,7 +403,7 @@ impl Vm {
         let mut vm = Vm {
             backend,
             kvm,
-            fd,
+            fd: Arc::new(fd),
             mem: Arc::new(mem),
             layout,
             image,
@@ -466,6 +473,83 @@ impl Vm {
         self.cpuid.push(CpuidTable::new(held.as_slice().iter().map(entry_from_kvm).collect()));
         self.vcpus.push(vcpu);
         Ok(())
+    }
+}
+
+/// Drops all shadow pages of a PVM VM by creating and deleting a dummy
+/// memslot (KVM_X86_QUIRK_SLOT_ZAP_ALL): ~110–145 µs here (PVM.md §5).
+pub struct MemslotZap {
+    fd: Arc<VmFd>,
+    page: Box<Page>,
+    lock: std::sync::Mutex<()>,
+}
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// Slot number of the dummy memslot.
+const ZAP_SLOT: u32 = 9;
+/// Its GPA: far above any RAM this VMM gives a guest.
+const ZAP_GPA: u64 = 0x10_0000_0000;
+
+impl MemslotZap {
+    /// A zapper for this VM.
+    pub fn new(fd: Arc<VmFd>) -> MemslotZap {
+        MemslotZap { fd, page: Box::new(Page([0; 4096])), lock: std::sync::Mutex::new(()) }
+    }
+
+    fn set(&self, size: u64) -> Result<(), kvm_ioctls::Error> {
+        let r = kvm_userspace_memory_region {
+            slot: ZAP_SLOT,
+            flags: 0,
+            guest_phys_addr: ZAP_GPA,
+            memory_size: size,
+            userspace_addr: self.page.0.as_ptr() as u64,
+        };
+        // SAFETY: the page is owned by self and outlives the slot, which is
+        // deleted again before set() returns to zap(); the guest never maps
+        // ZAP_GPA (it is past RAM, so PTE_UPDATE refuses it).
+        unsafe { self.fd.set_user_memory_region(r) }
+    }
+}
+
+impl sidecore_core::pte::ShadowZap for MemslotZap {
+    fn zap(&self) -> Result<(), String> {
+        let _g = self.lock.lock().map_err(|_| "zap lock poisoned".to_string())?;
+        self.set(4096).map_err(|e| format!("creating the dummy memslot: {e}"))?;
+        self.set(0).map_err(|e| format!("deleting the dummy memslot: {e}"))
+    }
+}
+
+impl Vm {
+    /// The page-table service for this VM: validates against its layout,
+    /// knows the level of every pool page, and on PVM zaps shadow pages after
+    /// a change or unmap.
+    pub fn pte_service(&self) -> Result<sidecore_core::pte::PteService, VmError> {
+        use sidecore_core::pte::{PteLayout, PteService, Visibility};
+        let layout = PteLayout {
+            ram_size: self.layout.ram_size,
+            pool_gpa: PT_POOL_GPA,
+            pool_size: PT_POOL_SIZE,
+            image_gpa: IMAGE_GPA,
+            image_end: self.layout.image_end,
+            free_gpa: self.layout.free_gpa,
+        };
+        let pool = self.mem.get_host_address(GuestAddress(PT_POOL_GPA)).map_err(|e| VmError::GuestWrite("pool", e))?;
+        let pool = std::ptr::NonNull::new(pool).ok_or(VmError::GuestWrite(
+            "pool",
+            vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(PT_POOL_GPA)),
+        ))?;
+        let visibility = if self.backend.backend == Backend::Pvm {
+            Visibility::Zap(Arc::new(MemslotZap::new(self.fd.clone())))
+        } else {
+            Visibility::GuestFlush
+        };
+        let owner: Arc<dyn std::any::Any + Send + Sync> = self.mem.clone();
+        // SAFETY: the pool is PT_POOL_SIZE bytes of guest memory mapped for as
+        // long as `owner` (the guest memory) lives.
+        unsafe { PteService::new(layout, self.tables.pool.levels(), pool, owner, visibility) }
+            .map_err(VmError::PteSetup)
     }
 }
 
@@ -556,7 +640,7 @@ mod tests {
         assert_eq!(l.shared_gpa, 0x40_0000);
         assert_eq!(l.free_gpa, 0x60_0000);
         assert!(l.shared_size >= region_size(2));
-        assert_eq!(compute_layout(6 << 20, 0x21_0000, 2), Err(7));
+        assert_eq!(compute_layout(6 << 20, 0x21_0000, 2), Err(8));
     }
 
     #[test]

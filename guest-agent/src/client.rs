@@ -68,6 +68,11 @@ impl<'a> Client<'a> {
         }
     }
 
+    /// The environment.
+    pub fn env(&self) -> &'a Env {
+        self.env
+    }
+
     /// Whether a sidecore serves this VM at all.
     pub fn sidecalls_enabled(&self) -> bool {
         self.enabled
@@ -140,8 +145,13 @@ impl<'a> Client<'a> {
     }
 
     /// The op's exit path: CPUID by the backend's instruction (answered by
-    /// KVM), everything else by the PIO mailbox (answered by the VMM).
+    /// KVM), a page-table update by a store into the pool (MMIO), everything
+    /// else by the PIO mailbox (answered by the VMM).
     pub fn exit_call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
+        if opcode == Opcode::PteUpdate as u16 {
+            let (status, kind) = self.pte_trap(args[0], args[1], args[2]);
+            return Reply { status, words: [kind as u64, 0, 0, 0, 0, 0], via: Via::Exit };
+        }
         if opcode == Opcode::Cpuid as u16 {
             if let (Ok(leaf), Ok(sub)) = (u32::try_from(args[0]), u32::try_from(args[1])) {
                 let r = arch::cpuid(self.cpuid_insn, leaf, sub);

@@ -3,7 +3,7 @@
 
 use core::fmt::{self, Write};
 
-use shm_proto::layout::{BOOT_INFO_GPA, VCPU_AREA_GPA, VCPU_AREA_STRIDE};
+use shm_proto::layout::{VCPU_AREA_GPA, VCPU_AREA_STRIDE};
 use shm_proto::ring::{VcpuShared, CONSOLE_BYTES};
 
 use crate::Env;
@@ -61,25 +61,19 @@ impl Drop for Console {
     }
 }
 
-/// Nothing to set up today; kept as the one place a console would be.
-pub fn init(_env: &Env) {}
-
-/// Prints a panic on the console of whichever vCPU panicked, found from its
-/// stack pointer (the panic handler has no `Env`).
-pub fn print_panic(info: &core::panic::PanicInfo) {
+/// The vCPU whose stack we run on (handlers have no `Env`).
+pub fn current_vcpu() -> Option<u32> {
     let rsp: u64;
     // SAFETY: reads RSP only.
     unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
-    // SAFETY: the boot-info page is identity-mapped read-only at its fixed GPA.
-    let boot = unsafe { &*(BOOT_INFO_GPA as *const shm_proto::boot::BootInfo) };
-    let Some(vcpu) = rsp.checked_sub(VCPU_AREA_GPA).map(|o| o / VCPU_AREA_STRIDE) else { return };
-    let Ok(vcpu) = u32::try_from(vcpu) else { return };
-    if boot.check().is_err() || vcpu >= boot.nr_vcpus {
-        return;
-    }
-    // SAFETY: vcpu < nr_vcpus, so its block lies in the shared region.
-    let shared = unsafe { &*((boot.shared_gpa + shm_proto::ring::vcpu_offset(vcpu)) as *const VcpuShared) };
-    let mut c = Console::for_shared(shared, boot.console_port);
+    u32::try_from(rsp.checked_sub(VCPU_AREA_GPA)? / VCPU_AREA_STRIDE).ok()
+}
+
+/// Prints a panic on the console of whichever vCPU panicked.
+pub fn print_panic(info: &core::panic::PanicInfo) {
+    let Some(vcpu) = current_vcpu() else { return };
+    let Some(env) = Env::for_vcpu(crate::boot_info(), vcpu) else { return };
+    let mut c = Console::new(&env);
     let _ = writeln!(c, "guest panic on vCPU {vcpu}: {info}");
 }
 

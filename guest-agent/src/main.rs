@@ -11,7 +11,10 @@
 mod arch;
 mod client;
 mod console;
+mod idt;
 mod mem;
+mod pagetable;
+mod ptcheck;
 mod selftest;
 mod workload;
 
@@ -48,24 +51,41 @@ const STATUS_BAD_WORKLOAD: u32 = 91;
 /// Exit status after a panic.
 pub const STATUS_PANIC: u32 = 101;
 
-extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
-    // SAFETY: the VMM passes the GPA of the boot-info page, which it
-    // identity-maps read-only and never changes while the guest runs.
-    let boot: &'static BootInfo = unsafe { &*(boot_gpa as *const BootInfo) };
-    let Ok(vcpu) = u32::try_from(vcpu) else { arch::exit(boot.exit_port, STATUS_BAD_BOOT_INFO) };
-    if boot.check().is_err() || vcpu >= boot.nr_vcpus || boot.shared_size < shm_proto::ring::region_size(boot.nr_vcpus)
-    {
-        arch::exit(boot.exit_port, STATUS_BAD_BOOT_INFO);
+/// The boot-info page, at its fixed GPA.
+pub fn boot_info() -> &'static BootInfo {
+    // SAFETY: the VMM identity-maps the boot-info page read-only at
+    // BOOT_INFO_GPA and never changes it while the guest runs.
+    unsafe { &*(shm_proto::layout::BOOT_INFO_GPA as *const BootInfo) }
+}
+
+impl Env {
+    /// The environment of vCPU `vcpu`, if the boot-info page is sound.
+    pub fn for_vcpu(boot: &'static BootInfo, vcpu: u32) -> Option<Env> {
+        if boot.check().is_err()
+            || vcpu >= boot.nr_vcpus
+            || boot.shared_size < shm_proto::ring::region_size(boot.nr_vcpus)
+        {
+            return None;
+        }
+        // SAFETY: the region lies in identity-mapped RAM at the GPA the
+        // boot-info page names (checked large enough for nr_vcpus above); its
+        // layout is the shm-proto ABI and every shared field is atomic.
+        let header: &'static RegionHeader = unsafe { &*(boot.shared_gpa as *const RegionHeader) };
+        // SAFETY: as above; vcpu < nr_vcpus so the block is inside the region.
+        let shared: &'static VcpuShared =
+            unsafe { &*((boot.shared_gpa + shm_proto::ring::vcpu_offset(vcpu)) as *const VcpuShared) };
+        Some(Env { boot, vcpu, header, shared })
     }
-    // SAFETY: the region lies in identity-mapped RAM at the GPA the boot-info
-    // page names (checked large enough for nr_vcpus above); its layout is the
-    // shm-proto ABI and every shared field is atomic.
-    let header: &'static RegionHeader = unsafe { &*(boot.shared_gpa as *const RegionHeader) };
-    // SAFETY: as above; vcpu < nr_vcpus so the block is inside the region.
-    let shared: &'static VcpuShared =
-        unsafe { &*((boot.shared_gpa + shm_proto::ring::vcpu_offset(vcpu)) as *const VcpuShared) };
-    let env = Env { boot, vcpu, header, shared };
-    console::init(&env);
+}
+
+extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
+    let boot = boot_info();
+    let env = match u32::try_from(vcpu) {
+        Ok(v) if boot_gpa == shm_proto::layout::BOOT_INFO_GPA => Env::for_vcpu(boot, v),
+        _ => None,
+    };
+    let Some(env) = env else { arch::exit(shm_proto::boot::PORT_EXIT, STATUS_BAD_BOOT_INFO) };
+    idt::load(&env);
     let status = match Workload::from_u32(boot.workload) {
         Some(Workload::Hello) => workload::hello(&env),
         Some(Workload::Spin) => workload::spin(&env),

@@ -22,10 +22,10 @@ use shm_proto::op::{Opcode, Status, HC_COUNTER_ADD, HC_MIX, HC_MONOTONIC_NS, WOR
 use crate::arch;
 use crate::client::{Client, Reply, Via};
 use crate::console::Console;
+use crate::pagetable::{PageTables, PtPath, NX, P, RW};
+use crate::ptcheck::{self, SCRATCH_PER_VCPU};
 use crate::Env;
 
-/// Scratch bytes per vCPU in free RAM (after one shared sync page).
-const SCRATCH_PER_VCPU: u64 = 256 * 1024;
 /// Default number of CPUID pairs.
 const DEFAULT_CPUID_PAIRS: u64 = 10_000;
 /// Calls per kind in the sidecall phase.
@@ -194,6 +194,40 @@ pub fn run(env: &Env) -> u32 {
         ck.fail(format_args!("CPUID leaf 2^32 gave {:?}, want BadArgument", r.status));
     }
 
+    // 5. Page tables: the same sequence by trap and by sidecall (which falls
+    // back to the trap without a sidecore) must leave the same tables and
+    // refuse the same invalid updates.
+    let trap = ptcheck::run(env, &mut c, PtPath::Trap, 0, &mut |a| ck.fail(a));
+    let side = ptcheck::run(env, &mut c, PtPath::Sidecall, 1, &mut |a| ck.fail(a));
+    if trap.leaves != side.leaves {
+        ck.fail(format_args!("page tables differ between paths: trap {:x?} sidecall {:x?}", trap.leaves, side.leaves));
+    }
+    if trap.invalid != side.invalid {
+        ck.fail(format_args!("invalid updates: trap said {:?}, sidecall said {:?}", trap.invalid, side.invalid));
+    }
+    let want = [
+        Status::Denied,
+        Status::Denied,
+        Status::Denied,
+        Status::Denied,
+        Status::ReservedBits,
+        Status::Denied,
+        Status::Denied,
+    ];
+    if trap.invalid != want {
+        ck.fail(format_args!("invalid updates gave {:?}, want {want:?}", trap.invalid));
+    }
+    {
+        let mut con = Console::new(env);
+        let _ = writeln!(
+            con,
+            "selftest: vCPU {v}: page tables: {n} maps, {n} changes, {n} unmaps by trap and by sidecall{}, same tables; {} invalid updates refused alike",
+            if c.sidecalls_enabled() { "" } else { " (falling back to the trap: no sidecore)" },
+            want.len(),
+            n = ptcheck::PAGES,
+        );
+    }
+
     if c.sidecalls_enabled() {
         sidecall_phase(env, &mut c, &mut ck, answers, seed, max_basic, max_ext);
         fallback_phase(env, &mut c, &mut ck);
@@ -281,6 +315,19 @@ fn sidecall_phase(
         bad += u64::from(r.status != Status::Ok || r.words[0] < last_time);
         last_time = r.words[0];
         not_sidecall += u64::from(r.via != Via::Sidecall);
+    }
+    // Page-table maps by sidecall, each page touched at once: the touch
+    // takes the shadow fault any first touch takes, which is no exit of the
+    // sidecall path.
+    let mut pt = PageTables::new(env);
+    let base = ptcheck::region(env, 2);
+    let frames = ptcheck::frames_base(env) + 32 * 4096;
+    for i in 0..16u64 {
+        let r = pt.set(c, PtPath::Sidecall, base + i * 4096, (frames + i * 4096) | P | RW | NX);
+        not_sidecall += u64::from(r.via != Via::Sidecall);
+        if r.status != Status::Ok || crate::idt::probe_read(base + i * 4096).is_none() {
+            bad += 1;
+        }
     }
     arch::outl(marker, MARKER_SIDECALL_END);
     if let Some((leaf, sub, got, want)) = first_bad {

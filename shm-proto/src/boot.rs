@@ -241,6 +241,11 @@ pub struct BootInfo {
     /// After a fallback, how long (TSC cycles) the guest uses the exit path
     /// before it probes the sidecore again (unless the heartbeat moves).
     pub sidecall_backoff: u64,
+    /// GPA of the PML4 (CR3) the VMM built.
+    pub pt_root: u64,
+    /// First pool page the VMM left free: the guest takes new table pages
+    /// from here (the host checks every one).
+    pub pt_pool_free: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 4096);
@@ -260,6 +265,8 @@ const _: () = assert!(core::mem::offset_of!(BootInfo, console_port) == 164);
 const _: () = assert!(core::mem::offset_of!(BootInfo, null_port) == 174);
 const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_timeout) == 176);
 const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_backoff) == 216);
+const _: () = assert!(core::mem::offset_of!(BootInfo, pt_root) == 224);
+const _: () = assert!(core::mem::offset_of!(BootInfo, pt_pool_free) == 232);
 
 impl BootInfo {
     /// A boot-info page for `backend` with every field but the layout filled
@@ -291,6 +298,8 @@ impl BootInfo {
             null_port: PORT_NULL,
             sidecall_timeout: [0; TIMEOUT_CLASSES],
             sidecall_backoff: 0,
+            pt_root: 0,
+            pt_pool_free: 0,
         }
     }
 

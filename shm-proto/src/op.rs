@@ -21,8 +21,10 @@ pub enum Opcode {
     /// CPUID. Request: word 0 = leaf, word 1 = subleaf (both < 2^32).
     /// Reply: words 0..4 = EAX, EBX, ECX, EDX.
     Cpuid = 2,
-    /// Page-table update (reserved for the page-table service). Request:
-    /// word 0 = table GPA, word 1 = index, word 2 = new entry.
+    /// Page-table update, like Xen's mmu_update. Request: word 0 = GPA of a
+    /// table in the page-table pool, word 1 = index (0..512), word 2 = the
+    /// new entry (0 to unmap). Reply: word 0 = [`PteKind`], word 1 = the
+    /// entry as written (A, D and U/S preset).
     PteUpdate = 3,
 }
 
@@ -33,6 +35,34 @@ impl Opcode {
             1 => Some(Opcode::Null),
             2 => Some(Opcode::Cpuid),
             3 => Some(Opcode::PteUpdate),
+            _ => None,
+        }
+    }
+}
+
+/// What a page-table update did.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PteKind {
+    /// Not present before, not present after.
+    Noop = 0,
+    /// Not present -> present: visible at once, no flush.
+    Map = 1,
+    /// Present -> present with other contents: needs a flush (hardware
+    /// KVM: the guest's invlpg; PVM: the host drops the shadow pages).
+    Change = 2,
+    /// Present -> not present: as for a change.
+    Unmap = 3,
+}
+
+impl PteKind {
+    /// Decodes a reply word.
+    pub const fn from_u64(v: u64) -> Option<PteKind> {
+        match v {
+            0 => Some(PteKind::Noop),
+            1 => Some(PteKind::Map),
+            2 => Some(PteKind::Change),
+            3 => Some(PteKind::Unmap),
             _ => None,
         }
     }

@@ -221,6 +221,19 @@ pub struct GuestCounters {
 
 const _: () = assert!(core::mem::size_of::<GuestCounters>() == 128);
 
+/// Per-vCPU words the host writes for the guest to read.
+#[repr(C, align(128))]
+pub struct HostStatus {
+    /// Status ([`crate::op::Status`]) of the guest's last page-table store
+    /// that trapped to the VMM (the trap path has no reply slot).
+    pub pte_status: AtomicU64,
+    /// Kind ([`crate::op::PteKind`]) of that store.
+    pub pte_kind: AtomicU64,
+    _pad: [u64; 14],
+}
+
+const _: () = assert!(core::mem::size_of::<HostStatus>() == 128);
+
 /// Bytes in a vCPU's console buffer.
 pub const CONSOLE_BYTES: usize = 256;
 
@@ -246,6 +259,8 @@ pub struct VcpuShared {
     /// Console line buffer: the guest fills it and exits with PIO to
     /// [`crate::boot::BootInfo::console_port`], the length in EAX.
     pub console: [u8; CONSOLE_BYTES],
+    /// Words the host writes for the guest.
+    pub host: HostStatus,
 }
 
 /// Offset of vCPU blocks in the region.
@@ -260,6 +275,7 @@ const _: () = assert!(core::mem::offset_of!(VcpuShared, producer) == 4224);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, exit_slot) == 4352);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, guest) == 4480);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, console) == 4608);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, host) == 4864);
 
 /// Magic of the region header ("SIDECORE").
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SIDECORE");

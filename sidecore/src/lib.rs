@@ -3,6 +3,7 @@
 //!
 //! * [`service`]: the service handlers (null, CPUID, the hypercall registry)
 //!   that both the sidecore and the VMM's exit path call.
+//! * [`pte`]: validated page-table updates.
 //! * [`cpuid`]: KVM's rules for answering CPUID from a KVM_SET_CPUID2 table.
 //! * [`ring`]: the host side of one vCPU's ring: poll, claim, validate,
 //!   dispatch, reply.
@@ -13,6 +14,7 @@
 pub mod cpuid;
 pub mod pin;
 pub mod poll;
+pub mod pte;
 pub mod ring;
 pub mod service;
 pub mod stats;

@@ -4,6 +4,7 @@
 use shm_proto::op::{self, Opcode, Status, USER_OP_FIRST, USER_OP_LAST, WORDS};
 
 use crate::cpuid::CpuidTable;
+use crate::pte::PteService;
 
 /// Who is calling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,7 @@ pub enum RegistryError {
 pub struct Services {
     cpuid: Vec<CpuidTable>,
     registry: Vec<Option<Hypercall>>,
+    pte: Option<PteService>,
 }
 
 impl Services {
@@ -43,7 +45,7 @@ impl Services {
     pub fn new(cpuid: Vec<CpuidTable>) -> Services {
         let mut registry = Vec::with_capacity(REGISTRY_SIZE);
         registry.resize_with(REGISTRY_SIZE, || None);
-        Services { cpuid, registry }
+        Services { cpuid, registry, pte: None }
     }
 
     /// Adds a hypercall at `opcode` (`0x100..=0x1ff`).
@@ -55,6 +57,16 @@ impl Services {
         }
         *cell = Some(f);
         Ok(())
+    }
+
+    /// Serves page-table updates with `pte`.
+    pub fn set_pte(&mut self, pte: PteService) {
+        self.pte = Some(pte);
+    }
+
+    /// The page-table service, if this VM has one.
+    pub fn pte(&self) -> Option<&PteService> {
+        self.pte.as_ref()
     }
 
     /// Registered hypercall opcodes.
@@ -92,7 +104,11 @@ impl Services {
                 let r = table.lookup(leaf, sub);
                 Ok([u64::from(r[0]), u64::from(r[1]), u64::from(r[2]), u64::from(r[3]), 0, 0])
             }
-            Some(Opcode::PteUpdate) => Err(Status::UnknownOp),
+            Some(Opcode::PteUpdate) => {
+                let pte = self.pte.as_ref().ok_or(Status::UnknownOp)?;
+                let (kind, entry) = pte.update(words[0], words[1], words[2])?;
+                Ok([kind as u64, entry, 0, 0, 0, 0])
+            }
             None => {
                 let i = h.opcode.checked_sub(USER_OP_FIRST).ok_or(Status::UnknownOp)?;
                 match self.registry.get(usize::from(i)) {
