@@ -61,6 +61,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         sidecore_cpus: Vec::new(),
         console: ConsoleSink::Capture(buf.clone()),
         report_phases: false,
+        bench: None,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -2,12 +2,14 @@
 //! handling, backend detection. The service core itself is the
 //! `sidecore-core` crate; the ABI is `shm-proto`.
 
+pub mod bench;
 pub mod elf;
 pub mod host;
 pub mod hypercalls;
 pub mod info;
 pub mod kvm_stats;
 pub mod pagetable;
+pub mod plot;
 pub mod run;
 pub mod vcpu;
 pub mod vm;

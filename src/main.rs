@@ -22,8 +22,144 @@ struct Cli {
 enum Command {
     /// Boot a guest (the bundled guest-agent unless --guest) and run a workload.
     Run(RunArgs),
+    /// Microbenchmark null call, CPUID, page-table map and page fault:
+    /// sidecall against every exit path and the floor, in one run.
+    Bench(BenchArgs),
     /// Show the KVM backend, CPUs, TSC frequency, and whether guests run natively.
     Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Ops to time: null, cpuid, pte (one map of a fresh entry), pagefault
+    /// (map a fresh page, then touch it).
+    #[arg(long, value_delimiter = ',', default_value = "null,cpuid,pte,pagefault", value_name = "OP[,OP..]")]
+    ops: Vec<String>,
+    /// Paths: kernel (the backend's in-kernel trap), user (exit to this
+    /// VMM: PIO, or the MMIO write-protect trap for pte), sidecall.
+    #[arg(long, value_delimiter = ',', default_value = "kernel,user,sidecall", value_name = "PATH[,PATH..]")]
+    paths: Vec<String>,
+    /// Samples per op and path [default: 100000; 20000 for pte and
+    /// pagefault, which are also bounded by the page-table pool].
+    #[arg(long, value_name = "N")]
+    iters: Option<u64>,
+    /// Untimed calls before each op and path.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    warmup: u64,
+    /// Samples per block: floor blocks of the same size are interleaved with
+    /// the sidecall blocks.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    block: u64,
+    /// CPU of the vCPU [default: the last online CPU].
+    #[arg(long, value_name = "CPU")]
+    vcpu_cpus: Option<usize>,
+    /// CPU of the sidecore [default: the first online CPU].
+    #[arg(long, value_name = "CPU")]
+    sidecore: Option<usize>,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the latency CDFs as an SVG plot.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MiB")]
+    mem: u64,
+    /// How long a sidecall waits before it falls back, in µs.
+    #[arg(long, default_value_t = 2000, value_name = "US")]
+    sidecall_timeout_us: u64,
+}
+
+fn parse_mask<T: Copy>(
+    what: &str,
+    names: &[String],
+    all: &[T],
+    name: fn(T) -> &'static str,
+    bit: fn(T) -> u32,
+) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for n in names {
+        let n = n.trim();
+        let t = all.iter().copied().find(|t| name(*t) == n).ok_or_else(|| {
+            let valid: Vec<_> = all.iter().map(|t| name(*t)).collect();
+            format!("--{what}: unknown '{n}' — choose from {}", valid.join(", "))
+        })?;
+        mask |= 1 << bit(t);
+    }
+    Ok(mask)
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
+    use shm_proto::bench::{BenchOp, BenchPath};
+    let ops = parse_mask("ops", &a.ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)?;
+    let paths = parse_mask("paths", &a.paths, &BenchPath::ALL, BenchPath::name, |p| p as u32)?;
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    let vcpu_cpu = a.vcpu_cpus.or(online.last().copied()).unwrap_or(0);
+    let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let want_sidecall = paths & (1 << BenchPath::Sidecall as u32) != 0;
+    if want_sidecall && vcpu_cpu == side_cpu {
+        eprintln!("sidecore: warning: vCPU and sidecore share CPU {vcpu_cpu}: sidecalls will wait for the scheduler");
+    }
+    let mut args = [0u64; 8];
+    args[shm_proto::bench::arg::OPS] = ops;
+    args[shm_proto::bench::arg::PATHS] = paths;
+    args[shm_proto::bench::arg::ITERS] = a.iters.unwrap_or(0);
+    args[shm_proto::bench::arg::WARMUP] = a.warmup.max(1);
+    args[shm_proto::bench::arg::BLOCK] = a.block.clamp(1, shm_proto::bench::BENCH_BLOCK_SAMPLES as u64);
+    let kvm = sidecore_vmm::host::open_kvm().map_err(|e| error_chain(&e))?;
+    let tsc = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?;
+    let backend = sidecore_vmm::host::detect_backend(&kvm).map_err(|e| error_chain(&e))?;
+    drop(kvm);
+    let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::new(tsc.khz, true));
+    let opts = RunOptions {
+        spec: VmSpec {
+            guest_path: "bundled guest-agent".into(),
+            guest_elf: sidecore_vmm::BUNDLED_GUEST.to_vec(),
+            mem_mib: a.mem,
+            vcpus: 1,
+            workload: Workload::Bench,
+            args,
+            sidecalls: false,
+            sidecall_timeout_us: a.sidecall_timeout_us,
+        },
+        vcpu_cpus: Some(vec![vcpu_cpu]),
+        sidecore_cpus: if want_sidecall { vec![side_cpu] } else { Vec::new() },
+        console: ConsoleSink::Stdout,
+        report_phases: false,
+        bench: Some(collector.clone()),
+    };
+    let report = run::run(opts).map_err(|e| error_chain(&e))?;
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
+    if report.exit_code() != 0 {
+        return Err(format!("the benchmark guest failed: {:?}", report.ends));
+    }
+    let rep = collector.report(sidecore_vmm::bench::ReportHeader {
+        backend: backend.backend.name().into(),
+        vcpu_cpu,
+        sidecore_cpu: side_cpu,
+    });
+    print!("{}", rep.table());
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&rep).map_err(|e| format!("cannot encode the JSON report: {e}"))?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        let curves: Vec<sidecore_vmm::plot::Curve> = rep
+            .curves
+            .iter()
+            .map(|(label, points)| sidecore_vmm::plot::Curve { label: label.clone(), points: points.clone() })
+            .collect();
+        let title = format!(
+            "sidecore bench: latency CDFs ({} backend, vCPU on CPU {vcpu_cpu}, sidecore on CPU {side_cpu})",
+            rep.backend
+        );
+        sidecore_vmm::plot::write_cdf_svg(path, &title, &curves).map_err(|e| error_chain(&e))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -100,6 +236,19 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     }
     let mut args = [0u64; 8];
     args[..a.args.len()].copy_from_slice(&a.args);
+    let sidecore_cpu0 = a.sidecore.first().copied().unwrap_or(0);
+    let vcpu_cpu0 = match &vcpu_cpus {
+        Some(l) => l.first().copied().unwrap_or(0),
+        None => sidecore_vmm::host::online_cpus()
+            .ok()
+            .and_then(|o| run::default_vcpu_cpus(&o, &a.sidecore, 1).first().copied())
+            .unwrap_or(0),
+    };
+    let bench = matches!(workload, Workload::Bench | Workload::Pagefault).then(|| {
+        let khz =
+            sidecore_vmm::host::open_kvm().ok().and_then(|k| sidecore_vmm::host::tsc_khz(&k).ok()).map_or(1, |t| t.khz);
+        std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::new(khz, true))
+    });
     let opts = RunOptions {
         spec: VmSpec {
             guest_path,
@@ -115,8 +264,19 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         sidecore_cpus: a.sidecore,
         console: ConsoleSink::Stdout,
         report_phases: true,
+        bench: bench.clone(),
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
+    if let Some(b) = bench {
+        let backend = sidecore_vmm::host::open_kvm()
+            .ok()
+            .and_then(|k| sidecore_vmm::host::detect_backend(&k).ok())
+            .map_or_else(|| "?".to_string(), |b| b.backend.name().to_string());
+        let rep =
+            b.report(sidecore_vmm::bench::ReportHeader { backend, vcpu_cpu: vcpu_cpu0, sidecore_cpu: sidecore_cpu0 });
+        eprintln!();
+        print!("{}", rep.table());
+    }
     let mut failed = Vec::new();
     for (i, end) in report.ends.iter().enumerate() {
         match end {
@@ -163,6 +323,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Command::Run(a) => cmd_run(a),
+        Command::Bench(a) => cmd_bench(a),
         Command::Info(a) => {
             sidecore_vmm::info::cmd_info(a.json).map(|()| ExitCode::SUCCESS).map_err(|e| error_chain(&*e))
         }

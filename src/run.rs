@@ -94,6 +94,8 @@ pub struct RunOptions {
     pub console: ConsoleSink,
     /// Print `sidecall phase: N exits` lines.
     pub report_phases: bool,
+    /// Where benchmark blocks go (bench and pagefault workloads).
+    pub bench: Option<Arc<crate::bench::BenchCollector>>,
 }
 
 /// How one vCPU ended.
@@ -188,6 +190,19 @@ impl SidecoreSet {
         Ok(())
     }
 
+    /// Measures a block of the floor against the first sidecore (which
+    /// pauses its rings meanwhile); `false` if none is running.
+    pub fn floor_block(&self, samples: &mut [u64]) -> bool {
+        let Ok(st) = self.state.lock() else { return false };
+        match &*st {
+            SetState::Running(cores) if !cores.is_empty() => {
+                cores[0].floor_block(samples);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Starts them again after [`SidecoreSet::stop`].
     pub fn restart(&self) -> Result<(), RunError> {
         let Ok(mut st) = self.state.lock() else { return Ok(()) };
@@ -216,6 +231,7 @@ struct Shared {
     sidecores: Option<Arc<SidecoreSet>>,
     console: ConsoleSink,
     report_phases: bool,
+    bench: Option<Arc<crate::bench::BenchCollector>>,
 }
 
 /// Runs the VM to completion.
@@ -253,6 +269,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         sidecores: sidecores.clone(),
         console: opts.console.clone(),
         report_phases: opts.report_phases,
+        bench: opts.bench.clone(),
     });
 
     let vcpus = std::mem::take(&mut vm.vcpus);
@@ -357,6 +374,14 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                 }
             }
             Action::Marker(_) => {}
+            Action::Bench => {
+                let gpa = shm_proto::layout::guest_bench_block(vm.layout.free_gpa, vm.boot.nr_vcpus, i);
+                if let Some(b) = &shared.bench {
+                    if let Err(e) = b.on_block(i, &vm.mem, gpa, shared.sidecores.as_deref()) {
+                        return (VcpuEnd::Fault(e.to_string()), phase_exits);
+                    }
+                }
+            }
             Action::Control(CONTROL_STOP_SIDECORE) => {
                 if let Some(set) = shared.sidecores.clone() {
                     // Stop it a little later, while the guest keeps calling.

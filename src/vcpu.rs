@@ -89,6 +89,8 @@ pub enum Action {
     Marker(u32),
     /// A control request: the run loop passes it on, then resumes.
     Control(u32),
+    /// A benchmark block is ready: the run loop collects it, then resumes.
+    Bench,
     /// The guest cannot go on (the message says why); dump registers and stop.
     Fault(String),
 }
@@ -180,6 +182,8 @@ impl<W: Write> ExitHandler<'_, W> {
             Action::Marker(value)
         } else if port == b.control_port {
             Action::Control(value)
+        } else if port == b.bench_port() {
+            Action::Bench
         } else {
             self.counts.unknown += 1;
             Action::Resume

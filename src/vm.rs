@@ -32,7 +32,7 @@ pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
 const PVM_VIF_HOST_WRITE: u64 = 0x400;
 /// Scratch free RAM the guest-agent's workloads need, per vCPU, plus one
 /// shared page.
-pub const FREE_RAM_PER_VCPU: u64 = 512 * 1024;
+pub const FREE_RAM_PER_VCPU: u64 = shm_proto::layout::GUEST_FREE_PER_VCPU;
 /// Smallest amount of free RAM a VM gets.
 pub const MIN_FREE_RAM: u64 = 1 << 20;
 
@@ -641,6 +641,7 @@ mod tests {
         assert_eq!(l.free_gpa, 0x60_0000);
         assert!(l.shared_size >= region_size(2));
         assert_eq!(compute_layout(6 << 20, 0x21_0000, 2), Err(8));
+        assert_eq!(compute_layout(8 << 20, 0x21_0000, 2).map(|l| l.free_gpa), Ok(0x60_0000));
     }
 
     #[test]

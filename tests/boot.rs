@@ -127,3 +127,62 @@ fn bad_input_gets_clear_errors() {
         assert_clean_failure(&["run", "--mem", "5"], "too small");
     }
 }
+
+#[test]
+fn bench_writes_table_json_and_plot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir();
+    let json = dir.join(format!("sidecore-bench-{}.json", std::process::id()));
+    let svg = dir.join(format!("sidecore-bench-{}.svg", std::process::id()));
+    let (j, s) = (json.display().to_string(), svg.display().to_string());
+    let o = sidecore(&["bench", "--iters", "2000", "--warmup", "100", "--json", &j, "--plot", &s]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for op in ["null", "cpuid", "pte", "pagefault"] {
+        assert!(out.lines().any(|l| l.starts_with(op)), "no {op} row:\n{out}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("JSON");
+    assert_eq!(v["backend"].as_str().map(str::len).map(|n| n > 0), Some(true));
+    assert!(v["tsc_khz"].as_u64().is_some_and(|k| k > 0));
+    assert!(v["floor"]["samples"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let results = v["results"].as_array().expect("results");
+    let has = |op: &str, path: &str| results.iter().any(|r| r["op"] == op && r["path"] == path);
+    for (op, path) in [
+        ("null", "kernel"),
+        ("null", "user"),
+        ("null", "sidecall"),
+        ("cpuid", "kernel"),
+        ("cpuid", "sidecall"),
+        ("pte", "user"),
+        ("pte", "sidecall"),
+    ] {
+        assert!(has(op, path), "missing {op}/{path}");
+    }
+    for r in results {
+        for k in ["p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns"] {
+            assert!(r[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {r}");
+        }
+        assert!(r["samples"].as_u64().is_some_and(|n| n > 0));
+        assert!(r["p50_ns"].as_f64() <= r["p99_ns"].as_f64());
+    }
+    let plot = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(plot.starts_with("<svg") && plot.contains("null sidecall") && plot.contains("floor"));
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+}
+
+#[test]
+fn pagefault_workload_reports_both_paths() {
+    if !kvm_available() {
+        return;
+    }
+    let o =
+        sidecore(&["run", "--workload", "pagefault", "--sidecore", "0", "--arg", "0", "--arg", "0", "--arg", "1000"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.lines().any(|l| l.starts_with("pagefault") && l.contains("user")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("pagefault") && l.contains("sidecall")), "{out}");
+}

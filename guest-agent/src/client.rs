@@ -100,7 +100,7 @@ impl<'a> Client<'a> {
         let waited = arch::rdtsc().wrapping_sub(self.absent_since);
         if hb != self.heartbeat_at_absent || waited > self.env.boot.sidecall_backoff {
             self.absent = false;
-            self.env.shared.guest.probes.fetch_add(1, Ordering::Relaxed);
+            bump(&self.env.shared.guest.probes);
         }
         !self.absent
     }
@@ -118,7 +118,7 @@ impl<'a> Client<'a> {
         let g = &self.env.shared.guest;
         loop {
             if let Some(body) = slot.poll_reply(t) {
-                g.sidecalls.fetch_add(1, Ordering::Relaxed);
+                bump(&g.sidecalls);
                 return Some(reply_of(&body, Via::Sidecall));
             }
             if arch::rdtsc().wrapping_sub(start) > bound {
@@ -126,7 +126,7 @@ impl<'a> Client<'a> {
             }
         }
         if slot.try_cancel(t) {
-            g.fallbacks.fetch_add(1, Ordering::Relaxed);
+            bump(&g.fallbacks);
             self.absent = true;
             self.absent_since = arch::rdtsc();
             self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
@@ -134,10 +134,10 @@ impl<'a> Client<'a> {
         }
         // The sidecore claimed the call before the cancel: it will answer, and
         // the call must not be made again.
-        g.late_replies.fetch_add(1, Ordering::Relaxed);
+        bump(&g.late_replies);
         loop {
             if let Some(body) = slot.poll_reply(t) {
-                g.sidecalls.fetch_add(1, Ordering::Relaxed);
+                bump(&g.sidecalls);
                 return Some(reply_of(&body, Via::Sidecall));
             }
             core::hint::spin_loop();
@@ -191,6 +191,12 @@ impl<'a> Client<'a> {
     pub fn pio_null(&self) {
         arch::outl(self.env.boot.null_port, 0);
     }
+}
+
+/// Adds one to a counter only this vCPU writes: a plain load and store, not
+/// a locked read-modify-write, on the sidecall's fast path.
+fn bump(c: &core::sync::atomic::AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
 }
 
 fn reply_of(body: &Body, via: Via) -> Reply {

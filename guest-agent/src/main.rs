@@ -9,6 +9,7 @@
 #![no_main]
 
 mod arch;
+mod bench;
 mod client;
 mod console;
 mod idt;
@@ -90,6 +91,8 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Hello) => workload::hello(&env),
         Some(Workload::Spin) => workload::spin(&env),
         Some(Workload::Selftest) => selftest::run(&env),
+        Some(Workload::Bench) => bench::run(&env, false),
+        Some(Workload::Pagefault) => bench::run(&env, true),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

@@ -3,7 +3,7 @@
 //! (`PTE_UPDATE`, with the exit path as fallback) or by the trap path (a
 //! store into the pool, which exits to the VMM as MMIO).
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use shm_proto::boot::Backend;
 use shm_proto::op::{Opcode, PteKind, Status};
@@ -66,12 +66,17 @@ fn read_entry(table: u64, i: u64) -> u64 {
     unsafe { core::ptr::read_volatile((table + i * 8) as *const u64) }
 }
 
+/// Pool pages each vCPU has used so far (its share is fixed; this is how
+/// far into it the vCPU has got, across every editor it makes).
+static USED_PAGES: [AtomicU64; shm_proto::layout::MAX_VCPUS as usize] =
+    [const { AtomicU64::new(0) }; shm_proto::layout::MAX_VCPUS as usize];
+
 /// A vCPU's page-table editor: walks from the root, takes new table pages
 /// from its own share of the pool's free pages.
 pub struct PageTables<'a> {
     env: &'a Env,
-    next_page: u64,
-    end_page: u64,
+    start: u64,
+    pages: u64,
 }
 
 impl<'a> PageTables<'a> {
@@ -79,9 +84,18 @@ impl<'a> PageTables<'a> {
     pub fn new(env: &'a Env) -> PageTables<'a> {
         let b = env.boot;
         let pool_end = b.pt_pool_gpa + b.pt_pool_size;
-        let per = (pool_end.saturating_sub(b.pt_pool_free) / 4096 / u64::from(b.nr_vcpus.max(1))) * 4096;
-        let start = b.pt_pool_free + per * u64::from(env.vcpu);
-        PageTables { env, next_page: start, end_page: start + per }
+        let free = b.pt_pool_free.max(b.pt_pool_gpa);
+        let pages = pool_end.saturating_sub(free) / 4096 / u64::from(b.nr_vcpus.max(1));
+        PageTables { env, start: free + pages * 4096 * u64::from(env.vcpu), pages }
+    }
+
+    fn used(&self) -> &'static AtomicU64 {
+        &USED_PAGES[usize::try_from(self.env.vcpu).unwrap_or(0) % USED_PAGES.len()]
+    }
+
+    /// Free table pages left in this vCPU's share.
+    pub fn pages_left(&self) -> u64 {
+        self.pages.saturating_sub(self.used().load(Ordering::Relaxed))
     }
 
     /// The table and index of `va`'s leaf entry, creating missing tables
@@ -94,11 +108,12 @@ impl<'a> PageTables<'a> {
             table = if e & P != 0 {
                 e & ADDR
             } else {
-                if self.next_page >= self.end_page {
+                let used = self.used().load(Ordering::Relaxed);
+                if used >= self.pages {
                     return Err(Status::Denied);
                 }
-                let t = self.next_page;
-                self.next_page += 4096;
+                self.used().store(used + 1, Ordering::Relaxed);
+                let t = self.start + used * 4096;
                 let u = update(c, path, table, i, t | P | RW);
                 if u.status != Status::Ok {
                     return Err(u.status);

@@ -13,10 +13,7 @@ use crate::Env;
 pub const PAGES: usize = 8;
 /// Number of invalid updates tried.
 pub const INVALID: usize = 7;
-/// Free RAM per vCPU for the selftest's CPUID scratch.
-pub const SCRATCH_PER_VCPU: u64 = 256 * 1024;
-/// Free RAM per vCPU for page frames the workloads map.
-pub const FRAMES_PER_VCPU: u64 = 256 * 1024;
+pub use shm_proto::layout::{GUEST_FRAMES_PER_VCPU as FRAMES_PER_VCPU, GUEST_SCRATCH_PER_VCPU as SCRATCH_PER_VCPU};
 
 /// What a sequence left behind, to compare between paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +26,7 @@ pub struct Record {
 
 /// First frame of this vCPU's frame area.
 pub fn frames_base(env: &Env) -> u64 {
-    let b = env.boot;
-    b.free_gpa + 4096 + u64::from(b.nr_vcpus) * SCRATCH_PER_VCPU + u64::from(env.vcpu) * FRAMES_PER_VCPU
+    shm_proto::layout::guest_frames(env.boot.free_gpa, env.boot.nr_vcpus, env.vcpu)
 }
 
 /// A region of virtual addresses of its own for (vCPU, slot): a PML4 entry

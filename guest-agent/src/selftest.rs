@@ -167,7 +167,7 @@ pub fn run(env: &Env) -> u32 {
 
     // 4. CPUID: KVM's answer against the VMM handler's, pseudo-random leaves.
     let pairs = if boot.args[0] == 0 { DEFAULT_CPUID_PAIRS } else { boot.args[0] };
-    let scratch = boot.free_gpa + 4096 + u64::from(v) * SCRATCH_PER_VCPU;
+    let scratch = shm_proto::layout::guest_scratch(boot.free_gpa, boot.nr_vcpus, v);
     let pairs = pairs.min(SCRATCH_PER_VCPU / 16);
     if scratch + SCRATCH_PER_VCPU > boot.ram_size {
         ck.fail(format_args!("not enough free RAM for the selftest's scratch area: give the VM more --mem"));

@@ -121,11 +121,17 @@ pub enum Workload {
     Spin = 2,
     /// Runs every path and checks every answer.
     Selftest = 3,
+    /// Times ops on paths and hands the samples to the VMM (`sidecore bench`).
+    Bench = 4,
+    /// Maps fresh pages one by one and touches each, by trap and by sidecall
+    /// (the paper's page-fault case); the bench with only that op.
+    Pagefault = 5,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 3] = [Workload::Hello, Workload::Spin, Workload::Selftest];
+    pub const ALL: [Workload; 5] =
+        [Workload::Hello, Workload::Spin, Workload::Selftest, Workload::Bench, Workload::Pagefault];
 
     /// Decodes the boot-info value.
     pub const fn from_u32(v: u32) -> Option<Workload> {
@@ -133,6 +139,8 @@ impl Workload {
             1 => Some(Workload::Hello),
             2 => Some(Workload::Spin),
             3 => Some(Workload::Selftest),
+            4 => Some(Workload::Bench),
+            5 => Some(Workload::Pagefault),
             _ => None,
         }
     }
@@ -143,6 +151,8 @@ impl Workload {
             Workload::Hello => "hello",
             Workload::Spin => "spin",
             Workload::Selftest => "selftest",
+            Workload::Bench => "bench",
+            Workload::Pagefault => "pagefault",
         }
     }
 }
@@ -164,6 +174,9 @@ pub const PORT_MARKER: u16 = 0x3f3;
 pub const PORT_CONTROL: u16 = 0x3f4;
 /// PIO port: the null call's userspace exit path (data ignored).
 pub const PORT_NULL: u16 = 0x3f5;
+/// PIO port: a benchmark block is ready in the vCPU's
+/// [`crate::bench::BenchBlock`].
+pub const PORT_BENCH: u16 = 0x3f6;
 
 /// CPUID leaf whose EBX, ECX, EDX the VMM sets to [`CPUID_SIGNATURE`] in the
 /// table it gives KVM_SET_CPUID2: only an answer from that table carries it.
@@ -301,6 +314,11 @@ impl BootInfo {
             pt_root: 0,
             pt_pool_free: 0,
         }
+    }
+
+    /// The PIO port for benchmark blocks.
+    pub const fn bench_port(&self) -> u16 {
+        PORT_BENCH
     }
 
     /// Checks what the guest must be able to trust before it uses anything

@@ -59,3 +59,35 @@ pub const fn align_up(x: u64, align: u64) -> u64 {
 const _: () = assert!(vcpu_stack_top(MAX_VCPUS - 1) <= PT_POOL_GPA);
 const _: () = assert!(PT_POOL_GPA + PT_POOL_SIZE <= IMAGE_GPA);
 const _: () = assert!(VCPU_AREA_STRIDE.is_multiple_of(PAGE_SIZE));
+
+/// Free RAM the guest-agent uses per vCPU, after one shared sync page at
+/// the start of free RAM: first the vCPUs' scratch areas, then their page
+/// frames, then their benchmark blocks.
+pub const GUEST_SCRATCH_PER_VCPU: u64 = 256 * 1024;
+/// Page frames per vCPU the workloads map.
+pub const GUEST_FRAMES_PER_VCPU: u64 = 256 * 1024;
+/// Bytes per vCPU for its benchmark block.
+pub const GUEST_BENCH_PER_VCPU: u64 = 64 * 1024;
+/// Free RAM the guest-agent needs per vCPU.
+pub const GUEST_FREE_PER_VCPU: u64 = GUEST_SCRATCH_PER_VCPU + GUEST_FRAMES_PER_VCPU + GUEST_BENCH_PER_VCPU;
+
+/// vCPU `i`'s scratch area, given the start of free RAM and the vCPU count.
+pub const fn guest_scratch(free_gpa: u64, nr_vcpus: u32, i: u32) -> u64 {
+    let _ = nr_vcpus;
+    free_gpa + PAGE_SIZE + (i as u64) * GUEST_SCRATCH_PER_VCPU
+}
+
+/// vCPU `i`'s page frames.
+pub const fn guest_frames(free_gpa: u64, nr_vcpus: u32, i: u32) -> u64 {
+    free_gpa + PAGE_SIZE + (nr_vcpus as u64) * GUEST_SCRATCH_PER_VCPU + (i as u64) * GUEST_FRAMES_PER_VCPU
+}
+
+/// vCPU `i`'s benchmark block.
+pub const fn guest_bench_block(free_gpa: u64, nr_vcpus: u32, i: u32) -> u64 {
+    free_gpa
+        + PAGE_SIZE
+        + (nr_vcpus as u64) * (GUEST_SCRATCH_PER_VCPU + GUEST_FRAMES_PER_VCPU)
+        + (i as u64) * GUEST_BENCH_PER_VCPU
+}
+
+const _: () = assert!(core::mem::size_of::<crate::bench::BenchBlock>() as u64 <= GUEST_BENCH_PER_VCPU);

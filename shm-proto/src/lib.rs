@@ -10,9 +10,11 @@
 //! * [`boot`]: the boot-info page the VMM writes for the guest.
 //! * [`ring`]: the shared region — header, per-vCPU rings of 64-byte slots,
 //!   the lap-counted slot state word.
+//! * [`bench`]: how the guest hands benchmark samples to the VMM.
 //! * [`op`]: opcodes, flags, status codes and request/reply encodings.
 #![no_std]
 
+pub mod bench;
 pub mod boot;
 pub mod layout;
 pub mod op;

@@ -3,7 +3,7 @@
 //! per idle ring, and the only other shared traffic is a heartbeat store every
 //! [`HEARTBEAT_SWEEPS`] sweeps and a Relaxed load of the stop flag.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -65,11 +65,38 @@ enum Command {
     Add(RingRef),
 }
 
+/// Serve the rings.
+const MODE_SERVE: u8 = 0;
+/// Leave the loop.
+const MODE_STOP: u8 = 1;
+/// Answer the floor ping-pong instead of the rings.
+const MODE_PONG: u8 = 2;
+
+/// The cache line of the floor measurement: the measuring thread stores an
+/// odd value, the sidecore answers with the next even one. Same traffic as a
+/// sidecall (one line, each way once), no ring protocol.
+#[repr(C, align(128))]
+#[derive(Default)]
+pub struct PongLine {
+    value: AtomicU64,
+}
+
+/// Reads the TSC, ordered after earlier loads (lfence; rdtsc).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: lfence and rdtsc have no preconditions on x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_lfence();
+        std::arch::x86_64::_rdtsc()
+    }
+}
+
 /// A running sidecore.
 pub struct Sidecore {
     name: String,
     cpu: usize,
-    stop: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
+    pong: Arc<PongLine>,
     stats: Arc<CoreStats>,
     commands: Sender<Command>,
     thread: Option<JoinHandle<Vec<RingRef>>>,
@@ -78,11 +105,12 @@ pub struct Sidecore {
 impl Sidecore {
     /// Starts a sidecore serving `rings`; returns once it has pinned itself.
     pub fn spawn(cfg: SidecoreConfig, rings: Vec<RingRef>) -> Result<Sidecore, SidecoreError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicU8::new(MODE_SERVE));
+        let pong = Arc::new(PongLine::default());
         let stats = Arc::new(CoreStats::default());
         let (tx, rx) = channel::unbounded();
         let (ready_tx, ready_rx) = channel::bounded::<Result<(), PinError>>(1);
-        let (stop2, stats2, cpu) = (stop.clone(), stats.clone(), cfg.cpu);
+        let (mode2, pong2, stats2, cpu) = (mode.clone(), pong.clone(), stats.clone(), cfg.cpu);
         let thread = std::thread::Builder::new()
             .name(cfg.name.clone())
             .spawn(move || {
@@ -92,7 +120,7 @@ impl Sidecore {
                 if !ok {
                     return rings;
                 }
-                run(rings, &stop2, &stats2, &rx)
+                run(rings, &mode2, &pong2, &stats2, &rx)
             })
             .map_err(|source| SidecoreError::Spawn { name: cfg.name.clone(), source })?;
         match ready_rx.recv() {
@@ -103,7 +131,7 @@ impl Sidecore {
             }
             Err(_) => return Err(SidecoreError::Died(cfg.name)),
         }
-        Ok(Sidecore { name: cfg.name, cpu, stop, stats, commands: tx, thread: Some(thread) })
+        Ok(Sidecore { name: cfg.name, cpu, mode, pong, stats, commands: tx, thread: Some(thread) })
     }
 
     /// Adds a ring while running (picked up within [`HEARTBEAT_SWEEPS`] sweeps).
@@ -121,6 +149,29 @@ impl Sidecore {
         &self.name
     }
 
+    /// Measures the floor: `samples.len()` cache-line round trips between
+    /// the calling thread and this sidecore's thread (which stops serving its
+    /// rings meanwhile), each in TSC cycles. Call it from a thread pinned
+    /// where the guest's vCPU runs, so that the floor pairs the same CPUs.
+    pub fn floor_block(&self, samples: &mut [u64]) {
+        let line = &self.pong;
+        self.mode.store(MODE_PONG, Ordering::Release);
+        // One untimed round trip: it waits for the sidecore to switch over
+        // (the mode is only read between sweeps).
+        let mut v = line.value.load(Ordering::Relaxed) & !1;
+        line.value.store(v + 1, Ordering::Release);
+        while line.value.load(Ordering::Acquire) != v + 2 {}
+        v += 2;
+        for s in samples.iter_mut() {
+            let t0 = rdtsc();
+            line.value.store(v + 1, Ordering::Release);
+            while line.value.load(Ordering::Acquire) != v + 2 {}
+            *s = rdtsc().wrapping_sub(t0);
+            v += 2;
+        }
+        self.mode.store(MODE_SERVE, Ordering::Release);
+    }
+
     /// Its counters.
     pub fn stats(&self) -> &Arc<CoreStats> {
         &self.stats
@@ -130,7 +181,7 @@ impl Sidecore {
     /// reply) and hands back its rings, with their expected tickets, so that
     /// another sidecore can take them over.
     pub fn stop(mut self) -> Result<Vec<RingRef>, SidecoreError> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.mode.store(MODE_STOP, Ordering::Relaxed);
         let t = self.thread.take().ok_or_else(|| SidecoreError::Died(self.name.clone()))?;
         t.join().map_err(|_| SidecoreError::Died(self.name.clone()))
     }
@@ -138,16 +189,30 @@ impl Sidecore {
 
 impl Drop for Sidecore {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.mode.store(MODE_STOP, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn run(mut rings: Vec<RingRef>, stop: &AtomicBool, stats: &CoreStats, commands: &Receiver<Command>) -> Vec<RingRef> {
+fn run(
+    mut rings: Vec<RingRef>,
+    mode: &AtomicU8,
+    pong: &PongLine,
+    stats: &CoreStats,
+    commands: &Receiver<Command>,
+) -> Vec<RingRef> {
     let (mut sweeps, mut busy, mut served) = (0u64, 0u64, 0u64);
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        match mode.load(Ordering::Relaxed) {
+            MODE_SERVE => {}
+            MODE_PONG => {
+                serve_pong(mode, pong);
+                continue;
+            }
+            _ => break,
+        }
         let mut n = 0;
         for r in rings.iter_mut() {
             n += r.serve();
@@ -173,4 +238,19 @@ fn run(mut rings: Vec<RingRef>, stop: &AtomicBool, stats: &CoreStats, commands: 
     stats.busy_sweeps.store(busy, Ordering::Relaxed);
     stats.served.store(served, Ordering::Relaxed);
     rings
+}
+
+/// The partner side of [`Sidecore::floor_block`].
+fn serve_pong(mode: &AtomicU8, pong: &PongLine) {
+    let mut k = 0u32;
+    loop {
+        let v = pong.value.load(Ordering::Acquire);
+        if v & 1 == 1 {
+            pong.value.store(v + 1, Ordering::Release);
+        }
+        k = k.wrapping_add(1);
+        if k.is_multiple_of(1024) && mode.load(Ordering::Relaxed) != MODE_PONG {
+            return;
+        }
+    }
 }

@@ -1,0 +1,191 @@
+//! The `bench` and `pagefault` workloads: time each (op, path) with the TSC,
+//! one sample per call, and hand the samples to the VMM a block at a time.
+
+use shm_proto::bench::{arg, BenchBlock, BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
+use shm_proto::op::{Opcode, Status, WORDS};
+
+use crate::arch;
+use crate::client::{Client, Via};
+use crate::idt::probe_read;
+use crate::pagetable::{self, PageTables, PtPath, NX, P, RW};
+use crate::ptcheck;
+use crate::{gprintln, Env};
+
+/// Default samples per (op, path).
+const DEFAULT_ITERS: u64 = 100_000;
+/// Default samples for the page-table ops (bounded by the pool anyway).
+const DEFAULT_PT_ITERS: u64 = 20_000;
+/// Default warm-up calls.
+const DEFAULT_WARMUP: u64 = 2_000;
+/// Exit status when the sidecore never answered.
+const STATUS_NO_SIDECORE: u32 = 3;
+
+/// What one timed call needs beyond the client.
+struct PtState<'a> {
+    tables: PageTables<'a>,
+    base: u64,
+    next: u64,
+    frame: u64,
+}
+
+/// TSC read that waits for earlier instructions (start of a sample).
+#[inline(always)]
+fn t_start() -> u64 {
+    arch::rdtsc()
+}
+
+/// TSC read after the timed work has completed (end of a sample).
+#[inline(always)]
+fn t_end() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtscp and lfence only read the TSC (and TSC_AUX into ECX).
+    unsafe {
+        core::arch::asm!("rdtscp", "lfence", out("eax") lo, out("edx") hi, out("ecx") _, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Runs the bench workload (or, for `pagefault`, only that op).
+pub fn run(env: &Env, only_pagefault: bool) -> u32 {
+    let a = env.boot.args;
+    let ops = if only_pagefault {
+        1 << BenchOp::Pagefault as u32
+    } else if a[arg::OPS] == 0 {
+        0b0111
+    } else {
+        a[arg::OPS]
+    };
+    let paths = if a[arg::PATHS] == 0 { 0b111 } else { a[arg::PATHS] };
+    let warmup = if a[arg::WARMUP] == 0 { DEFAULT_WARMUP } else { a[arg::WARMUP] };
+    let block = usize::try_from(a[arg::BLOCK]).unwrap_or(0);
+    let block = if block == 0 { 1000 } else { block.min(BENCH_BLOCK_SAMPLES) };
+    let gpa = shm_proto::layout::guest_bench_block(env.boot.free_gpa, env.boot.nr_vcpus, env.vcpu);
+    if gpa + shm_proto::bench::BENCH_BLOCK_BYTES > env.boot.ram_size {
+        gprintln!(env, "bench: no room for the sample block: give the VM more --mem");
+        return 2;
+    }
+    // SAFETY: this vCPU's bench block lies in free RAM (checked above),
+    // identity mapped writable, used by this vCPU alone; the VMM reads it
+    // only while this vCPU is stopped in the PIO exit that announces a block.
+    let blk: &mut BenchBlock = unsafe { &mut *(gpa as *mut BenchBlock) };
+    let mut c = Client::new(env);
+    if c.sidecalls_enabled() && paths & (1 << BenchPath::Sidecall as u32) != 0 && !sidecore_answers(&mut c) {
+        gprintln!(env, "bench: the sidecore does not answer");
+        return STATUS_NO_SIDECORE;
+    }
+    let mut tables = PageTables::new(env);
+    let frames = ptcheck::frames_base(env);
+    for op in BenchOp::ALL {
+        if ops & (1 << op as u32) == 0 {
+            continue;
+        }
+        for path in BenchPath::ALL {
+            if paths & (1 << path as u32) == 0 || !op.has_path(path) {
+                continue;
+            }
+            if path == BenchPath::Sidecall && !c.sidecalls_enabled() {
+                continue;
+            }
+            let pt_op = matches!(op, BenchOp::Pte | BenchOp::Pagefault);
+            let mut iters = match a[arg::ITERS] {
+                0 if pt_op => DEFAULT_PT_ITERS,
+                0 => DEFAULT_ITERS,
+                n => n,
+            };
+            let mut pt = None;
+            if pt_op {
+                // Each sample maps a fresh entry; one table page holds 512, and
+                // one more page may be needed per 1 GiB (a new page directory).
+                let left = tables.pages_left().saturating_sub(2);
+                let cap = left.saturating_sub(left / 512 + 1) * 512;
+                iters = iters.min(cap.saturating_sub(warmup.min(512)));
+                let slot = 8 + op as u64 * 3 + path as u64;
+                pt = Some(PtState {
+                    tables: PageTables::new(env),
+                    base: ptcheck::region(env, slot),
+                    next: 0,
+                    frame: frames,
+                });
+            }
+            let mut st = pt;
+            let warm = if pt_op { warmup.min(512) } else { warmup };
+            for _ in 0..warm {
+                let _ = timed(&mut c, op, path, st.as_mut());
+            }
+            let mut done = 0;
+            while done < iters {
+                let n = usize::try_from((iters - done).min(block as u64)).unwrap_or(block);
+                let mut fallbacks = 0u32;
+                for k in 0..n {
+                    let (cycles, via) = timed(&mut c, op, path, st.as_mut());
+                    blk.samples[k] = cycles;
+                    if path == BenchPath::Sidecall && via != Via::Sidecall {
+                        fallbacks += 1;
+                    }
+                }
+                blk.op = op as u32;
+                blk.path = path as u32;
+                blk.count = u32::try_from(n).unwrap_or(0);
+                blk.fallbacks = fallbacks;
+                arch::outl(env.boot.bench_port(), 1);
+                done += n as u64;
+            }
+        }
+        let _ = &mut tables;
+    }
+    0
+}
+
+fn sidecore_answers(c: &mut Client) -> bool {
+    (0..1000).any(|_| c.sidecall(Opcode::Null as u16, [0; WORDS]).is_some())
+}
+
+/// One timed call: cycles, and which path answered.
+#[inline(always)]
+fn timed(c: &mut Client, op: BenchOp, path: BenchPath, pt: Option<&mut PtState>) -> (u64, Via) {
+    match (op, pt) {
+        (BenchOp::Null, _) => {
+            let t0 = t_start();
+            let via = match path {
+                BenchPath::Kernel => {
+                    let _ = c.kernel_hypercall(0x7fff_0000);
+                    Via::Exit
+                }
+                BenchPath::User => {
+                    c.pio_null();
+                    Via::Exit
+                }
+                BenchPath::Sidecall => c.call(Opcode::Null as u16, [0; WORDS]).via,
+            };
+            (t_end().wrapping_sub(t0), via)
+        }
+        (BenchOp::Cpuid, _) => {
+            let t0 = t_start();
+            let via = match path {
+                BenchPath::Kernel => {
+                    let _ = c.kernel_cpuid(0, 0);
+                    Via::Exit
+                }
+                BenchPath::User => c.pio_call(Opcode::Cpuid as u16, [0; WORDS]).via,
+                BenchPath::Sidecall => c.call(Opcode::Cpuid as u16, [0; WORDS]).via,
+            };
+            (t_end().wrapping_sub(t0), via)
+        }
+        (BenchOp::Pte | BenchOp::Pagefault, Some(st)) => {
+            let va = st.base + st.next * 4096;
+            st.next += 1;
+            let tpath = if path == BenchPath::Sidecall { PtPath::Sidecall } else { PtPath::Trap };
+            // Reaching the leaf table (creating it every 512 pages) is not timed.
+            let Ok((table, idx)) = st.tables.leaf_slot(c, tpath, va) else { return (0, Via::Exit) };
+            let entry = st.frame | P | RW | NX;
+            let t0 = t_start();
+            let u = pagetable::update(c, tpath, table, idx, entry);
+            if op == BenchOp::Pagefault && u.status == Status::Ok {
+                let _ = probe_read(va);
+            }
+            (t_end().wrapping_sub(t0), u.via)
+        }
+        _ => (0, Via::Exit),
+    }
+}

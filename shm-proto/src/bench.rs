@@ -1,0 +1,146 @@
+//! The benchmark protocol: the guest times each operation with the TSC and
+//! hands its samples to the VMM a block at a time through a per-vCPU
+//! [`BenchBlock`] (at the boot-info page's `bench_gpa`), with a PIO write to
+//! [`crate::boot::PORT_BENCH`]. The VMM merges them into histograms and, after
+//! every sidecall block, measures a block of the floor (a host cache-line
+//! ping-pong on the same two CPUs), so the two are interleaved in time.
+
+/// Samples in one block.
+pub const BENCH_BLOCK_SAMPLES: usize = 4096;
+
+/// Workload argument slots of the bench workload (`BootInfo::args`).
+pub mod arg {
+    /// Bit mask of [`super::BenchOp`]s (0 = all).
+    pub const OPS: usize = 0;
+    /// Bit mask of [`super::BenchPath`]s (0 = all).
+    pub const PATHS: usize = 1;
+    /// Samples per (op, path) (0 = the default).
+    pub const ITERS: usize = 2;
+    /// Untimed warm-up calls per (op, path) (0 = the default).
+    pub const WARMUP: usize = 3;
+    /// Samples per block (0 = the default).
+    pub const BLOCK: usize = 4;
+}
+
+/// An operation the bench times.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BenchOp {
+    /// The null call.
+    Null = 0,
+    /// CPUID leaf 0.
+    Cpuid = 1,
+    /// One map of a fresh page-table entry, request to reply.
+    Pte = 2,
+    /// Map a fresh page, then touch it (the paper's page-fault case).
+    Pagefault = 3,
+}
+
+impl BenchOp {
+    /// Every op, in table order.
+    pub const ALL: [BenchOp; 4] = [BenchOp::Null, BenchOp::Cpuid, BenchOp::Pte, BenchOp::Pagefault];
+
+    /// Decodes.
+    pub const fn from_u32(v: u32) -> Option<BenchOp> {
+        match v {
+            0 => Some(BenchOp::Null),
+            1 => Some(BenchOp::Cpuid),
+            2 => Some(BenchOp::Pte),
+            3 => Some(BenchOp::Pagefault),
+            _ => None,
+        }
+    }
+
+    /// Name on the command line and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BenchOp::Null => "null",
+            BenchOp::Cpuid => "cpuid",
+            BenchOp::Pte => "pte",
+            BenchOp::Pagefault => "pagefault",
+        }
+    }
+
+    /// Whether the op has this path.
+    pub const fn has_path(self, p: BenchPath) -> bool {
+        !matches!((self, p), (BenchOp::Pte | BenchOp::Pagefault, BenchPath::Kernel))
+    }
+}
+
+/// How the op is served.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BenchPath {
+    /// The backend's in-kernel trap (hypercall / CPUID instruction).
+    Kernel = 0,
+    /// An exit to the userspace VMM (PIO; MMIO write-protect trap for pte).
+    User = 1,
+    /// A sidecall.
+    Sidecall = 2,
+}
+
+impl BenchPath {
+    /// Every path, in table order.
+    pub const ALL: [BenchPath; 3] = [BenchPath::Kernel, BenchPath::User, BenchPath::Sidecall];
+
+    /// Decodes.
+    pub const fn from_u32(v: u32) -> Option<BenchPath> {
+        match v {
+            0 => Some(BenchPath::Kernel),
+            1 => Some(BenchPath::User),
+            2 => Some(BenchPath::Sidecall),
+            _ => None,
+        }
+    }
+
+    /// Name on the command line and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BenchPath::Kernel => "kernel",
+            BenchPath::User => "user",
+            BenchPath::Sidecall => "sidecall",
+        }
+    }
+}
+
+/// One block of samples, written by the guest, read by the VMM while the
+/// vCPU is stopped in the PIO exit that announces it.
+#[repr(C, align(4096))]
+pub struct BenchBlock {
+    /// [`BenchOp`].
+    pub op: u32,
+    /// [`BenchPath`].
+    pub path: u32,
+    /// Valid samples in `samples` (at most [`BENCH_BLOCK_SAMPLES`]).
+    pub count: u32,
+    /// Calls in this block that fell back from sidecall to the exit path.
+    pub fallbacks: u32,
+    _pad: [u64; 6],
+    /// TSC cycles of each operation.
+    pub samples: [u64; BENCH_BLOCK_SAMPLES],
+}
+
+/// Bytes of guest memory a block takes.
+pub const BENCH_BLOCK_BYTES: u64 = core::mem::size_of::<BenchBlock>() as u64;
+
+const _: () = assert!(core::mem::offset_of!(BenchBlock, count) == 8);
+const _: () = assert!(core::mem::offset_of!(BenchBlock, samples) == 64);
+const _: () = assert!(BENCH_BLOCK_BYTES == 36864);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        for op in BenchOp::ALL {
+            assert_eq!(BenchOp::from_u32(op as u32), Some(op));
+        }
+        for p in BenchPath::ALL {
+            assert_eq!(BenchPath::from_u32(p as u32), Some(p));
+        }
+        assert!(!BenchOp::Pte.has_path(BenchPath::Kernel));
+        assert!(BenchOp::Null.has_path(BenchPath::Kernel));
+        assert!(BenchOp::Pagefault.has_path(BenchPath::Sidecall));
+    }
+}

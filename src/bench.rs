@@ -1,0 +1,445 @@
+//! `sidecore bench`: the guest times null calls, CPUID, page-table maps and
+//! page faults on every path; the host merges the samples into HDR
+//! histograms, measures the floor (a cache-line ping-pong between host
+//! threads on the same two CPUs) in blocks interleaved with the sidecall
+//! blocks, and reports percentiles and ratios measured in the same run.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use shm_proto::bench::{BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::run::SidecoreSet;
+
+/// Reading a block or measuring the floor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The guest announced a block the host cannot use.
+    #[error("vCPU {vcpu}: bad benchmark block: {what}")]
+    BadBlock {
+        /// vCPU.
+        vcpu: u32,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Samples of one series, in TSC cycles.
+struct Series {
+    hist: Histogram<u64>,
+    fallbacks: u64,
+}
+
+impl Series {
+    fn new() -> Series {
+        // 3 significant digits, auto-resizing: any latency fits.
+        let mut hist = Histogram::new(3).unwrap_or_else(|_| unreachable_hist());
+        hist.auto(true);
+        Series { hist, fallbacks: 0 }
+    }
+}
+
+fn unreachable_hist() -> Histogram<u64> {
+    // Histogram::new(3) only fails for sigfig > 5; keep a usable fallback.
+    Histogram::new_with_bounds(1, u64::MAX / 2, 2).unwrap_or_else(|_| Histogram::new(1).expect("sigfig 1 is valid"))
+}
+
+/// Collects what the guest hands over during a run.
+pub struct BenchCollector {
+    series: Mutex<BTreeMap<(BenchOp, BenchPath), Series>>,
+    floor: Mutex<(Series, Vec<u64>)>,
+    tsc_khz: u64,
+    progress: bool,
+}
+
+impl BenchCollector {
+    /// A collector; `progress` prints a line on stderr per block.
+    pub fn new(tsc_khz: u64, progress: bool) -> BenchCollector {
+        BenchCollector {
+            series: Mutex::new(BTreeMap::new()),
+            floor: Mutex::new((Series::new(), Vec::new())),
+            tsc_khz,
+            progress,
+        }
+    }
+
+    /// Takes the block vCPU `vcpu` announced at `gpa`; after a sidecall
+    /// block, measures as many floor samples on this (the vCPU's) thread.
+    pub fn on_block(
+        &self,
+        vcpu: u32,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        sidecores: Option<&SidecoreSet>,
+    ) -> Result<(), BenchError> {
+        let bad = |what: String| BenchError::BadBlock { vcpu, what };
+        let word = |off: u64| mem.read_obj::<u32>(GuestAddress(gpa + off)).map_err(|e| bad(e.to_string()));
+        let (op, path, count, fallbacks) = (word(0)?, word(4)?, word(8)?, word(12)?);
+        let op = BenchOp::from_u32(op).ok_or_else(|| bad(format!("op {op}")))?;
+        let path = BenchPath::from_u32(path).ok_or_else(|| bad(format!("path {path}")))?;
+        let n = usize::try_from(count)
+            .ok()
+            .filter(|n| *n <= BENCH_BLOCK_SAMPLES)
+            .ok_or_else(|| bad(format!("count {count}")))?;
+        let mut raw = vec![0u8; n * 8];
+        mem.read_slice(&mut raw, GuestAddress(gpa + 64)).map_err(|e| bad(e.to_string()))?;
+        let total = {
+            let mut m = self.series.lock().map_err(|_| bad("collector poisoned".into()))?;
+            let s = m.entry((op, path)).or_insert_with(Series::new);
+            for c in raw.chunks_exact(8) {
+                let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                let _ = s.hist.record(v.max(1));
+            }
+            s.fallbacks += u64::from(fallbacks);
+            s.hist.len()
+        };
+        if path == BenchPath::Sidecall {
+            if let Some(set) = sidecores {
+                let mut floor = vec![0u64; n];
+                // A fresh host thread on this CPU, not the vCPU thread itself:
+                // right after KVM_RUN the vCPU thread measures about twice the
+                // round trip a plain thread does on PVM (seen here).
+                let cpu = sidecore_core::pin::current_cpu();
+                let ok = std::thread::scope(|sc| {
+                    sc.spawn(|| {
+                        if let Some(c) = cpu {
+                            let _ = sidecore_core::pin::pin_current_thread(c);
+                        }
+                        set.floor_block(&mut floor)
+                    })
+                    .join()
+                    .unwrap_or(false)
+                });
+                if ok {
+                    let mut f = self.floor.lock().map_err(|_| bad("collector poisoned".into()))?;
+                    let mut sorted = floor.clone();
+                    sorted.sort_unstable();
+                    if let Some(m) = sorted.get(sorted.len() / 2) {
+                        f.1.push(*m);
+                    }
+                    for v in floor {
+                        let _ = f.0.hist.record(v.max(1));
+                    }
+                }
+            }
+        }
+        if self.progress {
+            let mut e = std::io::stderr().lock();
+            if e.is_terminal() {
+                let _ = write!(e, "\r\x1b[2Kbench: {} / {}: {} samples", op.name(), path.name(), total);
+            } else if total == n as u64 {
+                // Not a terminal (a log): one line per series, not per block.
+                let _ = writeln!(e, "bench: {} / {} ...", op.name(), path.name());
+            }
+            let _ = e.flush();
+        }
+        Ok(())
+    }
+
+    fn ns(&self, cycles: u64) -> f64 {
+        // Precision loss is irrelevant at these magnitudes.
+        #[allow(clippy::cast_precision_loss)]
+        let v = cycles as f64 * 1e6 / self.tsc_khz.max(1) as f64;
+        v
+    }
+
+    fn stat(&self, h: &Histogram<u64>) -> Stat {
+        Stat {
+            p50_ns: self.ns(h.value_at_quantile(0.5)),
+            p90_ns: self.ns(h.value_at_quantile(0.9)),
+            p99_ns: self.ns(h.value_at_quantile(0.99)),
+            p999_ns: self.ns(h.value_at_quantile(0.999)),
+            max_ns: self.ns(h.max()),
+            samples: h.len(),
+            p50_cycles: h.value_at_quantile(0.5),
+        }
+    }
+
+    /// CDF points (ns, fraction) of a histogram, for the plot.
+    fn cdf(&self, h: &Histogram<u64>) -> Vec<(f64, f64)> {
+        h.iter_quantiles(2).map(|v| (self.ns(v.value_iterated_to()), v.quantile_iterated_to())).collect()
+    }
+
+    /// The report of everything collected.
+    pub fn report(&self, header: ReportHeader) -> BenchReport {
+        let series = self.series.lock().map(|m| {
+            m.iter()
+                .map(|((op, path), s)| (*op, *path, self.stat(&s.hist), s.fallbacks, self.cdf(&s.hist)))
+                .collect::<Vec<_>>()
+        });
+        let series = series.unwrap_or_default();
+        let (floor, floor_cdf, blocks) = match self.floor.lock() {
+            Ok(f) => (self.stat(&f.0.hist), self.cdf(&f.0.hist), f.1.iter().map(|c| self.ns(*c)).collect::<Vec<_>>()),
+            Err(_) => (Stat::default(), Vec::new(), Vec::new()),
+        };
+        let mut levels: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for b in &blocks {
+            *levels.entry(floor_level(*b)).or_default() += 1;
+        }
+        let mut results = Vec::new();
+        let mut curves = Vec::new();
+        for (op, path, stat, fallbacks, cdf) in &series {
+            results.push(ResultRow {
+                op: op.name().into(),
+                path: path.name().into(),
+                stat: stat.clone(),
+                fallbacks: *fallbacks,
+            });
+            curves.push((format!("{} {}", op.name(), path.name()), cdf.clone()));
+        }
+        if floor.samples > 0 {
+            curves.push(("floor (host ping-pong)".into(), floor_cdf));
+        }
+        let ratios = ratios(&results, &floor);
+        BenchReport {
+            backend: header.backend,
+            tsc_khz: self.tsc_khz,
+            vcpu_cpu: header.vcpu_cpu,
+            sidecore_cpu: header.sidecore_cpu,
+            floor_level: if floor.samples > 0 { floor_level(floor.p50_ns).into() } else { "none".into() },
+            floor_blocks_by_level: levels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            floor,
+            results,
+            ratios,
+            curves,
+        }
+    }
+}
+
+/// The level of the floor a latency belongs to (the outer hypervisor moves
+/// this machine's CPUs between three: ~60, ~120 and ~530 ns).
+pub fn floor_level(p50_ns: f64) -> &'static str {
+    if p50_ns < 90.0 {
+        "fast"
+    } else if p50_ns < 300.0 {
+        "middle"
+    } else {
+        "slow"
+    }
+}
+
+/// Percentiles of one series.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub p50_ns: f64,
+    /// 90th percentile.
+    pub p90_ns: f64,
+    /// 99th percentile.
+    pub p99_ns: f64,
+    /// 99.9th percentile.
+    pub p999_ns: f64,
+    /// Largest sample.
+    pub max_ns: f64,
+    /// Number of samples.
+    pub samples: u64,
+    /// Median in TSC cycles.
+    pub p50_cycles: u64,
+}
+
+/// One (op, path) row.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResultRow {
+    /// Op name.
+    pub op: String,
+    /// Path name.
+    pub path: String,
+    /// Its percentiles.
+    #[serde(flatten)]
+    pub stat: Stat,
+    /// Sidecalls that fell back to the exit path (counted in the samples).
+    pub fallbacks: u64,
+}
+
+/// A ratio of medians measured in the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    /// Op name.
+    pub op: String,
+    /// `sidecall/floor`, `kernel/sidecall` (speed-up), `user/sidecall`.
+    pub name: String,
+    /// The value.
+    pub value: f64,
+}
+
+/// What the run was.
+pub struct ReportHeader {
+    /// Backend name.
+    pub backend: String,
+    /// vCPU CPU.
+    pub vcpu_cpu: usize,
+    /// Sidecore CPU.
+    pub sidecore_cpu: usize,
+}
+
+/// The whole report (the JSON file).
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Backend.
+    pub backend: String,
+    /// TSC frequency used for ns.
+    pub tsc_khz: u64,
+    /// vCPU CPU.
+    pub vcpu_cpu: usize,
+    /// Sidecore CPU.
+    pub sidecore_cpu: usize,
+    /// The floor.
+    pub floor: Stat,
+    /// The floor's level in this run (by its p50).
+    pub floor_level: String,
+    /// How many floor blocks fell into each level (the level can change
+    /// within a run).
+    pub floor_blocks_by_level: Vec<(String, usize)>,
+    /// One row per (op, path).
+    pub results: Vec<ResultRow>,
+    /// Ratios of medians.
+    pub ratios: Vec<Ratio>,
+    /// CDFs for the plot.
+    #[serde(skip)]
+    pub curves: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+fn ratios(results: &[ResultRow], floor: &Stat) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for side in results.iter().filter(|r| r.path == "sidecall") {
+        let s = side.stat.p50_ns;
+        if s <= 0.0 {
+            continue;
+        }
+        if floor.samples > 0 && floor.p50_ns > 0.0 {
+            out.push(Ratio { op: side.op.clone(), name: "sidecall/floor".into(), value: s / floor.p50_ns });
+        }
+        for other in results.iter().filter(|r| r.op == side.op && r.path != "sidecall") {
+            out.push(Ratio {
+                op: side.op.clone(),
+                name: format!("{}/sidecall", other.path),
+                value: other.stat.p50_ns / s,
+            });
+        }
+    }
+    out
+}
+
+impl BenchReport {
+    /// The table for stdout.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "sidecore bench — backend {}, TSC {} kHz ({:.3} GHz), vCPU on CPU {}, sidecore on CPU {}\n",
+            self.backend,
+            self.tsc_khz,
+            tsc_ghz(self.tsc_khz),
+            self.vcpu_cpu,
+            self.sidecore_cpu
+        );
+        if self.floor.samples > 0 {
+            let levels: Vec<String> = self.floor_blocks_by_level.iter().map(|(l, n)| format!("{l} {n}")).collect();
+            s += &format!(
+                "floor (host<->host cache-line ping-pong, interleaved): p50 {:.0} ns — {} level; blocks by level: {}\n",
+                self.floor.p50_ns,
+                self.floor_level,
+                levels.join(", ")
+            );
+        }
+        s += &format!(
+            "\n{:<10} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9}\n",
+            "op", "path", "p50 ns", "p90 ns", "p99 ns", "p99.9 ns", "max ns", "p50 cyc", "samples", "fallback"
+        );
+        let rows = self.results.iter().map(|r| (r.op.as_str(), r.path.as_str(), &r.stat, r.fallbacks));
+        let floor = (self.floor.samples > 0).then_some(("floor", "host", &self.floor, 0));
+        for (op, path, st, fb) in rows.chain(floor) {
+            s += &format!(
+                "{:<10} {:<9} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9} {:>8} {:>9}\n",
+                op, path, st.p50_ns, st.p90_ns, st.p99_ns, st.p999_ns, st.max_ns, st.p50_cycles, st.samples, fb
+            );
+        }
+        if !self.ratios.is_empty() {
+            s += "\nratios of medians, same run (x/sidecall = sidecall speed-up):\n";
+            let mut by_op: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for r in &self.ratios {
+                by_op.entry(r.op.as_str()).or_default().push(format!("{} {:.2}", r.name, r.value));
+            }
+            for (op, rs) in by_op {
+                s += &format!("  {:<10} {}\n", op, rs.join("   "));
+            }
+        }
+        s
+    }
+}
+
+fn tsc_ghz(khz: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let v = khz as f64 / 1e6;
+    v
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+mod tests {
+    use super::*;
+
+    fn row(op: &str, path: &str, p50: f64) -> ResultRow {
+        ResultRow {
+            op: op.into(),
+            path: path.into(),
+            stat: Stat { p50_ns: p50, samples: 10, ..Default::default() },
+            fallbacks: 0,
+        }
+    }
+
+    #[test]
+    fn ratios_compare_medians_of_the_same_op() {
+        let results = vec![
+            row("null", "kernel", 1200.0),
+            row("null", "user", 25000.0),
+            row("null", "sidecall", 100.0),
+            row("pte", "user", 30000.0),
+        ];
+        let floor = Stat { p50_ns: 50.0, samples: 10, ..Default::default() };
+        let r = ratios(&results, &floor);
+        let get = |name: &str| r.iter().find(|x| x.op == "null" && x.name == name).map(|x| x.value);
+        assert_eq!(get("sidecall/floor"), Some(2.0));
+        assert_eq!(get("kernel/sidecall"), Some(12.0));
+        assert_eq!(get("user/sidecall"), Some(250.0));
+        assert!(r.iter().all(|x| x.op == "null"), "pte has no sidecall row");
+    }
+
+    #[test]
+    fn floor_levels() {
+        assert_eq!(floor_level(60.0), "fast");
+        assert_eq!(floor_level(120.0), "middle");
+        assert_eq!(floor_level(530.0), "slow");
+    }
+
+    #[test]
+    fn collector_reads_blocks_and_refuses_bad_ones() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let c = BenchCollector::new(1_000_000, false); // 1 GHz: 1 cycle = 1 ns
+        let gpa = 0x1_0000;
+        for (off, v) in [(0u64, 0u32), (4, 2), (8, 3), (12, 1)] {
+            mem.write_obj(v, GuestAddress(gpa + off)).unwrap();
+        }
+        for (i, v) in [100u64, 200, 300].iter().enumerate() {
+            mem.write_obj(*v, GuestAddress(gpa + 64 + 8 * i as u64)).unwrap();
+        }
+        c.on_block(0, &mem, gpa, None).unwrap();
+        let rep = c.report(ReportHeader { backend: "pvm".into(), vcpu_cpu: 1, sidecore_cpu: 0 });
+        assert_eq!(rep.results.len(), 1);
+        assert_eq!(rep.results[0].op, "null");
+        assert_eq!(rep.results[0].path, "sidecall");
+        assert_eq!(rep.results[0].stat.samples, 3);
+        assert_eq!(rep.results[0].fallbacks, 1);
+        assert!((rep.results[0].stat.p50_ns - 200.0).abs() < 1.0);
+        assert!(rep.table().contains("null"));
+        // A hostile count is refused, not read.
+        mem.write_obj(100_000u32, GuestAddress(gpa + 8)).unwrap();
+        assert!(c.on_block(0, &mem, gpa, None).is_err());
+        mem.write_obj(3u32, GuestAddress(gpa + 8)).unwrap();
+        mem.write_obj(9u32, GuestAddress(gpa)).unwrap();
+        assert!(c.on_block(0, &mem, gpa, None).is_err());
+    }
+}
