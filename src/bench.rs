@@ -52,6 +52,9 @@ fn unreachable_hist() -> Histogram<u64> {
 pub struct BenchCollector {
     series: Mutex<BTreeMap<(BenchOp, BenchPath), Series>>,
     floor: Mutex<(Series, Vec<u64>)>,
+    /// The floor blocks interleaved with each op's sidecall blocks: the
+    /// sidecall/floor ratio of an op uses the floor measured beside it.
+    floor_by_op: Mutex<BTreeMap<BenchOp, Series>>,
     tsc_khz: u64,
     progress: bool,
 }
@@ -62,6 +65,7 @@ impl BenchCollector {
         BenchCollector {
             series: Mutex::new(BTreeMap::new()),
             floor: Mutex::new((Series::new(), Vec::new())),
+            floor_by_op: Mutex::new(BTreeMap::new()),
             tsc_khz,
             progress,
         }
@@ -121,8 +125,11 @@ impl BenchCollector {
                     if let Some(m) = sorted.get(sorted.len() / 2) {
                         f.1.push(*m);
                     }
+                    let mut by_op = self.floor_by_op.lock().map_err(|_| bad("collector poisoned".into()))?;
+                    let per_op = by_op.entry(op).or_insert_with(Series::new);
                     for v in floor {
                         let _ = f.0.hist.record(v.max(1));
+                        let _ = per_op.hist.record(v.max(1));
                     }
                 }
             }
@@ -161,7 +168,7 @@ impl BenchCollector {
 
     /// CDF points (ns, fraction) of a histogram, for the plot.
     fn cdf(&self, h: &Histogram<u64>) -> Vec<(f64, f64)> {
-        h.iter_quantiles(2).map(|v| (self.ns(v.value_iterated_to()), v.quantile_iterated_to())).collect()
+        h.iter_quantiles(16).map(|v| (self.ns(v.value_iterated_to()), v.quantile_iterated_to())).collect()
     }
 
     /// The report of everything collected.
@@ -194,7 +201,12 @@ impl BenchCollector {
         if floor.samples > 0 {
             curves.push(("floor (host ping-pong)".into(), floor_cdf));
         }
-        let ratios = ratios(&results, &floor);
+        let floor_by_op: BTreeMap<String, Stat> = self
+            .floor_by_op
+            .lock()
+            .map(|m| m.iter().map(|(op, s)| (op.name().to_string(), self.stat(&s.hist))).collect())
+            .unwrap_or_default();
+        let ratios = ratios(&results, &floor_by_op);
         BenchReport {
             backend: header.backend,
             tsc_khz: self.tsc_khz,
@@ -203,6 +215,7 @@ impl BenchCollector {
             floor_level: if floor.samples > 0 { floor_level(floor.p50_ns).into() } else { "none".into() },
             floor_blocks_by_level: levels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             floor,
+            floor_by_op,
             results,
             ratios,
             curves,
@@ -294,6 +307,8 @@ pub struct BenchReport {
     /// How many floor blocks fell into each level (the level can change
     /// within a run).
     pub floor_blocks_by_level: Vec<(String, usize)>,
+    /// The floor blocks interleaved with each op's sidecall blocks.
+    pub floor_by_op: BTreeMap<String, Stat>,
     /// One row per (op, path).
     pub results: Vec<ResultRow>,
     /// Ratios of medians.
@@ -303,14 +318,14 @@ pub struct BenchReport {
     pub curves: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-fn ratios(results: &[ResultRow], floor: &Stat) -> Vec<Ratio> {
+fn ratios(results: &[ResultRow], floor_by_op: &BTreeMap<String, Stat>) -> Vec<Ratio> {
     let mut out = Vec::new();
     for side in results.iter().filter(|r| r.path == "sidecall") {
         let s = side.stat.p50_ns;
         if s <= 0.0 {
             continue;
         }
-        if floor.samples > 0 && floor.p50_ns > 0.0 {
+        if let Some(floor) = floor_by_op.get(&side.op).filter(|f| f.samples > 0 && f.p50_ns > 0.0) {
             out.push(Ratio { op: side.op.clone(), name: "sidecall/floor".into(), value: s / floor.p50_ns });
         }
         for other in results.iter().filter(|r| r.op == side.op && r.path != "sidecall") {
@@ -364,7 +379,8 @@ impl BenchReport {
                 by_op.entry(r.op.as_str()).or_default().push(format!("{} {:.2}", r.name, r.value));
             }
             for (op, rs) in by_op {
-                s += &format!("  {:<10} {}\n", op, rs.join("   "));
+                let floor = self.floor_by_op.get(op).map(|f| format!("  (floor beside it: p50 {:.0} ns)", f.p50_ns));
+                s += &format!("  {:<10} {}{}\n", op, rs.join("   "), floor.unwrap_or_default());
             }
         }
         s
@@ -400,7 +416,7 @@ mod tests {
             row("pte", "user", 30000.0),
         ];
         let floor = Stat { p50_ns: 50.0, samples: 10, ..Default::default() };
-        let r = ratios(&results, &floor);
+        let r = ratios(&results, &BTreeMap::from([("null".to_string(), floor)]));
         let get = |name: &str| r.iter().find(|x| x.op == "null" && x.name == name).map(|x| x.value);
         assert_eq!(get("sidecall/floor"), Some(2.0));
         assert_eq!(get("kernel/sidecall"), Some(12.0));
