@@ -49,8 +49,17 @@ fn unreachable_hist() -> Histogram<u64> {
 }
 
 /// Collects what the guest hands over during a run.
+/// A series: op, path label (`sidecall+64idle` for blocks measured with
+/// idle rings in the sweep), vCPU (`None`: all vCPUs together).
+type Key = (BenchOp, String, Option<u32>);
+
 pub struct BenchCollector {
-    series: Mutex<BTreeMap<(BenchOp, BenchPath), Series>>,
+    series: Mutex<BTreeMap<Key, Series>>,
+    /// Per-vCPU series too (more than one vCPU).
+    per_vcpu: bool,
+    /// Idle rings the sidecore sweeps in every other sidecall block.
+    idle_rings: u32,
+    idle_on: std::sync::atomic::AtomicBool,
     floor: Mutex<(Series, Vec<u64>)>,
     /// The floor blocks interleaved with each op's sidecall blocks: the
     /// sidecall/floor ratio of an op uses the floor measured beside it.
@@ -62,8 +71,17 @@ pub struct BenchCollector {
 impl BenchCollector {
     /// A collector; `progress` prints a line on stderr per block.
     pub fn new(tsc_khz: u64, progress: bool) -> BenchCollector {
+        BenchCollector::with_options(tsc_khz, progress, false, 0)
+    }
+
+    /// A collector that also keeps per-vCPU series, and alternates sidecall
+    /// blocks with and without `idle_rings` idle rings in the sweep.
+    pub fn with_options(tsc_khz: u64, progress: bool, per_vcpu: bool, idle_rings: u32) -> BenchCollector {
         BenchCollector {
             series: Mutex::new(BTreeMap::new()),
+            per_vcpu,
+            idle_rings,
+            idle_on: std::sync::atomic::AtomicBool::new(false),
             floor: Mutex::new((Series::new(), Vec::new())),
             floor_by_op: Mutex::new(BTreeMap::new()),
             tsc_khz,
@@ -91,15 +109,29 @@ impl BenchCollector {
             .ok_or_else(|| bad(format!("count {count}")))?;
         let mut raw = vec![0u8; n * 8];
         mem.read_slice(&mut raw, GuestAddress(gpa + 64)).map_err(|e| bad(e.to_string()))?;
+        let idle_on = self.idle_on.load(std::sync::atomic::Ordering::Relaxed);
+        let label = if path == BenchPath::Sidecall && idle_on {
+            format!("sidecall+{}idle", self.idle_rings)
+        } else {
+            path.name().to_string()
+        };
         let total = {
             let mut m = self.series.lock().map_err(|_| bad("collector poisoned".into()))?;
-            let s = m.entry((op, path)).or_insert_with(Series::new);
-            for c in raw.chunks_exact(8) {
-                let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                let _ = s.hist.record(v.max(1));
+            let mut keys = vec![(op, label.clone(), None)];
+            if self.per_vcpu {
+                keys.push((op, label.clone(), Some(vcpu)));
             }
-            s.fallbacks += u64::from(fallbacks);
-            s.hist.len()
+            let mut total = 0;
+            for key in keys {
+                let s = m.entry(key).or_insert_with(Series::new);
+                for c in raw.chunks_exact(8) {
+                    let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                    let _ = s.hist.record(v.max(1));
+                }
+                s.fallbacks += u64::from(fallbacks);
+                total = total.max(s.hist.len());
+            }
+            total
         };
         if path == BenchPath::Sidecall {
             if let Some(set) = sidecores {
@@ -108,17 +140,25 @@ impl BenchCollector {
                 // right after KVM_RUN the vCPU thread measures about twice the
                 // round trip a plain thread does on PVM (seen here).
                 let cpu = sidecore_core::pin::current_cpu();
-                let ok = std::thread::scope(|sc| {
-                    sc.spawn(|| {
-                        if let Some(c) = cpu {
-                            let _ = sidecore_core::pin::pin_current_thread(c);
-                        }
-                        set.floor_block(&mut floor)
-                    })
-                    .join()
-                    .unwrap_or(false)
-                });
-                if ok {
+                // Two spinning threads on one CPU measure the scheduler, not a
+                // cache line: no floor for a vCPU that shares the sidecore's CPU.
+                let shared_cpu = cpu.is_some_and(|c| set.cpus().contains(&c));
+                let ok = !shared_cpu
+                    && std::thread::scope(|sc| {
+                        sc.spawn(|| {
+                            if let Some(c) = cpu {
+                                let _ = sidecore_core::pin::pin_current_thread(c);
+                            }
+                            set.floor_block(&mut floor)
+                        })
+                        .join()
+                        .unwrap_or(false)
+                    });
+                if self.idle_rings > 0 {
+                    self.idle_on.store(!idle_on, std::sync::atomic::Ordering::Relaxed);
+                    set.set_idle_rings(!idle_on);
+                }
+                if ok && !idle_on {
                     let mut f = self.floor.lock().map_err(|_| bad("collector poisoned".into()))?;
                     let mut sorted = floor.clone();
                     sorted.sort_unstable();
@@ -137,10 +177,10 @@ impl BenchCollector {
         if self.progress {
             let mut e = std::io::stderr().lock();
             if e.is_terminal() {
-                let _ = write!(e, "\r\x1b[2Kbench: {} / {}: {} samples", op.name(), path.name(), total);
+                let _ = write!(e, "\r\x1b[2Kbench: vCPU {vcpu}: {} / {label}: {total} samples", op.name());
             } else if total == n as u64 {
                 // Not a terminal (a log): one line per series, not per block.
-                let _ = writeln!(e, "bench: {} / {} ...", op.name(), path.name());
+                let _ = writeln!(e, "bench: vCPU {vcpu}: {} / {label} ...", op.name());
             }
             let _ = e.flush();
         }
@@ -175,7 +215,9 @@ impl BenchCollector {
     pub fn report(&self, header: ReportHeader) -> BenchReport {
         let series = self.series.lock().map(|m| {
             m.iter()
-                .map(|((op, path), s)| (*op, *path, self.stat(&s.hist), s.fallbacks, self.cdf(&s.hist)))
+                .map(|((op, path, vcpu), s)| {
+                    (*op, path.clone(), *vcpu, self.stat(&s.hist), s.fallbacks, self.cdf(&s.hist))
+                })
                 .collect::<Vec<_>>()
         });
         let series = series.unwrap_or_default();
@@ -189,14 +231,20 @@ impl BenchCollector {
         }
         let mut results = Vec::new();
         let mut curves = Vec::new();
-        for (op, path, stat, fallbacks, cdf) in &series {
+        // Aggregate rows first, in op and path order, then per-vCPU rows.
+        let mut order: Vec<_> = series.iter().collect();
+        order.sort_by_key(|(op, path, vcpu, ..)| (vcpu.is_some(), *vcpu, *op, path_rank(path), path.clone()));
+        for (op, path, vcpu, stat, fallbacks, cdf) in order {
             results.push(ResultRow {
                 op: op.name().into(),
-                path: path.name().into(),
+                path: path.clone(),
+                vcpu: *vcpu,
                 stat: stat.clone(),
                 fallbacks: *fallbacks,
             });
-            curves.push((format!("{} {}", op.name(), path.name()), cdf.clone()));
+            if vcpu.is_none() {
+                curves.push((format!("{} {}", op.name(), path), cdf.clone()));
+            }
         }
         if floor.samples > 0 {
             curves.push(("floor (host ping-pong)".into(), floor_cdf));
@@ -211,6 +259,7 @@ impl BenchCollector {
             backend: header.backend,
             tsc_khz: self.tsc_khz,
             vcpu_cpu: header.vcpu_cpu,
+            vcpu_cpus: header.vcpu_cpus,
             sidecore_cpu: header.sidecore_cpu,
             floor_level: if floor.samples > 0 { floor_level(floor.p50_ns).into() } else { "none".into() },
             floor_blocks_by_level: levels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
@@ -259,8 +308,12 @@ pub struct Stat {
 pub struct ResultRow {
     /// Op name.
     pub op: String,
-    /// Path name.
+    /// Path name (`sidecall+Nidle`: sidecall blocks measured with N idle
+    /// rings in the sidecore's sweep).
     pub path: String,
+    /// The vCPU (absent: all vCPUs together).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u32>,
     /// Its percentiles.
     #[serde(flatten)]
     pub stat: Stat,
@@ -283,8 +336,10 @@ pub struct Ratio {
 pub struct ReportHeader {
     /// Backend name.
     pub backend: String,
-    /// vCPU CPU.
+    /// vCPU 0's CPU.
     pub vcpu_cpu: usize,
+    /// Every vCPU's CPU.
+    pub vcpu_cpus: Vec<usize>,
     /// Sidecore CPU.
     pub sidecore_cpu: usize,
 }
@@ -296,8 +351,10 @@ pub struct BenchReport {
     pub backend: String,
     /// TSC frequency used for ns.
     pub tsc_khz: u64,
-    /// vCPU CPU.
+    /// vCPU 0's CPU.
     pub vcpu_cpu: usize,
+    /// Every vCPU's CPU.
+    pub vcpu_cpus: Vec<usize>,
     /// Sidecore CPU.
     pub sidecore_cpu: usize,
     /// The floor.
@@ -318,8 +375,13 @@ pub struct BenchReport {
     pub curves: Vec<(String, Vec<(f64, f64)>)>,
 }
 
+fn path_rank(p: &str) -> usize {
+    BenchPath::ALL.iter().position(|x| x.name() == p).unwrap_or(BenchPath::ALL.len())
+}
+
 fn ratios(results: &[ResultRow], floor_by_op: &BTreeMap<String, Stat>) -> Vec<Ratio> {
     let mut out = Vec::new();
+    let results: Vec<&ResultRow> = results.iter().filter(|r| r.vcpu.is_none()).collect();
     for side in results.iter().filter(|r| r.path == "sidecall") {
         let s = side.stat.p50_ns;
         if s <= 0.0 {
@@ -344,11 +406,12 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "sidecore bench — backend {}, TSC {} kHz ({:.3} GHz), vCPU on CPU {}, sidecore on CPU {}\n",
+            "sidecore bench — backend {}, TSC {} kHz ({:.3} GHz), vCPU{} on CPU {}, sidecore on CPU {}\n",
             self.backend,
             self.tsc_khz,
             tsc_ghz(self.tsc_khz),
-            self.vcpu_cpu,
+            if self.vcpu_cpus.len() > 1 { "s" } else { "" },
+            self.vcpu_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             self.sidecore_cpu
         );
         if self.floor.samples > 0 {
@@ -361,14 +424,20 @@ impl BenchReport {
             );
         }
         s += &format!(
-            "\n{:<10} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9}\n",
+            "\n{:<10} {:<17} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9}\n",
             "op", "path", "p50 ns", "p90 ns", "p99 ns", "p99.9 ns", "max ns", "p50 cyc", "samples", "fallback"
         );
-        let rows = self.results.iter().map(|r| (r.op.as_str(), r.path.as_str(), &r.stat, r.fallbacks));
-        let floor = (self.floor.samples > 0).then_some(("floor", "host", &self.floor, 0));
+        let rows = self.results.iter().map(|r| {
+            let path = match r.vcpu {
+                Some(v) => format!("{} v{v}", r.path),
+                None => r.path.clone(),
+            };
+            (r.op.as_str(), path, &r.stat, r.fallbacks)
+        });
+        let floor = (self.floor.samples > 0).then(|| ("floor", "host".to_string(), &self.floor, 0));
         for (op, path, st, fb) in rows.chain(floor) {
             s += &format!(
-                "{:<10} {:<9} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9} {:>8} {:>9}\n",
+                "{:<10} {:<17} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9} {:>8} {:>9}\n",
                 op, path, st.p50_ns, st.p90_ns, st.p99_ns, st.p999_ns, st.max_ns, st.p50_cycles, st.samples, fb
             );
         }
@@ -402,6 +471,7 @@ mod tests {
         ResultRow {
             op: op.into(),
             path: path.into(),
+            vcpu: None,
             stat: Stat { p50_ns: p50, samples: 10, ..Default::default() },
             fallbacks: 0,
         }
@@ -443,7 +513,7 @@ mod tests {
             mem.write_obj(*v, GuestAddress(gpa + 64 + 8 * i as u64)).unwrap();
         }
         c.on_block(0, &mem, gpa, None).unwrap();
-        let rep = c.report(ReportHeader { backend: "pvm".into(), vcpu_cpu: 1, sidecore_cpu: 0 });
+        let rep = c.report(ReportHeader { backend: "pvm".into(), vcpu_cpu: 1, vcpu_cpus: vec![1], sidecore_cpu: 0 });
         assert_eq!(rep.results.len(), 1);
         assert_eq!(rep.results[0].op, "null");
         assert_eq!(rep.results[0].path, "sidecall");

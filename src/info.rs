@@ -62,6 +62,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         console: ConsoleSink::Capture(buf.clone()),
         report_phases: false,
         bench: None,
+        idle_rings: 0,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -50,9 +50,18 @@ struct BenchArgs {
     /// the sidecall blocks.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     block: u64,
-    /// CPU of the vCPU [default: the last online CPU].
-    #[arg(long, value_name = "CPU")]
-    vcpu_cpus: Option<usize>,
+    /// vCPUs, each timing on its own ring; results per vCPU and together.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+    /// CPUs of the vCPUs (vCPU i on the i-th) [default: counting down from
+    /// the last online CPU].
+    #[arg(long, value_name = "LIST")]
+    vcpu_cpus: Option<String>,
+    /// Add R idle host-side rings to the sidecore's sweep in every other
+    /// sidecall block, to measure what idle rings cost a busy one
+    /// (`sidecall+Ridle` rows).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    idle_rings: u32,
     /// CPU of the sidecore [default: the first online CPU].
     #[arg(long, value_name = "CPU")]
     sidecore: Option<usize>,
@@ -94,11 +103,18 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     let ops = parse_mask("ops", &a.ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)?;
     let paths = parse_mask("paths", &a.paths, &BenchPath::ALL, BenchPath::name, |p| p as u32)?;
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
-    let vcpu_cpu = a.vcpu_cpus.or(online.last().copied()).unwrap_or(0);
     let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let vcpu_list = match &a.vcpu_cpus {
+        Some(s) => sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?,
+        None => run::default_vcpu_cpus(&online, &[side_cpu], a.vcpus.max(1)),
+    };
+    if vcpu_list.is_empty() {
+        return Err("--vcpu-cpus: the list is empty".into());
+    }
+    let vcpu_cpu = vcpu_list[0];
     let want_sidecall = paths & (1 << BenchPath::Sidecall as u32) != 0;
-    if want_sidecall && vcpu_cpu == side_cpu {
-        eprintln!("sidecore: warning: vCPU and sidecore share CPU {vcpu_cpu}: sidecalls will wait for the scheduler");
+    if want_sidecall && vcpu_list.iter().take(a.vcpus as usize).any(|c| *c == side_cpu) {
+        eprintln!("sidecore: warning: a vCPU shares CPU {side_cpu} with the sidecore: its sidecalls wait for the scheduler and its floor is skipped");
     }
     let mut args = [0u64; 8];
     args[shm_proto::bench::arg::OPS] = ops;
@@ -110,23 +126,29 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     let tsc = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?;
     let backend = sidecore_vmm::host::detect_backend(&kvm).map_err(|e| error_chain(&e))?;
     drop(kvm);
-    let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::new(tsc.khz, true));
+    let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::with_options(
+        tsc.khz,
+        true,
+        a.vcpus > 1,
+        a.idle_rings,
+    ));
     let opts = RunOptions {
         spec: VmSpec {
             guest_path: "bundled guest-agent".into(),
             guest_elf: sidecore_vmm::BUNDLED_GUEST.to_vec(),
             mem_mib: a.mem,
-            vcpus: 1,
+            vcpus: a.vcpus,
             workload: Workload::Bench,
             args,
             sidecalls: false,
             sidecall_timeout_us: a.sidecall_timeout_us,
         },
-        vcpu_cpus: Some(vec![vcpu_cpu]),
+        vcpu_cpus: Some(vcpu_list.clone()),
         sidecore_cpus: if want_sidecall { vec![side_cpu] } else { Vec::new() },
         console: ConsoleSink::Stdout,
         report_phases: false,
         bench: Some(collector.clone()),
+        idle_rings: a.idle_rings,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -138,6 +160,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     let rep = collector.report(sidecore_vmm::bench::ReportHeader {
         backend: backend.backend.name().into(),
         vcpu_cpu,
+        vcpu_cpus: vcpu_list.iter().copied().cycle().take(a.vcpus.max(1) as usize).collect(),
         sidecore_cpu: side_cpu,
     });
     print!("{}", rep.table());
@@ -265,6 +288,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         console: ConsoleSink::Stdout,
         report_phases: true,
         bench: bench.clone(),
+        idle_rings: 0,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if let Some(b) = bench {
@@ -272,8 +296,12 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
             .ok()
             .and_then(|k| sidecore_vmm::host::detect_backend(&k).ok())
             .map_or_else(|| "?".to_string(), |b| b.backend.name().to_string());
-        let rep =
-            b.report(sidecore_vmm::bench::ReportHeader { backend, vcpu_cpu: vcpu_cpu0, sidecore_cpu: sidecore_cpu0 });
+        let rep = b.report(sidecore_vmm::bench::ReportHeader {
+            backend,
+            vcpu_cpu: vcpu_cpu0,
+            vcpu_cpus: vec![vcpu_cpu0],
+            sidecore_cpu: sidecore_cpu0,
+        });
         eprintln!();
         print!("{}", rep.table());
     }

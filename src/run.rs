@@ -51,6 +51,9 @@ pub enum RunError {
     /// A vCPU thread died.
     #[error("vCPU thread {0} died")]
     VcpuDied(u32),
+    /// The idle benchmark rings could not be made.
+    #[error("cannot allocate the idle rings: {0}")]
+    IdleRings(String),
 }
 
 /// Where the guest's console goes.
@@ -96,6 +99,8 @@ pub struct RunOptions {
     pub report_phases: bool,
     /// Where benchmark blocks go (bench and pagefault workloads).
     pub bench: Option<Arc<crate::bench::BenchCollector>>,
+    /// Idle host-side rings added to sidecore 0 (bench only).
+    pub idle_rings: u32,
 }
 
 /// How one vCPU ended.
@@ -162,6 +167,8 @@ pub fn check_online(what: &'static str, cpus: &[usize], online: &[usize]) -> Res
 pub struct SidecoreSet {
     cpus: Vec<usize>,
     state: Mutex<SetState>,
+    /// Rings of the VM on sidecore 0 (idle benchmark rings come after them).
+    base_rings: usize,
 }
 
 enum SetState {
@@ -172,8 +179,46 @@ enum SetState {
 impl SidecoreSet {
     /// Starts one sidecore per CPU; ring i goes to sidecore i mod n.
     pub fn start(cpus: Vec<usize>, rings: Vec<RingRef>) -> Result<SidecoreSet, RunError> {
-        let cores = spawn_sharded(&cpus, rings)?;
-        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)) })
+        SidecoreSet::start_with_idle(cpus, rings, 0)
+    }
+
+    /// As [`SidecoreSet::start`], plus `idle` host-side rings that nobody
+    /// posts to, swept by sidecore 0 after the VM's rings (to measure what
+    /// idle rings cost a busy one). They start switched off: see
+    /// [`SidecoreSet::set_idle_rings`].
+    pub fn start_with_idle(cpus: Vec<usize>, rings: Vec<RingRef>, idle: u32) -> Result<SidecoreSet, RunError> {
+        let base_rings = rings.len().div_ceil(cpus.len().max(1));
+        let mut cores = spawn_sharded(&cpus, rings)?;
+        if idle > 0 {
+            let region = sidecore_core::SharedRegion::alloc(idle).map_err(|e| RunError::IdleRings(e.to_string()))?;
+            let services = Arc::new(Services::new(Vec::new()));
+            let stats = Arc::new(VmStats::default());
+            if let Some(c0) = cores.first_mut() {
+                c0.set_active_rings(base_rings);
+                for v in 0..idle {
+                    if let Some(r) = RingRef::new(region.clone(), v, services.clone(), stats.clone()) {
+                        c0.add_ring(r)?;
+                    }
+                }
+            }
+        }
+        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)), base_rings })
+    }
+
+    /// The sidecores' CPUs.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// Sweeps the idle benchmark rings (`on`) or only the VM's rings.
+    pub fn set_idle_rings(&self, on: bool) {
+        if let Ok(st) = self.state.lock() {
+            if let SetState::Running(cores) = &*st {
+                if let Some(c0) = cores.first() {
+                    c0.set_active_rings(if on { usize::MAX } else { self.base_rings });
+                }
+            }
+        }
     }
 
     /// Stops them (rings kept for a restart).
@@ -261,7 +306,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         let rings = (0..spec.vcpus)
             .filter_map(|i| RingRef::new(vm.region.clone(), i, services.clone(), sidecall_stats.clone()))
             .collect();
-        Some(Arc::new(SidecoreSet::start(opts.sidecore_cpus.clone(), rings)?))
+        Some(Arc::new(SidecoreSet::start_with_idle(opts.sidecore_cpus.clone(), rings, opts.idle_rings)?))
     };
     let shared = Arc::new(Shared {
         services,

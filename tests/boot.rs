@@ -186,3 +186,35 @@ fn pagefault_workload_reports_both_paths() {
     assert!(out.lines().any(|l| l.starts_with("pagefault") && l.contains("user")), "{out}");
     assert!(out.lines().any(|l| l.starts_with("pagefault") && l.contains("sidecall")), "{out}");
 }
+
+#[test]
+fn two_vcpus_share_one_sidecore() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&["run", "--vcpus", "2", "--sidecore", "0", "--workload", "selftest"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(out.matches("selftest: ok").count(), 1, "{out}");
+    assert_eq!(out.matches("none lost or doubled").count(), 2, "{out}");
+}
+
+#[test]
+fn bench_reports_per_vcpu_and_idle_ring_rows() {
+    if !kvm_available() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("sidecore-bench-v2-{}.json", std::process::id()));
+    let j = json.display().to_string();
+    let o = sidecore(&["bench", "--ops", "null", "--vcpus", "2", "--idle-rings", "8", "--iters", "2000", "--json", &j]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("JSON");
+    let results = v["results"].as_array().expect("results");
+    for vcpu in [0, 1] {
+        assert!(results.iter().any(|r| r["vcpu"] == vcpu && r["path"] == "sidecall"), "no vCPU {vcpu} row: {v}");
+    }
+    assert!(results.iter().any(|r| r["vcpu"].is_null() && r["path"] == "sidecall+8idle"), "{v}");
+    assert!(v["ratios"].as_array().expect("ratios").iter().any(|r| r["name"] == "sidecall+8idle/sidecall"));
+    let _ = std::fs::remove_file(&json);
+}

@@ -3,7 +3,7 @@
 //! per idle ring, and the only other shared traffic is a heartbeat store every
 //! [`HEARTBEAT_SWEEPS`] sweeps and a Relaxed load of the stop flag.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -97,6 +97,7 @@ pub struct Sidecore {
     cpu: usize,
     mode: Arc<AtomicU8>,
     pong: Arc<PongLine>,
+    active: Arc<AtomicUsize>,
     stats: Arc<CoreStats>,
     commands: Sender<Command>,
     thread: Option<JoinHandle<Vec<RingRef>>>,
@@ -106,11 +107,12 @@ impl Sidecore {
     /// Starts a sidecore serving `rings`; returns once it has pinned itself.
     pub fn spawn(cfg: SidecoreConfig, rings: Vec<RingRef>) -> Result<Sidecore, SidecoreError> {
         let mode = Arc::new(AtomicU8::new(MODE_SERVE));
+        let active = Arc::new(AtomicUsize::new(usize::MAX));
         let pong = Arc::new(PongLine::default());
         let stats = Arc::new(CoreStats::default());
         let (tx, rx) = channel::unbounded();
         let (ready_tx, ready_rx) = channel::bounded::<Result<(), PinError>>(1);
-        let (mode2, pong2, stats2, cpu) = (mode.clone(), pong.clone(), stats.clone(), cfg.cpu);
+        let (mode2, pong2, stats2, active2, cpu) = (mode.clone(), pong.clone(), stats.clone(), active.clone(), cfg.cpu);
         let thread = std::thread::Builder::new()
             .name(cfg.name.clone())
             .spawn(move || {
@@ -120,7 +122,7 @@ impl Sidecore {
                 if !ok {
                     return rings;
                 }
-                run(rings, &mode2, &pong2, &stats2, &rx)
+                run(rings, &Control { mode: &mode2, pong: &pong2, active: &active2 }, &stats2, &rx)
             })
             .map_err(|source| SidecoreError::Spawn { name: cfg.name.clone(), source })?;
         match ready_rx.recv() {
@@ -131,7 +133,7 @@ impl Sidecore {
             }
             Err(_) => return Err(SidecoreError::Died(cfg.name)),
         }
-        Ok(Sidecore { name: cfg.name, cpu, mode, pong, stats, commands: tx, thread: Some(thread) })
+        Ok(Sidecore { name: cfg.name, cpu, mode, pong, active, stats, commands: tx, thread: Some(thread) })
     }
 
     /// Adds a ring while running (picked up within [`HEARTBEAT_SWEEPS`] sweeps).
@@ -172,6 +174,13 @@ impl Sidecore {
         self.mode.store(MODE_SERVE, Ordering::Release);
     }
 
+    /// Sweeps only the first `n` of its rings from now on (`usize::MAX`: all).
+    /// `sidecore bench --idle-rings` uses it to measure, block by block,
+    /// with and without idle rings in the sweep.
+    pub fn set_active_rings(&self, n: usize) {
+        self.active.store(n, Ordering::Relaxed);
+    }
+
     /// Its counters.
     pub fn stats(&self) -> &Arc<CoreStats> {
         &self.stats
@@ -196,25 +205,27 @@ impl Drop for Sidecore {
     }
 }
 
-fn run(
-    mut rings: Vec<RingRef>,
-    mode: &AtomicU8,
-    pong: &PongLine,
-    stats: &CoreStats,
-    commands: &Receiver<Command>,
-) -> Vec<RingRef> {
+/// What the poll loop reads besides its rings.
+struct Control<'a> {
+    mode: &'a AtomicU8,
+    pong: &'a PongLine,
+    active: &'a AtomicUsize,
+}
+
+fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Receiver<Command>) -> Vec<RingRef> {
     let (mut sweeps, mut busy, mut served) = (0u64, 0u64, 0u64);
     loop {
-        match mode.load(Ordering::Relaxed) {
+        match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
             MODE_PONG => {
-                serve_pong(mode, pong);
+                serve_pong(ctl.mode, ctl.pong);
                 continue;
             }
             _ => break,
         }
+        let active = ctl.active.load(Ordering::Relaxed).min(rings.len());
         let mut n = 0;
-        for r in rings.iter_mut() {
+        for r in rings[..active].iter_mut() {
             n += r.serve();
         }
         sweeps += 1;
@@ -222,7 +233,7 @@ fn run(
             busy += 1;
             served += n as u64;
         }
-        if sweeps % HEARTBEAT_SWEEPS == 0 {
+        if sweeps.is_multiple_of(HEARTBEAT_SWEEPS) {
             for r in &rings {
                 r.region().header().heartbeat.value.fetch_add(1, Ordering::Relaxed);
             }
