@@ -1,10 +1,11 @@
 //! The registry hypercalls the VMM registers on every VM. They have a
 //! userspace exit path (the PIO mailbox) and a sidecall path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use shm_proto::op::{Status, HC_COUNTER_ADD, HC_MIX, HC_MONOTONIC_NS, WORDS};
+use sidecore_core::hostmem::HostShared;
 use sidecore_core::service::{RegistryError, Services};
 
 /// Host CLOCK_MONOTONIC in ns.
@@ -17,14 +18,14 @@ pub fn monotonic_ns() -> u64 {
     s.saturating_mul(1_000_000_000).saturating_add(ns)
 }
 
-/// Registers the VMM's hypercalls; `counters` holds one counter per vCPU
-/// for [`HC_COUNTER_ADD`].
-pub fn register_vmm_hypercalls(s: &mut Services, counters: Arc<Vec<AtomicU64>>) -> Result<(), RegistryError> {
+/// Registers the VMM's hypercalls; `host` holds the per-vCPU counters of
+/// [`HC_COUNTER_ADD`] (shared with a daemon, if one serves the VM).
+pub fn register_vmm_hypercalls(s: &mut Services, host: Arc<HostShared>) -> Result<(), RegistryError> {
     s.register(HC_MONOTONIC_NS, Box::new(|_, _| Ok([monotonic_ns(), 0, 0, 0, 0, 0])))?;
     s.register(
         HC_COUNTER_ADD,
         Box::new(move |ctx, w| {
-            let c = usize::try_from(ctx.vcpu).ok().and_then(|i| counters.get(i)).ok_or(Status::HostError)?;
+            let c = host.counter(ctx.vcpu).ok_or(Status::HostError)?;
             let v = c.fetch_add(w[0], Ordering::Relaxed).wrapping_add(w[0]);
             Ok([v, 0, 0, 0, 0, 0])
         }),
@@ -48,13 +49,13 @@ mod tests {
     #[test]
     fn vmm_hypercalls_answer() {
         let mut s = Services::new(vec![]);
-        let counters = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
-        register_vmm_hypercalls(&mut s, counters.clone()).unwrap();
+        let host = HostShared::alloc(1).unwrap();
+        register_vmm_hypercalls(&mut s, host.clone()).unwrap();
         let c1 = CallCtx { vcpu: 1 };
         assert_eq!(s.dispatch(&c1, encode_head(HC_COUNTER_ADD, 0), &[5, 0, 0, 0, 0, 0]).1[0], 5);
         assert_eq!(s.dispatch(&c1, encode_head(HC_COUNTER_ADD, 0), &[6, 0, 0, 0, 0, 0]).1[0], 11);
-        assert_eq!(counters[0].load(Ordering::Relaxed), 0);
-        assert_eq!(s.dispatch(&CallCtx { vcpu: 9 }, encode_head(HC_COUNTER_ADD, 0), &[1; 6]).0, Status::HostError);
+        assert_eq!(host.counter(0).unwrap().load(Ordering::Relaxed), 0);
+        assert_eq!(s.dispatch(&CallCtx { vcpu: 99 }, encode_head(HC_COUNTER_ADD, 0), &[1; 6]).0, Status::HostError);
         assert_eq!(s.dispatch(&c1, encode_head(HC_MIX, 0), &[2, 4, 0, 0, 0, 0]).1[0], 6 + (4 ^ 1));
         let t = s.dispatch(&c1, encode_head(HC_MONOTONIC_NS, 0), &[0; 6]);
         assert_eq!(t.0, Status::Ok);

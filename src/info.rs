@@ -56,6 +56,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
             args,
             sidecalls: false,
             sidecall_timeout_us: 1000,
+            shareable: false,
         },
         vcpu_cpus: None,
         sidecore_cpus: Vec::new(),
@@ -63,6 +64,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         report_phases: false,
         bench: None,
         idle_rings: 0,
+        attach: None,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -3,11 +3,14 @@
 //! `sidecore-core` crate; the ABI is `shm-proto`.
 
 pub mod bench;
+pub mod daemon;
 pub mod elf;
 pub mod host;
 pub mod hypercalls;
 pub mod info;
 pub mod kvm_stats;
+pub mod memfd;
+pub mod metrics;
 pub mod pagetable;
 pub mod plot;
 pub mod run;
@@ -16,3 +19,14 @@ pub mod vm;
 
 /// The bundled guest-agent ELF, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(env!("SIDECORE_GUEST_ELF"));
+
+/// "what failed: cause: cause" for an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}

@@ -25,8 +25,42 @@ enum Command {
     /// Microbenchmark null call, CPUID, page-table map and page fault:
     /// sidecall against every exit path and the floor, in one run.
     Bench(BenchArgs),
+    /// Serve the sidecalls of many VMs from pinned cores (VMMs attach with
+    /// `run --attach`).
+    Daemon(DaemonArgs),
+    /// Ask a running daemon what it serves.
+    Status(StatusArgs),
     /// Show the KVM backend, CPUs, TSC frequency, and whether guests run natively.
     Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Control socket (Unix domain); created 0600, or 0660 with --group.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// CPUs to pin one sidecore each to (e.g. 0 or 2-3).
+    #[arg(long, value_name = "LIST")]
+    cores: String,
+    /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Park a sidecore whose rings have all been idle this long (µs); 0 never parks.
+    #[arg(long, default_value_t = 1000, value_name = "US")]
+    idle_park_us: u64,
+    /// Let this group use the socket too.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -98,6 +132,34 @@ fn parse_mask<T: Copy>(
     Ok(mask)
 }
 
+fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
+    let cores = sidecore_vmm::host::parse_cpu_list(&a.cores).map_err(|e| format!("--cores: {e}"))?;
+    if cores.is_empty() {
+        return Err("--cores: the list is empty".into());
+    }
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    run::check_online("--cores", &cores, &online).map_err(|e| error_chain(&e))?;
+    let cfg = sidecore_vmm::daemon::DaemonConfig {
+        socket: a.socket,
+        cores,
+        idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
+        group: a.group,
+        metrics: a.metrics,
+    };
+    sidecore_vmm::daemon::run_daemon(&cfg).map_err(|e| error_chain(&e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
+    let v = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", sidecore_vmm::daemon::format_status(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     use shm_proto::bench::{BenchOp, BenchPath};
     let ops = parse_mask("ops", &a.ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)?;
@@ -142,6 +204,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
             args,
             sidecalls: false,
             sidecall_timeout_us: a.sidecall_timeout_us,
+            shareable: false,
         },
         vcpu_cpus: Some(vcpu_list.clone()),
         sidecore_cpus: if want_sidecall { vec![side_cpu] } else { Vec::new() },
@@ -149,6 +212,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         report_phases: false,
         bench: Some(collector.clone()),
         idle_rings: a.idle_rings,
+        attach: None,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -213,6 +277,10 @@ struct RunArgs {
     /// exit path, in µs.
     #[arg(long, default_value_t = 2000, value_name = "US")]
     sidecall_timeout_us: u64,
+    /// Have the sidecore daemon listening at this socket serve the rings
+    /// (instead of a sidecore of this process).
+    #[arg(long, value_name = "SOCKET", conflicts_with = "sidecore")]
+    attach: Option<PathBuf>,
     /// Workload argument (repeatable; e.g. spin's iteration count).
     #[arg(long = "arg", value_name = "N")]
     args: Vec<u64>,
@@ -282,6 +350,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
             args,
             sidecalls: false,
             sidecall_timeout_us: a.sidecall_timeout_us,
+            shareable: false,
         },
         vcpu_cpus,
         sidecore_cpus: a.sidecore,
@@ -289,6 +358,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         report_phases: true,
         bench: bench.clone(),
         idle_rings: 0,
+        attach: a.attach.clone(),
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if let Some(b) = bench {
@@ -332,16 +402,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(report.exit_code()))
 }
 
-/// "what failed: cause: cause" for an error and its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
-}
+use sidecore_vmm::error_chain;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -352,6 +413,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Command::Run(a) => cmd_run(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Daemon(a) => cmd_daemon(a),
+        Command::Status(a) => cmd_status(a),
         Command::Info(a) => {
             sidecore_vmm::info::cmd_info(a.json).map(|()| ExitCode::SUCCESS).map_err(|e| error_chain(&*e))
         }

@@ -3,7 +3,7 @@
 //! exit status.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub enum RunError {
     /// A vCPU thread died.
     #[error("vCPU thread {0} died")]
     VcpuDied(u32),
+    /// Attaching to the daemon failed.
+    #[error("--attach: {0}")]
+    Attach(String),
     /// The idle benchmark rings could not be made.
     #[error("cannot allocate the idle rings: {0}")]
     IdleRings(String),
@@ -101,6 +104,8 @@ pub struct RunOptions {
     pub bench: Option<Arc<crate::bench::BenchCollector>>,
     /// Idle host-side rings added to sidecore 0 (bench only).
     pub idle_rings: u32,
+    /// Have the sidecore daemon at this socket serve the rings.
+    pub attach: Option<std::path::PathBuf>,
 }
 
 /// How one vCPU ended.
@@ -265,7 +270,8 @@ fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>) -> Result<Vec<Sidecore>, R
     }
     let mut cores = Vec::new();
     for (k, (cpu, rings)) in cpus.iter().zip(shards).enumerate() {
-        cores.push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}") }, rings)?);
+        cores
+            .push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: None }, rings)?);
     }
     Ok(cores)
 }
@@ -277,6 +283,28 @@ struct Shared {
     console: ConsoleSink,
     report_phases: bool,
     bench: Option<Arc<crate::bench::BenchCollector>>,
+    attachment: Option<Arc<crate::daemon::Attachment>>,
+}
+
+/// What a daemon needs to serve this VM.
+fn attach_request(vm: &Vm) -> crate::daemon::AttachRequest {
+    crate::daemon::AttachRequest {
+        vcpus: vm.boot.nr_vcpus,
+        backend: vm.backend.backend.name().into(),
+        ram_size: vm.layout.ram_size,
+        shared_gpa: vm.layout.shared_gpa,
+        shared_size: vm.layout.shared_size,
+        pool_gpa: shm_proto::layout::PT_POOL_GPA,
+        pool_size: shm_proto::layout::PT_POOL_SIZE,
+        image_gpa: shm_proto::layout::IMAGE_GPA,
+        image_end: vm.layout.image_end,
+        free_gpa: vm.layout.free_gpa,
+        cpuid: vm
+            .cpuid
+            .iter()
+            .map(|t| t.entries().iter().map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]).collect())
+            .collect(),
+    }
 }
 
 /// Runs the VM to completion.
@@ -291,13 +319,23 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         None => default_vcpu_cpus(&online, &opts.sidecore_cpus, opts.spec.vcpus),
     };
     let mut spec = opts.spec.clone();
-    spec.sidecalls = !opts.sidecore_cpus.is_empty();
+    spec.sidecalls = !opts.sidecore_cpus.is_empty() || opts.attach.is_some();
+    spec.shareable = opts.attach.is_some();
     let mut vm = Vm::build(&spec)?;
+    let attachment = match &opts.attach {
+        Some(path) => {
+            let host_fd = vm.host_memfd.as_ref().ok_or_else(|| RunError::Attach("no host-state memfd".into()))?;
+            let a = crate::daemon::Attachment::attach(path, attach_request(&vm), &vm.memfd, host_fd)
+                .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
+            tracing::info!(vm = a.vm, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
+            Some(Arc::new(a))
+        }
+        None => None,
+    };
 
     let mut services = Services::new(vm.cpuid.clone());
     services.set_pte(vm.pte_service()?);
-    let counters = Arc::new((0..spec.vcpus).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
-    register_vmm_hypercalls(&mut services, counters)?;
+    register_vmm_hypercalls(&mut services, vm.host.clone())?;
     let services = Arc::new(services);
     let sidecall_stats = Arc::new(VmStats::default());
     let sidecores = if opts.sidecore_cpus.is_empty() {
@@ -315,6 +353,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         console: opts.console.clone(),
         report_phases: opts.report_phases,
         bench: opts.bench.clone(),
+        attachment,
     });
 
     let vcpus = std::mem::take(&mut vm.vcpus);
@@ -340,12 +379,31 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     if let Some(s) = &sidecores {
         s.stop()?;
     }
+    let guest_sidecalls: u64 =
+        (0..spec.vcpus).filter_map(|i| vm.region.vcpu(i)).map(|b| b.guest.sidecalls.load(Ordering::Relaxed)).sum();
+    let daemon_served = shared.attachment.as_ref().and_then(|a| a.served().ok());
+    if let Some(served) = daemon_served {
+        let mut c = shared.console.clone();
+        let _ = writeln!(
+            c,
+            "attach: the guest got {guest_sidecalls} sidecall replies, the daemon counted {served} for this VM"
+        );
+    }
     Ok(RunReport {
         ends,
         phase_exits,
         exit_stats: shared.exit_stats.snapshot(),
         sidecall_stats: sidecall_stats.snapshot(),
     })
+}
+
+/// Tells every vCPU of the VM that its sidecore will not come back.
+fn mark_sidecore_lost(region: &sidecore_core::SharedRegion) {
+    for v in 0..region.nr_vcpus() {
+        if let Some(b) = region.vcpu(v) {
+            b.host.sidecore_lost.store(1, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Phase {
@@ -424,6 +482,26 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                 if let Some(b) = &shared.bench {
                     if let Err(e) = b.on_block(i, &vm.mem, gpa, shared.sidecores.as_deref()) {
                         return (VcpuEnd::Fault(e.to_string()), phase_exits);
+                    }
+                }
+            }
+            Action::Control(CONTROL_STOP_SIDECORE) if shared.attachment.is_some() => {
+                if let Some(a) = shared.attachment.clone() {
+                    let region = vm.region.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(2));
+                        if let Err(e) = a.set_paused(true) {
+                            tracing::warn!("pausing the daemon's service: {e}");
+                            mark_sidecore_lost(&region);
+                        }
+                    });
+                }
+            }
+            Action::Control(CONTROL_START_SIDECORE) if shared.attachment.is_some() => {
+                if let Some(a) = &shared.attachment {
+                    if let Err(e) = a.set_paused(false) {
+                        tracing::warn!("resuming the daemon's service: {e}");
+                        mark_sidecore_lost(&vm.region);
                     }
                 }
             }

@@ -421,7 +421,12 @@ mod tests {
             free_gpa: 0x60_0000,
         };
         // SAFETY: the block is pool_size bytes and lives as long as owner.
-        let pte = unsafe { PteService::new(pl, &[4, 3, 2, 1], p, owner, Visibility::GuestFlush) }.unwrap();
+        let host = sidecore_core::hostmem::HostShared::alloc(4).unwrap();
+        for (i, l) in [4u8, 3, 2, 1].iter().enumerate() {
+            host.levels()[i].store(*l, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        let pte = unsafe { PteService::new(pl, host, p, owner, Visibility::GuestFlush) }.unwrap();
         let mut sv = services();
         sv.set_pte(pte);
         let sh = shared();

@@ -19,6 +19,7 @@ use shm_proto::ring::{
     region_size, RegionHeader, FEATURE_CALLS, REGION_MAGIC, RING_SLOTS, VCPU_SHARED_OFFSET, VCPU_SHARED_SIZE,
 };
 use sidecore_core::cpuid::{set_apic_id, set_signature, CpuidEntry, CpuidTable};
+use sidecore_core::hostmem::HostShared;
 use sidecore_core::ring::SharedRegion;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -140,6 +141,12 @@ pub enum VmError {
     /// The shared region is unusable.
     #[error("shared region")]
     Region(#[source] sidecore_core::ring::RegionError),
+    /// A memfd could not be made.
+    #[error(transparent)]
+    Memfd(crate::memfd::MemfdError),
+    /// The host-shared block could not be made.
+    #[error("host-shared state")]
+    HostShared(#[source] sidecore_core::hostmem::HostSharedError),
 }
 
 /// What to build.
@@ -161,6 +168,9 @@ pub struct VmSpec {
     pub sidecalls: bool,
     /// Sidecall reply bound, in µs.
     pub sidecall_timeout_us: u64,
+    /// Keep guest memory and host-shared state in memfds a daemon can map
+    /// (`run --attach`).
+    pub shareable: bool,
 }
 
 /// Where things are in guest memory.
@@ -216,23 +226,41 @@ pub struct Vm {
     pub region: Arc<SharedRegion>,
     /// The boot-info page as written.
     pub boot: BootInfo,
+    /// The guest memory's memfd.
+    pub memfd: File,
+    /// Host-private state (pool levels, counters).
+    pub host: Arc<HostShared>,
+    /// Its memfd, when shareable.
+    pub host_memfd: Option<File>,
 }
 
-fn guest_memory(ram: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Guest memory backed by a memfd (returned too, to pass to a daemon).
+fn guest_memory(ram: u64) -> Result<(GuestMemoryMmap, File), VmError> {
     let size = usize::try_from(ram)
         .map_err(|_| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(c"sidecore-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(VmError::Memory(ram, std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let file: File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-    file.set_len(ram).map_err(|e| VmError::Memory(ram, e))?;
+    let file = crate::memfd::create(c"sidecore-guest", ram).map_err(VmError::Memfd)?;
+    let keep = file.try_clone().map_err(|e| VmError::Memory(ram, e))?;
     let region = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(VmError::MemoryMap)?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    GuestMemoryMmap::from_regions(vec![region]).map_err(VmError::MemoryRegions)
+    Ok((GuestMemoryMmap::from_regions(vec![region]).map_err(VmError::MemoryRegions)?, keep))
+}
+
+/// The host-private block shared with a daemon: in a memfd (returned) when
+/// `shareable`, else on the heap.
+fn host_shared(pool_pages: usize, shareable: bool) -> Result<(Arc<HostShared>, Option<File>), VmError> {
+    if !shareable {
+        return Ok((HostShared::alloc(pool_pages).map_err(VmError::HostShared)?, None));
+    }
+    let size = HostShared::size(pool_pages);
+    let file = crate::memfd::create(c"sidecore-host", size as u64).map_err(VmError::Memfd)?;
+    let map = crate::memfd::Mapping::new(&file, 0, size).map_err(VmError::Memfd)?;
+    let ptr = map.ptr();
+    // SAFETY: the mapping is `size` bytes, page aligned, and stays mapped as
+    // long as its owner (the Mapping) lives inside the HostShared.
+    let host =
+        unsafe { HostShared::from_mapping(ptr, size, pool_pages, Arc::new(map)) }.map_err(VmError::HostShared)?;
+    Ok((host, Some(file)))
 }
 
 fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, VmError> {
@@ -367,7 +395,7 @@ impl Vm {
             fd.set_tss_address(0xfffb_d000).map_err(VmError::SetTss)?;
         }
 
-        let mem = guest_memory(ram)?;
+        let (mem, memfd) = guest_memory(ram)?;
         let pool_end = PT_POOL_GPA + PT_POOL_SIZE;
         add_memslot(&fd, &mem, 0, 0, PT_POOL_GPA, 0, "low memory")?;
         add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_SIZE, KVM_MEM_READONLY, "page-table pool, read-only")?;
@@ -399,6 +427,10 @@ impl Vm {
             mem.write_obj(*d, GuestAddress(GDT_GPA + 8 * i as u64)).map_err(|e| VmError::GuestWrite("GDT", e))?;
         }
         let region = init_region(&mem, &layout, spec.vcpus)?;
+        let (host, host_memfd) = host_shared(tables.pool.levels().len(), spec.shareable)?;
+        for (slot, l) in host.levels().iter().zip(tables.pool.levels()) {
+            slot.store(*l, std::sync::atomic::Ordering::Relaxed);
+        }
 
         let mut vm = Vm {
             backend,
@@ -413,6 +445,9 @@ impl Vm {
             tsc_khz,
             region,
             boot,
+            memfd,
+            host,
+            host_memfd,
         };
         for i in 0..spec.vcpus {
             vm.add_vcpu(i)?;
@@ -548,8 +583,7 @@ impl Vm {
         let owner: Arc<dyn std::any::Any + Send + Sync> = self.mem.clone();
         // SAFETY: the pool is PT_POOL_SIZE bytes of guest memory mapped for as
         // long as `owner` (the guest memory) lives.
-        unsafe { PteService::new(layout, self.tables.pool.levels(), pool, owner, visibility) }
-            .map_err(VmError::PteSetup)
+        unsafe { PteService::new(layout, self.host.clone(), pool, owner, visibility) }.map_err(VmError::PteSetup)
     }
 }
 
@@ -655,6 +689,7 @@ mod tests {
             args: [0; 8],
             sidecalls: true,
             sidecall_timeout_us: 1000,
+            shareable: false,
         };
         let l = compute_layout(64 << 20, 0x21_0000, 2).unwrap();
         let b = boot_info(&spec, Backend::Vmx, &l, 2_000_000);

@@ -82,8 +82,12 @@ impl<'a> Client<'a> {
     /// time-out) by the op's exit path.
     pub fn call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
         if self.sidecore_usable() {
-            if let Some(r) = self.sidecall(opcode, args) {
-                return r;
+            match self.sidecall(opcode, args) {
+                // A server that cannot carry this out (a daemon that does not
+                // own the VM fd) sends it to the exit path; it was not applied.
+                Some(r) if r.status == Status::UseExitPath => {}
+                Some(r) => return r,
+                None => {}
             }
         }
         self.exit_call(opcode, args)

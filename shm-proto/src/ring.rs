@@ -229,7 +229,10 @@ pub struct HostStatus {
     pub pte_status: AtomicU64,
     /// Kind ([`crate::op::PteKind`]) of that store.
     pub pte_kind: AtomicU64,
-    _pad: [u64; 14],
+    /// 1 once the VMM knows the sidecore serving this VM is gone for good
+    /// (the daemon died): the guest stops expecting it back.
+    pub sidecore_lost: AtomicU64,
+    _pad: [u64; 13],
 }
 
 const _: () = assert!(core::mem::size_of::<HostStatus>() == 128);

@@ -9,9 +9,11 @@
 //!   dispatch, reply.
 //! * [`poll`]: the pinned thread that sweeps its rings, and its handle.
 //! * [`stats`]: per-op and per-status counters readable from any thread.
+//! * [`hostmem`]: host-private state a VMM and a daemon share.
 //! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
 
 pub mod cpuid;
+pub mod hostmem;
 pub mod pin;
 pub mod poll;
 pub mod pte;
@@ -20,6 +22,6 @@ pub mod service;
 pub mod stats;
 
 pub use crate::poll::{Sidecore, SidecoreConfig, SidecoreError};
-pub use crate::ring::{RingRef, SharedRegion};
+pub use crate::ring::{RingRef, SharedRegion, VmControl};
 pub use crate::service::{CallCtx, Services};
 pub use crate::stats::VmStats;

@@ -18,10 +18,12 @@
 
 use std::any::Any;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shm_proto::op::{PteKind, Status};
+
+use crate::hostmem::HostShared;
 
 /// Present.
 pub const PTE_P: u64 = 1 << 0;
@@ -100,7 +102,7 @@ pub struct PteCounters {
 /// The service for one VM.
 pub struct PteService {
     layout: PteLayout,
-    levels: Box<[AtomicU8]>,
+    host: Arc<HostShared>,
     pool: NonNull<u8>,
     _owner: Arc<dyn Any + Send + Sync>,
     visibility: Visibility,
@@ -132,27 +134,27 @@ pub enum PteSetupError {
 
 impl PteService {
     /// A service over the pool mapped at `pool` (host address of
-    /// `layout.pool_gpa`), with the level of each pool page (0 = free).
+    /// `layout.pool_gpa`), keeping the level of each pool page (0 = free) in
+    /// `host`, which the caller has filled in.
     ///
     /// # Safety
     /// `pool .. pool + layout.pool_size` must stay mapped readable and
     /// writable while `owner` lives.
     pub unsafe fn new(
         layout: PteLayout,
-        levels: &[u8],
+        host: Arc<HostShared>,
         pool: NonNull<u8>,
         owner: Arc<dyn Any + Send + Sync>,
         visibility: Visibility,
     ) -> Result<PteService, PteSetupError> {
         let pool_pages = layout.pool_size / 4096;
-        if levels.len() as u64 != pool_pages {
-            return Err(PteSetupError::Levels { pool_pages, levels: levels.len() });
+        if host.levels().len() as u64 != pool_pages {
+            return Err(PteSetupError::Levels { pool_pages, levels: host.levels().len() });
         }
         if !(pool.as_ptr() as usize).is_multiple_of(4096) {
             return Err(PteSetupError::Misaligned);
         }
-        let levels = levels.iter().map(|l| AtomicU8::new(*l)).collect();
-        Ok(PteService { layout, levels, pool, _owner: owner, visibility, counters: PteCounters::default() })
+        Ok(PteService { layout, host, pool, _owner: owner, visibility, counters: PteCounters::default() })
     }
 
     /// The layout it validates against.
@@ -173,7 +175,7 @@ impl PteService {
     /// The level of the pool page at `gpa` (0 = not a table), or `None`
     /// outside the pool.
     pub fn level_of(&self, gpa: u64) -> Option<u8> {
-        self.pool_index(gpa).map(|i| self.levels[i].load(Ordering::Acquire))
+        self.pool_index(gpa).map(|i| self.host.levels()[i].load(Ordering::Acquire))
     }
 
     fn entry(&self, pool_index: usize, index: usize) -> &AtomicU64 {
@@ -206,7 +208,7 @@ impl PteService {
 
     fn apply(&self, table: u64, index: u64, entry: u64) -> Result<(PteKind, u64), Status> {
         let ti = self.pool_index(table).ok_or(Status::BadArgument)?;
-        let level = self.levels[ti].load(Ordering::Acquire);
+        let level = self.host.levels()[ti].load(Ordering::Acquire);
         if level == 0 {
             return Err(Status::BadArgument);
         }
@@ -226,7 +228,7 @@ impl PteService {
             } else {
                 let child = self.pool_index(pa).ok_or(Status::Denied)?;
                 let want = level - 1;
-                match self.levels[child].compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire) {
+                match self.host.levels()[child].compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {}
                     Err(l) if l == want => {}
                     Err(_) => return Err(Status::Denied),
@@ -328,10 +330,12 @@ mod tests {
         // SAFETY: non-zero size.
         let p = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).unwrap();
         let owner = Arc::new(Block(p, layout));
-        let mut levels = vec![0u8; (POOL_SIZE / 4096) as usize];
-        levels[..4].copy_from_slice(&[4, 3, 2, 1]);
+        let host = HostShared::alloc((POOL_SIZE / 4096) as usize).unwrap();
+        for (i, l) in [4u8, 3, 2, 1].iter().enumerate() {
+            host.levels()[i].store(*l, Ordering::Relaxed);
+        }
         // SAFETY: the block is POOL_SIZE bytes and lives as long as owner.
-        unsafe { PteService::new(LAYOUT, &levels, p, owner, vis) }.unwrap()
+        unsafe { PteService::new(LAYOUT, host, p, owner, vis) }.unwrap()
     }
 
     fn page(i: u64) -> u64 {

@@ -155,8 +155,22 @@ impl Drop for HeapBlock {
     }
 }
 
+/// Host-side switches of one VM's rings, shared by all of them.
+#[derive(Debug, Default)]
+pub struct VmControl {
+    /// Who it is (the daemon's VM id; 0 for a VMM's own sidecore).
+    pub id: u64,
+    /// While set, the rings are not served (the guest's calls time out and
+    /// take the exit path): the selftest's fallback phase under a daemon.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Once set, the sidecore drops the rings (and with them its mapping of
+    /// the VM's memory) at its next command check.
+    pub detached: std::sync::atomic::AtomicBool,
+}
+
 /// One vCPU's ring, as a sidecore serves it.
 pub struct RingRef {
+    control: Arc<VmControl>,
     region: Arc<SharedRegion>,
     shared: NonNull<VcpuShared>,
     ctx: CallCtx,
@@ -165,6 +179,8 @@ pub struct RingRef {
     /// The ticket the host expects next (host memory: never read back from
     /// the guest).
     next: u64,
+    /// Time each request (two TSC reads) into the service-time histogram.
+    timed: bool,
 }
 
 // SAFETY: `shared` points into `region`, which is Send + Sync and kept alive
@@ -175,8 +191,30 @@ impl RingRef {
     /// The ring of vCPU `vcpu` in `region`, or `None` if the region has no
     /// such vCPU.
     pub fn new(region: Arc<SharedRegion>, vcpu: u32, services: Arc<Services>, stats: Arc<VmStats>) -> Option<RingRef> {
+        RingRef::with_control(region, vcpu, services, stats, Arc::new(VmControl::default()))
+    }
+
+    /// As [`RingRef::new`], with the VM's host-side switches.
+    pub fn with_control(
+        region: Arc<SharedRegion>,
+        vcpu: u32,
+        services: Arc<Services>,
+        stats: Arc<VmStats>,
+        control: Arc<VmControl>,
+    ) -> Option<RingRef> {
         let shared = NonNull::from(region.vcpu(vcpu)?);
-        Some(RingRef { region, shared, ctx: CallCtx { vcpu }, services, stats, next: 0 })
+        Some(RingRef { control, region, shared, ctx: CallCtx { vcpu }, services, stats, next: 0, timed: false })
+    }
+
+    /// Times every request's service into the VM's stats (costs two TSC
+    /// reads per request; the daemon's `status` reports the percentiles).
+    pub fn set_timed(&mut self, on: bool) {
+        self.timed = on;
+    }
+
+    /// The VM's switches.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
     }
 
     /// The vCPU this ring belongs to.
@@ -204,6 +242,9 @@ impl RingRef {
     /// expected slot's state word).
     #[inline]
     pub fn serve(&mut self) -> usize {
+        if self.control.paused.load(Ordering::Relaxed) {
+            return 0;
+        }
         let mut handled = 0;
         while handled < MAX_PER_SWEEP {
             if !self.serve_one() {
@@ -237,7 +278,11 @@ impl RingRef {
                     slot.publish_reply(ticket, &Body { head: op::encode_status(Status::BadSequence), words: [0; 6] });
                     return true;
                 }
+                let t0 = if self.timed { crate::poll::rdtsc() } else { 0 };
                 let (status, words) = self.services.dispatch(&self.ctx, req.head, &req.words);
+                if self.timed {
+                    self.stats.record_service(crate::poll::rdtsc().wrapping_sub(t0));
+                }
                 self.stats.count(op::op_class((req.head & 0xffff) as u16), status);
                 slot.publish_reply(ticket, &Body { head: op::encode_status(status), words });
                 self.advance();

@@ -6,15 +6,50 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use shm_proto::op::{Status, OP_CLASS_COUNT, OP_CLASS_NAMES, STATUS_COUNT};
 
+/// Buckets of the service-time histogram: four per power of two of TSC
+/// cycles (about 19% wide), up to 2^32 cycles.
+pub const SERVICE_BUCKETS: usize = 128;
+
+/// The bucket of a service time of `cycles`.
+pub fn service_bucket(cycles: u64) -> usize {
+    if cycles < 4 {
+        return usize::try_from(cycles).unwrap_or(0);
+    }
+    let log = 63 - cycles.leading_zeros() as usize;
+    let frac = usize::try_from((cycles >> (log - 2)) & 3).unwrap_or(0);
+    (log * 4 + frac).min(SERVICE_BUCKETS - 1)
+}
+
+/// The smallest service time (cycles) that falls in bucket `b`.
+pub fn bucket_floor(b: usize) -> u64 {
+    if b < 8 {
+        // Buckets 4..8 are never used (4 cycles is bucket 8).
+        return b.min(4) as u64;
+    }
+    let (log, frac) = (b / 4, (b % 4) as u64);
+    (4 + frac) << (log - 2)
+}
+
 /// Counters of one VM.
 #[derive(Default)]
 pub struct VmStats {
+    /// Service time (claim to reply) of each request, by bucket.
+    service: ServiceHist,
     /// Requests by op class and reply status.
     calls: [[AtomicU64; STATUS_COUNT]; OP_CLASS_COUNT],
     /// Slots the guest cancelled before the sidecore claimed them.
     pub cancelled: AtomicU64,
     /// Claims lost to a concurrent guest cancel.
     pub lost_claims: AtomicU64,
+}
+
+/// The service-time histogram's buckets.
+pub struct ServiceHist([AtomicU64; SERVICE_BUCKETS]);
+
+impl Default for ServiceHist {
+    fn default() -> Self {
+        ServiceHist(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 /// A copy of [`VmStats`] at one moment.
@@ -26,6 +61,8 @@ pub struct StatsSnapshot {
     pub cancelled: u64,
     /// See [`VmStats::lost_claims`].
     pub lost_claims: u64,
+    /// Service-time buckets.
+    pub service: Vec<u64>,
 }
 
 impl VmStats {
@@ -35,6 +72,12 @@ impl VmStats {
         if let Some(row) = self.calls.get(class) {
             row[status as usize].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records one request's service time.
+    #[inline]
+    pub fn record_service(&self, cycles: u64) {
+        self.service.0[service_bucket(cycles)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reads every counter.
@@ -47,6 +90,7 @@ impl VmStats {
         }
         s.cancelled = self.cancelled.load(Ordering::Relaxed);
         s.lost_claims = self.lost_claims.load(Ordering::Relaxed);
+        s.service = self.service.0.iter().map(|a| a.load(Ordering::Relaxed)).collect();
         s
     }
 }
@@ -65,6 +109,26 @@ impl StatsSnapshot {
     /// Requests of `class` with `status`.
     pub fn get(&self, class: usize, status: Status) -> u64 {
         self.calls.get(class).map_or(0, |row| row[status as usize])
+    }
+
+    /// The service time (cycles, lower edge of its bucket) below which a
+    /// fraction `q` of the timed requests fall; `None` if none was timed.
+    pub fn service_quantile(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.service.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        // Rounding is fine for a rank.
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, n) in self.service.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(bucket_floor(b));
+            }
+        }
+        None
     }
 
     /// Non-zero counters as (op class name, status name, count).
@@ -98,5 +162,27 @@ mod tests {
         assert_eq!(snap.total(), 3);
         assert_eq!(snap.rejected(), 1);
         assert_eq!(snap.nonzero(), vec![("unknown", "unknown_op", 1), ("cpuid", "ok", 2)]);
+        assert_eq!(snap.service_quantile(0.5), None);
+    }
+
+    #[test]
+    fn service_buckets_are_monotonic_and_quantiles_land_in_them() {
+        let mut last = 0;
+        for c in [0u64, 1, 3, 4, 5, 7, 8, 100, 1000, 1 << 20, u64::MAX] {
+            let b = service_bucket(c);
+            assert!(b >= last && b < SERVICE_BUCKETS);
+            if c < 1 << 30 {
+                assert!(bucket_floor(b) <= c && c < bucket_floor(b + 1).max(c + 1), "{c}");
+            }
+            last = b;
+        }
+        let s = VmStats::default();
+        for c in 1..=1000u64 {
+            s.record_service(c);
+        }
+        let snap = s.snapshot();
+        let p50 = snap.service_quantile(0.5).unwrap();
+        assert!((400..=500).contains(&p50), "{p50}");
+        assert!(snap.service_quantile(1.0).unwrap() <= 1000);
     }
 }

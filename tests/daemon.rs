@@ -1,0 +1,191 @@
+//! The sidecore daemon serving several VMMs: attach, SIGKILL of one VMM,
+//! status, idle CPU use, and guests surviving the daemon's death.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("skipping: /dev/kvm not present on this machine");
+        false
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sidecore")
+}
+
+fn socket(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sidecore-test-{tag}-{}.sock", std::process::id()))
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(sock: &Path) -> Daemon {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(bin())
+        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
+        .arg(sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "daemon did not create its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+fn vmm(sock: &Path, linger_ms: u64) -> Child {
+    Command::new(bin())
+        .args([
+            "run",
+            "--workload",
+            "selftest",
+            "--vcpu-cpus",
+            "1",
+            "--arg",
+            "0",
+            "--arg",
+            &linger_ms.to_string(),
+            "--attach",
+        ])
+        .arg(sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm")
+}
+
+fn status(sock: &Path) -> serde_json::Value {
+    let o = Command::new(bin()).args(["status", "--json", "--socket"]).arg(sock).output().expect("status");
+    assert!(o.status.success(), "status failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("status JSON")
+}
+
+fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// (utime + stime) in clock ticks of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+}
+
+#[test]
+fn daemon_serves_three_vmms_survives_a_sigkill_and_goes_idle() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket("three");
+    let d = start_daemon(&sock);
+    let a = vmm(&sock, 2500);
+    let b = vmm(&sock, 2500);
+    let mut victim = vmm(&sock, 20_000);
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = status(&sock);
+    let pids: Vec<u64> = before["vms"].as_array().expect("vms").iter().filter_map(|v| v["pid"].as_u64()).collect();
+    assert!(pids.contains(&u64::from(victim.id())), "victim not attached: {before}");
+    victim.kill().expect("SIGKILL the victim");
+    let _ = victim.wait();
+    // The hang-up detaches it at once; the others are still lingering.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = status(&sock);
+    let listed: Vec<u64> = after["vms"].as_array().expect("vms").iter().filter_map(|v| v["pid"].as_u64()).collect();
+    assert!(!listed.contains(&u64::from(victim.id())), "killed VMM still attached: {after}");
+    assert_eq!(listed.len(), 2, "{after}");
+    for o in [a.wait_with_output().expect("vmm a"), b.wait_with_output().expect("vmm b")] {
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        assert!(t.contains("selftest: ok"), "{t}");
+        // The daemon counted exactly the replies the guest received.
+        let line = t.lines().find(|l| l.starts_with("attach: ")).unwrap_or_else(|| panic!("no attach line: {t}"));
+        let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        assert_eq!(nums.len(), 2, "{line}");
+        assert_eq!(nums[0], nums[1], "{line}");
+        assert!(nums[0] > 0, "{line}");
+    }
+    // Still serving, nobody attached, and parked: under 5% of a CPU.
+    let idle = status(&sock);
+    assert_eq!(idle["vms"].as_array().map(Vec::len), Some(0), "{idle}");
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = cpu_ticks(d.0.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(d.0.id()) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    assert!(used * 100 < hz * 5, "idle daemon used {used} ticks of {hz} in 1 s");
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn guests_finish_through_the_exit_paths_when_the_daemon_dies() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket("dies");
+    let mut d = start_daemon(&sock);
+    let v = vmm(&sock, 3000);
+    std::thread::sleep(Duration::from_millis(1200));
+    d.0.kill().expect("kill daemon");
+    let _ = d.0.wait();
+    let o = v.wait_with_output().expect("vmm");
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("selftest: ok"), "{t}");
+    // A restarted daemon accepts new attaches.
+    let _d2 = start_daemon(&sock);
+    let o = vmm(&sock, 0).wait_with_output().expect("vmm after restart");
+    assert!(o.status.success() && text(&o).contains("selftest: ok"), "{}", text(&o));
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn bad_messages_get_errors_and_the_daemon_lives_on() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket("bad");
+    let _d = start_daemon(&sock);
+    for msg in ["garbage\n", "{\"op\":\"nuke\"}\n", "{\"op\":\"pause\"}\n", "{\"op\":\"attach\",\"vcpus\":1}\n"] {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.write_all(msg.as_bytes()).expect("write");
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("reply");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON reply");
+        assert_eq!(v["ok"], serde_json::Value::Bool(false), "{msg} -> {line}");
+    }
+    // Oversized: more than 1 MiB without a newline.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    let big = vec![b'x'; 1 << 20];
+    let _ = s.write_all(&big);
+    let _ = s.write_all(&big);
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    assert!(line.contains("\"ok\":false"), "{line}");
+    assert_eq!(status(&sock)["ok"], serde_json::Value::Bool(true));
+    let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o600));
+    let _ = std::fs::remove_file(&sock);
+}
