@@ -273,33 +273,9 @@ impl Daemon {
         let [guest, host] = files else {
             return Err(format!("attach needs 2 fds (guest memory, host state), got {}", files.len()));
         };
-        if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-            return Err(format!("vcpus {} out of range 1..={MAX_VCPUS}", req.vcpus));
-        }
-        if req.cpuid.len() != req.vcpus as usize {
-            return Err(format!("{} CPUID tables for {} vCPUs", req.cpuid.len(), req.vcpus));
-        }
-        let fsize = guest.metadata().map_err(|e| format!("guest memfd: {e}"))?.len();
-        let inside = |gpa: u64, len: u64| {
-            gpa.checked_add(len).is_some_and(|e| e <= req.ram_size) && gpa.is_multiple_of(4096) && len > 0
-        };
-        if req.ram_size > fsize {
-            return Err(format!("ram_size {:#x} exceeds the guest memfd ({fsize:#x} bytes)", req.ram_size));
-        }
-        if !inside(req.shared_gpa, req.shared_size) || req.shared_size < region_size(req.vcpus) {
-            return Err("shared region outside RAM, misaligned or too small".into());
-        }
-        if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
-            return Err("page-table pool outside RAM or misaligned".into());
-        }
-        if req.image_gpa > req.image_end || req.image_end > req.ram_size || req.free_gpa > req.ram_size {
-            return Err("image or free RAM range outside RAM".into());
-        }
-        let pool_pages = usize::try_from(req.pool_size / 4096).map_err(|_| "pool too large")?;
-        let host_len = HostShared::size(pool_pages);
-        if host.metadata().map_err(|e| format!("host memfd: {e}"))?.len() < host_len as u64 {
-            return Err("host-state memfd too small".into());
-        }
+        let guest_size = guest.metadata().map_err(|e| format!("guest memfd: {e}"))?.len();
+        let host_size = host.metadata().map_err(|e| format!("host memfd: {e}"))?.len();
+        let (pool_pages, host_len) = validate_attach(req, guest_size, host_size)?;
         let too_big = |_| "range too large".to_string();
         let shared_map = Mapping::new(guest, req.shared_gpa, usize::try_from(req.shared_size).map_err(too_big)?)
             .map_err(|e| e.to_string())?;
@@ -639,6 +615,46 @@ fn tsc_f64(v: u64) -> f64 {
     f
 }
 
+/// Checks an attach request against the sizes of the two memfds that came
+/// with it; returns the pool's page count and the host block's length.
+/// Everything here comes from another process and is treated as hostile.
+pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> Result<(usize, usize), String> {
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(format!("vcpus {} out of range 1..={MAX_VCPUS}", req.vcpus));
+    }
+    if req.cpuid.len() != req.vcpus as usize {
+        return Err(format!("{} CPUID tables for {} vCPUs", req.cpuid.len(), req.vcpus));
+    }
+    if req.cpuid.iter().any(|t| t.len() > 4096) {
+        return Err("a CPUID table has more than 4096 entries".into());
+    }
+    let inside = |gpa: u64, len: u64| {
+        gpa.checked_add(len).is_some_and(|e| e <= req.ram_size) && gpa.is_multiple_of(4096) && len > 0
+    };
+    if req.ram_size > guest_size {
+        return Err(format!("ram_size {:#x} exceeds the guest memfd ({guest_size:#x} bytes)", req.ram_size));
+    }
+    if !inside(req.shared_gpa, req.shared_size) || req.shared_size < region_size(req.vcpus) {
+        return Err("shared region outside RAM, misaligned or too small".into());
+    }
+    if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
+        return Err("page-table pool outside RAM or misaligned".into());
+    }
+    let overlap = req.shared_gpa < req.pool_gpa + req.pool_size && req.pool_gpa < req.shared_gpa + req.shared_size;
+    if overlap {
+        return Err("shared region overlaps the page-table pool".into());
+    }
+    if req.image_gpa > req.image_end || req.image_end > req.ram_size || req.free_gpa > req.ram_size {
+        return Err("image or free RAM range outside RAM".into());
+    }
+    let pool_pages = usize::try_from(req.pool_size / 4096).map_err(|_| "pool too large")?;
+    let host_len = HostShared::size(pool_pages);
+    if host_size < host_len as u64 {
+        return Err("host-state memfd too small".into());
+    }
+    Ok((pool_pages, host_len))
+}
+
 /// One sidecore, for the metrics endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct CoreSnapshot {
@@ -885,6 +901,46 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"nuke"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"attach","vcpus":1}"#).is_err());
         assert!(serde_json::from_str::<Request>("[]").is_err());
+    }
+
+    fn good() -> AttachRequest {
+        AttachRequest {
+            vcpus: 1,
+            backend: "pvm".into(),
+            ram_size: 64 << 20,
+            shared_gpa: 0x40_0000,
+            shared_size: 0x3000,
+            pool_gpa: 0x10_0000,
+            pool_size: 0x10_0000,
+            image_gpa: 0x20_0000,
+            image_end: 0x21_0000,
+            free_gpa: 0x60_0000,
+            cpuid: vec![vec![[0; 7]]],
+        }
+    }
+
+    #[test]
+    fn attach_validation_refuses_hostile_layouts() {
+        assert_eq!(validate_attach(&good(), 64 << 20, 8192), Ok((256, 8192)));
+        let bad: Vec<Box<dyn Fn(&mut AttachRequest)>> = vec![
+            Box::new(|r| r.vcpus = 0),
+            Box::new(|r| r.vcpus = 99),
+            Box::new(|r| r.cpuid.clear()),
+            Box::new(|r| r.ram_size = 1 << 40),
+            Box::new(|r| r.shared_gpa = u64::MAX - 10),
+            Box::new(|r| r.shared_gpa = 0x40_0001),
+            Box::new(|r| r.shared_size = 0x1000),
+            Box::new(|r| r.pool_size = 0),
+            Box::new(|r| r.pool_gpa = 0x40_0000),
+            Box::new(|r| r.image_end = 1),
+            Box::new(|r| r.free_gpa = u64::MAX),
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut r = good();
+            f(&mut r);
+            assert!(validate_attach(&r, 64 << 20, 8192).is_err(), "case {i}");
+        }
+        assert!(validate_attach(&good(), 64 << 20, 100).is_err());
     }
 
     #[test]
