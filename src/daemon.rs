@@ -922,7 +922,8 @@ mod tests {
     #[test]
     fn attach_validation_refuses_hostile_layouts() {
         assert_eq!(validate_attach(&good(), 64 << 20, 8192), Ok((256, 8192)));
-        let bad: Vec<Box<dyn Fn(&mut AttachRequest)>> = vec![
+        type Mutation = Box<dyn Fn(&mut AttachRequest)>;
+        let bad: Vec<Mutation> = vec![
             Box::new(|r| r.vcpus = 0),
             Box::new(|r| r.vcpus = 99),
             Box::new(|r| r.cpuid.clear()),
