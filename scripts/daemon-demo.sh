@@ -11,7 +11,7 @@ sock=$(mktemp -u /tmp/sidecore-demo.XXXXXX.sock)
 daemon=$!
 trap 'kill $daemon 2>/dev/null || true; rm -f "$sock"' EXIT
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-run() { "$bin" run --attach "$sock" --vcpu-cpus 1 --workload selftest --arg 0 --arg "$1"; }
+run() { exec "$bin" run --attach "$sock" --vcpu-cpus 1 --workload selftest --arg 0 --arg "$1"; }
 run 2500 > /tmp/sidecore-demo-a.log 2>&1 & a=$!
 run 2500 > /tmp/sidecore-demo-b.log 2>&1 & b=$!
 run 20000 > /tmp/sidecore-demo-c.log 2>&1 & c=$!
