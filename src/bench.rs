@@ -424,7 +424,7 @@ impl BenchReport {
             );
         }
         s += &format!(
-            "\n{:<10} {:<17} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9}\n",
+            "\n{:<18} {:<17} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>9}\n",
             "op", "path", "p50 ns", "p90 ns", "p99 ns", "p99.9 ns", "max ns", "p50 cyc", "samples", "fallback"
         );
         let rows = self.results.iter().map(|r| {
@@ -437,7 +437,7 @@ impl BenchReport {
         let floor = (self.floor.samples > 0).then(|| ("floor", "host".to_string(), &self.floor, 0));
         for (op, path, st, fb) in rows.chain(floor) {
             s += &format!(
-                "{:<10} {:<17} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9} {:>8} {:>9}\n",
+                "{:<18} {:<17} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9} {:>8} {:>9}\n",
                 op, path, st.p50_ns, st.p90_ns, st.p99_ns, st.p999_ns, st.max_ns, st.p50_cycles, st.samples, fb
             );
         }
@@ -449,7 +449,7 @@ impl BenchReport {
             }
             for (op, rs) in by_op {
                 let floor = self.floor_by_op.get(op).map(|f| format!("  (floor beside it: p50 {:.0} ns)", f.p50_ns));
-                s += &format!("  {:<10} {}{}\n", op, rs.join("   "), floor.unwrap_or_default());
+                s += &format!("  {:<18} {}{}\n", op, rs.join("   "), floor.unwrap_or_default());
             }
         }
         s

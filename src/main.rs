@@ -111,6 +111,83 @@ struct BenchArgs {
     /// How long a sidecall waits before it falls back, in µs.
     #[arg(long, default_value_t = 2000, value_name = "US")]
     sidecall_timeout_us: u64,
+    /// Measure throughput instead: calls per second through one sidecore
+    /// from host-side synthetic producers, 1 to 64 rings, batches of 1, 8
+    /// and 32, and the capacity model built from it.
+    #[arg(long)]
+    throughput: bool,
+}
+
+fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
+    use sidecore_core::throughput::{capacity, measure, sweep_cost_per_ring};
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let prod_cpu = run::default_vcpu_cpus(&online, &[side_cpu], 1).first().copied().unwrap_or(0);
+    let d = std::time::Duration::from_millis(250);
+    let mut rows = Vec::new();
+    for rings in [1u32, 4, 16, 64] {
+        for batch in [1u32, 8, 32] {
+            eprintln!("throughput: {rings} ring(s), batch {batch} ...");
+            let t = measure(side_cpu, prod_cpu, rings, batch, d).map_err(|e| error_chain(&e))?;
+            rows.push(t);
+        }
+    }
+    let ring_ns = sweep_cost_per_ring(side_cpu, 64, d).map_err(|e| error_chain(&e))?;
+    // The floor, host to host, on the same two CPUs.
+    let floor_ns = {
+        let sc = sidecore_core::Sidecore::spawn(
+            sidecore_core::SidecoreConfig { cpu: side_cpu, name: "sidecore-floor".into(), idle_park: None },
+            Vec::new(),
+        )
+        .map_err(|e| error_chain(&e))?;
+        let mut samples = vec![0u64; 20_000];
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = sidecore_core::pin::pin_current_thread(prod_cpu);
+                for chunk in samples.chunks_mut(1000) {
+                    sc.floor_block(chunk);
+                }
+            });
+        });
+        samples.sort_unstable();
+        let kvm = sidecore_vmm::host::open_kvm().map_err(|e| error_chain(&e))?;
+        let khz = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?.khz;
+        #[allow(clippy::cast_precision_loss)]
+        let ns = samples[samples.len() / 2] as f64 * 1e6 / khz.max(1) as f64;
+        ns
+    };
+    // Per-request cost at the sidecore: the batched single-ring rate.
+    let best = rows.iter().filter(|t| t.rings == 1).map(|t| t.calls_per_s).fold(0.0, f64::max);
+    let service_ns = if best > 0.0 { 1e9 / best } else { 0.0 };
+    println!(
+        "sidecore throughput — host-side synthetic producer on CPU {prod_cpu}, sidecore on CPU {side_cpu}, null calls"
+    );
+    println!("\n{:>6} {:>6} {:>14}", "rings", "batch", "calls/s");
+    for t in &rows {
+        println!("{:>6} {:>6} {:>14.0}", t.rings, t.batch, t.calls_per_s);
+    }
+    println!("\nmeasured: floor p50 {floor_ns:.0} ns, per-request cost at the sidecore {service_ns:.1} ns (1 ring, batched), sweep cost {ring_ns:.2} ns per idle ring (64 idle rings)");
+    let mut cap = Vec::new();
+    for rate in [1_000.0, 10_000.0, 100_000.0, 1_000_000.0] {
+        let n = capacity(floor_ns, service_ns, ring_ns, rate);
+        println!("capacity: at {rate:>9.0} sidecalls/s per vCPU, one sidecore serves up to {n} vCPUs with p99 < 2 x floor (model; inputs from host-side synthetic producers on 1-64 rings)");
+        cap.push(serde_json::json!({"rate_per_vcpu": rate, "vcpus": n}));
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "sidecore_cpu": side_cpu,
+            "producer_cpu": prod_cpu,
+            "floor_p50_ns": floor_ns,
+            "service_ns": service_ns,
+            "sweep_ns_per_ring": ring_ns,
+            "throughput": rows.iter().map(|t| serde_json::json!({"rings": t.rings, "batch": t.batch, "calls_per_s": t.calls_per_s})).collect::<Vec<_>>(),
+            "capacity": cap,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v).map_err(|e| e.to_string())? + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_mask<T: Copy>(
@@ -162,6 +239,9 @@ fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
 
 fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     use shm_proto::bench::{BenchOp, BenchPath};
+    if a.throughput {
+        return cmd_throughput(&a);
+    }
     let ops = parse_mask("ops", &a.ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)?;
     let paths = parse_mask("paths", &a.paths, &BenchPath::ALL, BenchPath::name, |p| p as u32)?;
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;

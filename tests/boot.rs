@@ -140,8 +140,8 @@ fn bench_writes_table_json_and_plot() {
     let o = sidecore(&["bench", "--iters", "2000", "--warmup", "100", "--json", &j, "--plot", &s]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
-    for op in ["null", "cpuid", "pte", "pagefault"] {
-        assert!(out.lines().any(|l| l.starts_with(op)), "no {op} row:\n{out}");
+    for op in ["null", "cpuid", "pte", "pagefault", "pagefault-batch8", "pagefault-batch32"] {
+        assert!(out.lines().any(|l| l.starts_with(&format!("{op} "))), "no {op} row:\n{out}");
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("JSON");
@@ -216,5 +216,26 @@ fn bench_reports_per_vcpu_and_idle_ring_rows() {
     }
     assert!(results.iter().any(|r| r["vcpu"].is_null() && r["path"] == "sidecall+8idle"), "{v}");
     assert!(v["ratios"].as_array().expect("ratios").iter().any(|r| r["name"] == "sidecall+8idle/sidecall"));
+    let _ = std::fs::remove_file(&json);
+}
+
+#[test]
+fn throughput_table_json_and_capacity() {
+    if !kvm_available() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("sidecore-tput-{}.json", std::process::id()));
+    let j = json.display().to_string();
+    let o = sidecore(&["bench", "--throughput", "--json", &j]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("capacity: at"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("JSON");
+    let rows = v["throughput"].as_array().expect("throughput");
+    for (rings, batch) in [(1, 1), (1, 8), (1, 32), (64, 32)] {
+        let r = rows.iter().find(|r| r["rings"] == rings && r["batch"] == batch).expect("row");
+        assert!(r["calls_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    }
+    assert!(v["capacity"].as_array().is_some_and(|c| !c.is_empty()));
     let _ = std::fs::remove_file(&json);
 }

@@ -14,7 +14,7 @@ use crate::{gprintln, Env};
 /// Default samples per (op, path).
 const DEFAULT_ITERS: u64 = 100_000;
 /// Default samples for the page-table ops (bounded by the pool anyway).
-const DEFAULT_PT_ITERS: u64 = 20_000;
+const DEFAULT_PT_ITERS: u64 = 10_000;
 /// Default warm-up calls.
 const DEFAULT_WARMUP: u64 = 2_000;
 /// Exit status when the sidecore never answered.
@@ -49,13 +49,20 @@ fn t_end() -> u64 {
 /// Runs the bench workload (or, for `pagefault`, only that op).
 pub fn run(env: &Env, only_pagefault: bool) -> u32 {
     let a = env.boot.args;
-    let ops = if only_pagefault {
-        1 << BenchOp::Pagefault as u32
+    let pagefaults = (1 << BenchOp::Pagefault as u32)
+        | (1 << BenchOp::PagefaultBatch8 as u32)
+        | (1 << BenchOp::PagefaultBatch32 as u32);
+    let mut ops = if only_pagefault {
+        pagefaults
     } else if a[arg::OPS] == 0 {
         0b0111
     } else {
         a[arg::OPS]
     };
+    // The batched variants come with the page-fault op.
+    if ops & (1 << BenchOp::Pagefault as u32) != 0 {
+        ops |= pagefaults;
+    }
     let paths = if a[arg::PATHS] == 0 { 0b111 } else { a[arg::PATHS] };
     let warmup = if a[arg::WARMUP] == 0 { DEFAULT_WARMUP } else { a[arg::WARMUP] };
     let block = usize::try_from(a[arg::BLOCK]).unwrap_or(0);
@@ -87,7 +94,7 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
             if path == BenchPath::Sidecall && !c.sidecalls_enabled() {
                 continue;
             }
-            let pt_op = matches!(op, BenchOp::Pte | BenchOp::Pagefault);
+            let pt_op = !matches!(op, BenchOp::Null | BenchOp::Cpuid);
             let mut iters = match a[arg::ITERS] {
                 0 if pt_op => DEFAULT_PT_ITERS,
                 0 => DEFAULT_ITERS,
@@ -110,19 +117,23 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
             }
             let mut st = pt;
             let warm = if pt_op { warmup.min(512) } else { warmup };
-            for _ in 0..warm {
-                let _ = timed(&mut c, op, path, st.as_mut());
+            let k_batch = usize::try_from(op.batch()).unwrap_or(1);
+            for _ in 0..warm.div_ceil(op.batch()) {
+                let _ = timed_batch(&mut c, op, path, st.as_mut(), &mut [0; 32]);
             }
+            let block = block / k_batch * k_batch;
             let mut done = 0;
             while done < iters {
                 let n = usize::try_from((iters - done).min(block as u64)).unwrap_or(block);
+                let n = n.div_ceil(k_batch) * k_batch;
                 let mut fallbacks = 0u32;
-                for k in 0..n {
-                    let (cycles, via) = timed(&mut c, op, path, st.as_mut());
-                    blk.samples[k] = cycles;
+                let mut k = 0;
+                while k < n {
+                    let (got, via) = timed_batch(&mut c, op, path, st.as_mut(), &mut blk.samples[k..k + k_batch]);
                     if path == BenchPath::Sidecall && via != Via::Sidecall {
                         fallbacks += 1;
                     }
+                    k += got.max(1);
                 }
                 blk.op = op as u32;
                 blk.path = path as u32;
@@ -139,6 +150,50 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
 
 fn sidecore_answers(c: &mut Client) -> bool {
     (0..1000).any(|_| c.sidecall(Opcode::Null as u16, [0; WORDS]).is_some())
+}
+
+/// One timed call, or for the batched ops one batch of `op.batch()` page
+/// maps (one batched sidecall) and touches, each page's sample being the
+/// batch's time divided by its size. Returns the samples written.
+fn timed_batch(
+    c: &mut Client,
+    op: BenchOp,
+    path: BenchPath,
+    pt: Option<&mut PtState>,
+    out: &mut [u64],
+) -> (usize, Via) {
+    let k = usize::try_from(op.batch()).unwrap_or(1).min(out.len()).min(32);
+    if k <= 1 {
+        let (cycles, via) = timed(c, op, path, pt);
+        if let Some(o) = out.first_mut() {
+            *o = cycles;
+        }
+        return (1, via);
+    }
+    let Some(st) = pt else { return (0, Via::Exit) };
+    let mut reqs = [(Opcode::PteUpdate as u16, [0u64; WORDS]); 32];
+    let mut vas = [0u64; 32];
+    for i in 0..k {
+        let va = st.base + st.next * 4096;
+        st.next += 1;
+        let Ok((table, idx)) = st.tables.leaf_slot(c, PtPath::Sidecall, va) else { return (0, Via::Exit) };
+        vas[i] = va;
+        reqs[i].1 = [table, idx, st.frame | P | RW | NX, 0, 0, 0];
+    }
+    let mut replies = [crate::client::Reply { status: Status::Ok, words: [0; WORDS], via: Via::Sidecall }; 32];
+    let t0 = t_start();
+    c.call_batch(&reqs[..k], &mut replies[..k]);
+    for (va, r) in vas[..k].iter().zip(&replies[..k]) {
+        if r.status == Status::Ok {
+            let _ = probe_read(*va);
+        }
+    }
+    let per = t_end().wrapping_sub(t0) / k as u64;
+    for o in out[..k].iter_mut() {
+        *o = per;
+    }
+    let via = if replies[..k].iter().all(|r| r.via == Via::Sidecall) { Via::Sidecall } else { Via::Exit };
+    (k, via)
 }
 
 /// One timed call: cycles, and which path answered.

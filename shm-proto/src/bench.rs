@@ -34,11 +34,23 @@ pub enum BenchOp {
     Pte = 2,
     /// Map a fresh page, then touch it (the paper's page-fault case).
     Pagefault = 3,
+    /// The same, 8 pages per batched sidecall, then touch them; one sample
+    /// per page (the batch's time / 8).
+    PagefaultBatch8 = 4,
+    /// The same with 32 pages per batch.
+    PagefaultBatch32 = 5,
 }
 
 impl BenchOp {
     /// Every op, in table order.
-    pub const ALL: [BenchOp; 4] = [BenchOp::Null, BenchOp::Cpuid, BenchOp::Pte, BenchOp::Pagefault];
+    pub const ALL: [BenchOp; 6] = [
+        BenchOp::Null,
+        BenchOp::Cpuid,
+        BenchOp::Pte,
+        BenchOp::Pagefault,
+        BenchOp::PagefaultBatch8,
+        BenchOp::PagefaultBatch32,
+    ];
 
     /// Decodes.
     pub const fn from_u32(v: u32) -> Option<BenchOp> {
@@ -47,6 +59,8 @@ impl BenchOp {
             1 => Some(BenchOp::Cpuid),
             2 => Some(BenchOp::Pte),
             3 => Some(BenchOp::Pagefault),
+            4 => Some(BenchOp::PagefaultBatch8),
+            5 => Some(BenchOp::PagefaultBatch32),
             _ => None,
         }
     }
@@ -58,12 +72,28 @@ impl BenchOp {
             BenchOp::Cpuid => "cpuid",
             BenchOp::Pte => "pte",
             BenchOp::Pagefault => "pagefault",
+            BenchOp::PagefaultBatch8 => "pagefault-batch8",
+            BenchOp::PagefaultBatch32 => "pagefault-batch32",
+        }
+    }
+
+    /// Pages per batched sidecall (1 for unbatched ops).
+    pub const fn batch(self) -> u64 {
+        match self {
+            BenchOp::PagefaultBatch8 => 8,
+            BenchOp::PagefaultBatch32 => 32,
+            _ => 1,
         }
     }
 
     /// Whether the op has this path.
     pub const fn has_path(self, p: BenchPath) -> bool {
-        !matches!((self, p), (BenchOp::Pte | BenchOp::Pagefault, BenchPath::Kernel))
+        match self {
+            BenchOp::Null | BenchOp::Cpuid => true,
+            BenchOp::Pte | BenchOp::Pagefault => !matches!(p, BenchPath::Kernel),
+            // A trap takes one store at a time: only sidecalls batch.
+            BenchOp::PagefaultBatch8 | BenchOp::PagefaultBatch32 => matches!(p, BenchPath::Sidecall),
+        }
     }
 }
 

@@ -10,6 +10,8 @@
 //! * [`poll`]: the pinned thread that sweeps its rings, and its handle.
 //! * [`stats`]: per-op and per-status counters readable from any thread.
 //! * [`hostmem`]: host-private state a VMM and a daemon share.
+//! * [`throughput`]: calls per second with synthetic producers, and the
+//!   capacity model.
 //! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
 
 pub mod cpuid;
@@ -20,6 +22,7 @@ pub mod pte;
 pub mod ring;
 pub mod service;
 pub mod stats;
+pub mod throughput;
 
 pub use crate::poll::{Sidecore, SidecoreConfig, SidecoreError};
 pub use crate::ring::{RingRef, SharedRegion, VmControl};
