@@ -189,3 +189,59 @@ fn bad_messages_get_errors_and_the_daemon_lives_on() {
     assert_eq!(mode.ok(), Some(0o600));
     let _ = std::fs::remove_file(&sock);
 }
+
+#[test]
+fn a_chaos_vm_cannot_hurt_its_neighbour() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket("chaos");
+    let d = start_daemon(&sock);
+    let chaos = Command::new(bin())
+        .args(["run", "--workload", "chaos", "--vcpu-cpus", "1", "--arg", "0", "--arg", "11000", "--attach"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chaos vmm");
+    // A polite selftest (no deliberately invalid sidecalls) that lingers
+    // for as long as the chaos runs.
+    let good = Command::new(bin())
+        .args([
+            "run",
+            "--workload",
+            "selftest",
+            "--vcpu-cpus",
+            "1",
+            "--arg",
+            "0",
+            "--arg",
+            "10000",
+            "--arg",
+            "1",
+            "--attach",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("selftest vmm");
+    std::thread::sleep(Duration::from_secs(9));
+    let st = status(&sock);
+    let vms = st["vms"].as_array().expect("vms").clone();
+    let by_pid = |pid: u32| vms.iter().find(|v| v["pid"].as_u64() == Some(u64::from(pid))).cloned();
+    let c = by_pid(chaos.id()).unwrap_or_else(|| panic!("chaos VM not listed: {st}"));
+    let g = by_pid(good.id()).unwrap_or_else(|| panic!("selftest VM not listed: {st}"));
+    assert!(c["rejected"].as_u64().is_some_and(|n| n > 0), "chaos VM shows no rejections: {c}");
+    assert_eq!(g["rejected"].as_u64(), Some(0), "the well-behaved VM shows rejections: {g}");
+    let o = good.wait_with_output().expect("selftest");
+    assert!(o.status.success() && text(&o).contains("selftest: ok"), "{}", text(&o));
+    let o = chaos.wait_with_output().expect("chaos");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(", 0 wrong)"), "{}", text(&o));
+    // The daemon is alive and serving.
+    assert_eq!(status(&sock)["ok"], serde_json::Value::Bool(true));
+    drop(d);
+    let _ = std::fs::remove_file(&sock);
+}

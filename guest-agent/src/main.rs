@@ -10,6 +10,7 @@
 
 mod arch;
 mod bench;
+mod chaos;
 mod client;
 mod console;
 mod idt;
@@ -93,6 +94,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Selftest) => selftest::run(&env),
         Some(Workload::Bench) => bench::run(&env, false),
         Some(Workload::Pagefault) => bench::run(&env, true),
+        Some(Workload::Chaos) => chaos::run(&env),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

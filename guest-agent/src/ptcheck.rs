@@ -90,7 +90,12 @@ pub fn run(env: &Env, c: &mut Client, path: PtPath, slot: u64, fail: &mut dyn Fn
         }
     }
 
-    // Invalid updates, all on a fresh slot of the same leaf table...
+    // Invalid updates (not in polite mode, `args[2]` = 1, where only the
+    // trap path tries them: a well-behaved VM beside a hostile one must show
+    // no rejected sidecalls)...
+    if path == PtPath::Sidecall && b.args[2] == 1 {
+        return rec;
+    }
     let spare = va(PAGES);
     let (table, idx) = match pt.leaf_slot(c, path, spare) {
         Ok(s) => s,

@@ -126,12 +126,15 @@ pub enum Workload {
     /// Maps fresh pages one by one and touches each, by trap and by sidecall
     /// (the paper's page-fault case); the bench with only that op.
     Pagefault = 5,
+    /// A hostile guest: writes garbage into its ring for `args[1]` ms and
+    /// checks that every reply is a correct answer or an error status.
+    Chaos = 6,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 5] =
-        [Workload::Hello, Workload::Spin, Workload::Selftest, Workload::Bench, Workload::Pagefault];
+    pub const ALL: [Workload; 6] =
+        [Workload::Hello, Workload::Spin, Workload::Selftest, Workload::Bench, Workload::Pagefault, Workload::Chaos];
 
     /// Decodes the boot-info value.
     pub const fn from_u32(v: u32) -> Option<Workload> {
@@ -141,6 +144,7 @@ impl Workload {
             3 => Some(Workload::Selftest),
             4 => Some(Workload::Bench),
             5 => Some(Workload::Pagefault),
+            6 => Some(Workload::Chaos),
             _ => None,
         }
     }
@@ -153,6 +157,7 @@ impl Workload {
             Workload::Selftest => "selftest",
             Workload::Bench => "bench",
             Workload::Pagefault => "pagefault",
+            Workload::Chaos => "chaos",
         }
     }
 }

@@ -101,9 +101,19 @@ impl StatsSnapshot {
         self.calls.iter().flatten().sum()
     }
 
-    /// Requests answered with an error status.
+    /// Requests refused with an error status (not counting `UseExitPath`,
+    /// which redirects a valid request to the guest's own VMM).
     pub fn rejected(&self) -> u64 {
-        self.calls.iter().map(|row| row[1..].iter().sum::<u64>()).sum()
+        self.calls
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .filter(|(s, _)| *s != Status::Ok as usize && *s != Status::UseExitPath as usize)
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Requests of `class` with `status`.
