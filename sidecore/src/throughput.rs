@@ -27,6 +27,8 @@ pub struct Throughput {
     pub calls_per_s: f64,
     /// Calls answered.
     pub calls: u64,
+    /// Median service time at the sidecore (claim to reply), TSC cycles.
+    pub service_p50_cycles: u64,
 }
 
 /// Measuring failed.
@@ -63,19 +65,28 @@ fn to_f64(v: u64) -> f64 {
 
 /// Null calls per second through a sidecore on `sidecore_cpu`, from a
 /// producer thread on `producer_cpu` keeping `batch` calls in flight on each
-/// of `rings` rings, for `duration`.
+/// of `rings` rings, for `duration`. With `timed`, the sidecore also times
+/// each request (two TSC reads, which lower the rate) for
+/// [`Throughput::service_p50_cycles`].
 pub fn measure(
     sidecore_cpu: usize,
     producer_cpu: usize,
     rings: u32,
     batch: u32,
     duration: Duration,
+    timed: bool,
 ) -> Result<Throughput, ThroughputError> {
     let batch = batch.clamp(1, u32::try_from(RING_SLOTS).unwrap_or(64));
     let region = SharedRegion::alloc(rings).map_err(|_| ThroughputError::Alloc(rings))?;
     let services = Arc::new(Services::new(vec![CpuidTable::default()]));
     let stats = Arc::new(VmStats::default());
-    let refs = (0..rings).filter_map(|v| RingRef::new(region.clone(), v, services.clone(), stats.clone())).collect();
+    let refs = (0..rings)
+        .filter_map(|v| {
+            let mut r = RingRef::new(region.clone(), v, services.clone(), stats.clone())?;
+            r.set_timed(timed);
+            Some(r)
+        })
+        .collect();
     let sc =
         Sidecore::spawn(SidecoreConfig { cpu: sidecore_cpu, name: "sidecore-tput".into(), idle_park: None }, refs)?;
     let result = std::thread::scope(|s| {
@@ -87,7 +98,10 @@ pub fn measure(
         .unwrap_or(Err(ThroughputError::Alloc(rings)))
     });
     let _ = sc.stop();
-    result
+    result.map(|mut t| {
+        t.service_p50_cycles = stats.snapshot().service_quantile(0.5).unwrap_or(0);
+        t
+    })
 }
 
 fn produce(region: &SharedRegion, rings: u32, batch: u32, duration: Duration) -> Result<Throughput, ThroughputError> {
@@ -121,7 +135,7 @@ fn produce(region: &SharedRegion, rings: u32, batch: u32, duration: Duration) ->
             }
         }
     }
-    Ok(Throughput { rings, batch, calls_per_s: to_f64(calls) / secs(start.elapsed()), calls })
+    Ok(Throughput { rings, batch, calls_per_s: to_f64(calls) / secs(start.elapsed()), calls, service_p50_cycles: 0 })
 }
 
 /// What one idle ring adds to a sweep, in ns: a sidecore sweeps `idle`
@@ -186,7 +200,8 @@ mod tests {
     #[test]
     fn batched_producer_measures_calls() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let t = measure(0, cpus - 1, 2, 8, Duration::from_millis(50)).expect("measure");
+        let t = measure(0, cpus - 1, 2, 8, Duration::from_millis(50), true).expect("measure");
+        assert!(t.service_p50_cycles > 0);
         assert_eq!((t.rings, t.batch), (2, 8));
         assert!(t.calls > 0 && t.calls.is_multiple_of(16), "{t:?}");
         assert!(t.calls_per_s > 0.0);
