@@ -270,8 +270,21 @@ impl Daemon {
 
     /// Sets up an attached VM; returns its id and sidecore index.
     fn attach(&self, req: &AttachRequest, files: &[File], cred: &libc::ucred) -> Result<(u64, usize), String> {
-        let [guest, host] = files else {
-            return Err(format!("attach needs 2 fds (guest memory, host state), got {}", files.len()));
+        let (guest, host, doorbell) = match files {
+            [g, h] => (g, h, None),
+            [g, h, d] => (g, h, Some(d)),
+            _ => {
+                return Err(format!(
+                    "attach needs 2 or 3 fds (guest memory, host state, doorbell), got {}",
+                    files.len()
+                ))
+            }
+        };
+        let doorbell = match doorbell {
+            Some(d) => {
+                Some(Arc::new(std::os::fd::OwnedFd::from(d.try_clone().map_err(|e| format!("doorbell fd: {e}"))?)))
+            }
+            None => None,
         };
         let guest_size = guest.metadata().map_err(|e| format!("guest memfd: {e}"))?.len();
         let host_size = host.metadata().map_err(|e| format!("host memfd: {e}"))?.len();
@@ -336,6 +349,9 @@ impl Daemon {
             let mut ring = RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone())
                 .ok_or("ring outside the region")?;
             ring.set_timed(true);
+            if let Some(d) = &doorbell {
+                ring.set_doorbell(d.clone());
+            }
             self.cores[core].add_ring(ring).map_err(|e| e.to_string())?;
         }
         let entry = VmEntry {
@@ -796,13 +812,19 @@ fn call(
 
 impl Attachment {
     /// Attaches a VM: sends the layout and CPUID tables with the two memfds.
-    pub fn attach(socket: &Path, req: AttachRequest, guest: &File, host: &File) -> Result<Attachment, DaemonError> {
+    pub fn attach(
+        socket: &Path,
+        req: AttachRequest,
+        guest: &File,
+        host: &File,
+        doorbell: &std::os::fd::OwnedFd,
+    ) -> Result<Attachment, DaemonError> {
         let stream = UnixStream::connect(socket)
             .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
         let mut line = serde_json::to_vec(&Request::Attach(req)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
         line.push(b'\n');
         stream
-            .send_with_fds(&[&line[..]], &[guest.as_raw_fd(), host.as_raw_fd()])
+            .send_with_fds(&[&line[..]], &[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()])
             .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
         let reply = read_line(&mut reader)

@@ -65,6 +65,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         bench: None,
         idle_rings: 0,
         attach: None,
+        idle_park: None,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -294,6 +294,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         bench: Some(collector.clone()),
         idle_rings: a.idle_rings,
         attach: None,
+        idle_park: None,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -358,6 +359,10 @@ struct RunArgs {
     /// exit path, in µs.
     #[arg(long, default_value_t = 2000, value_name = "US")]
     sidecall_timeout_us: u64,
+    /// Park this VM's sidecores after this many µs with every ring idle (the
+    /// guest's doorbell wakes them); 0 keeps them spinning.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    idle_park_us: u64,
     /// Have the sidecore daemon listening at this socket serve the rings
     /// (instead of a sidecore of this process).
     #[arg(long, value_name = "SOCKET", conflicts_with = "sidecore")]
@@ -440,6 +445,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         bench: bench.clone(),
         idle_rings: 0,
         attach: a.attach.clone(),
+        idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if let Some(b) = bench {

@@ -106,6 +106,8 @@ pub struct RunOptions {
     pub idle_rings: u32,
     /// Have the sidecore daemon at this socket serve the rings.
     pub attach: Option<std::path::PathBuf>,
+    /// Park this VM's own sidecores after this long idle (`None`: spin).
+    pub idle_park: Option<Duration>,
 }
 
 /// How one vCPU ended.
@@ -174,6 +176,8 @@ pub struct SidecoreSet {
     state: Mutex<SetState>,
     /// Rings of the VM on sidecore 0 (idle benchmark rings come after them).
     base_rings: usize,
+    /// Park after this long idle.
+    park: Option<Duration>,
 }
 
 enum SetState {
@@ -184,16 +188,21 @@ enum SetState {
 impl SidecoreSet {
     /// Starts one sidecore per CPU; ring i goes to sidecore i mod n.
     pub fn start(cpus: Vec<usize>, rings: Vec<RingRef>) -> Result<SidecoreSet, RunError> {
-        SidecoreSet::start_with_idle(cpus, rings, 0)
+        SidecoreSet::start_with_idle(cpus, rings, 0, None)
     }
 
     /// As [`SidecoreSet::start`], plus `idle` host-side rings that nobody
     /// posts to, swept by sidecore 0 after the VM's rings (to measure what
     /// idle rings cost a busy one). They start switched off: see
     /// [`SidecoreSet::set_idle_rings`].
-    pub fn start_with_idle(cpus: Vec<usize>, rings: Vec<RingRef>, idle: u32) -> Result<SidecoreSet, RunError> {
+    pub fn start_with_idle(
+        cpus: Vec<usize>,
+        rings: Vec<RingRef>,
+        idle: u32,
+        park: Option<Duration>,
+    ) -> Result<SidecoreSet, RunError> {
         let base_rings = rings.len().div_ceil(cpus.len().max(1));
-        let mut cores = spawn_sharded(&cpus, rings)?;
+        let mut cores = spawn_sharded(&cpus, rings, park)?;
         if idle > 0 {
             let region = sidecore_core::SharedRegion::alloc(idle).map_err(|e| RunError::IdleRings(e.to_string()))?;
             let services = Arc::new(Services::new(Vec::new()));
@@ -207,7 +216,7 @@ impl SidecoreSet {
                 }
             }
         }
-        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)), base_rings })
+        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)), base_rings, park })
     }
 
     /// The sidecores' CPUs.
@@ -257,13 +266,13 @@ impl SidecoreSet {
     pub fn restart(&self) -> Result<(), RunError> {
         let Ok(mut st) = self.state.lock() else { return Ok(()) };
         if let SetState::Stopped(rings) = std::mem::replace(&mut *st, SetState::Stopped(Vec::new())) {
-            *st = SetState::Running(spawn_sharded(&self.cpus, rings)?);
+            *st = SetState::Running(spawn_sharded(&self.cpus, rings, self.park)?);
         }
         Ok(())
     }
 }
 
-fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>) -> Result<Vec<Sidecore>, RunError> {
+fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>, park: Option<Duration>) -> Result<Vec<Sidecore>, RunError> {
     let mut shards: Vec<Vec<RingRef>> = cpus.iter().map(|_| Vec::new()).collect();
     for (i, r) in rings.into_iter().enumerate() {
         shards[i % cpus.len()].push(r);
@@ -271,7 +280,7 @@ fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>) -> Result<Vec<Sidecore>, R
     let mut cores = Vec::new();
     for (k, (cpu, rings)) in cpus.iter().zip(shards).enumerate() {
         cores
-            .push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: None }, rings)?);
+            .push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: park }, rings)?);
     }
     Ok(cores)
 }
@@ -325,7 +334,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     let attachment = match &opts.attach {
         Some(path) => {
             let host_fd = vm.host_memfd.as_ref().ok_or_else(|| RunError::Attach("no host-state memfd".into()))?;
-            let a = crate::daemon::Attachment::attach(path, attach_request(&vm), &vm.memfd, host_fd)
+            let a = crate::daemon::Attachment::attach(path, attach_request(&vm), &vm.memfd, host_fd, &vm.doorbell)
                 .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
             tracing::info!(vm = a.vm, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
             Some(Arc::new(a))
@@ -342,9 +351,18 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         None
     } else {
         let rings = (0..spec.vcpus)
-            .filter_map(|i| RingRef::new(vm.region.clone(), i, services.clone(), sidecall_stats.clone()))
+            .filter_map(|i| {
+                let mut r = RingRef::new(vm.region.clone(), i, services.clone(), sidecall_stats.clone())?;
+                r.set_doorbell(vm.doorbell.clone());
+                Some(r)
+            })
             .collect();
-        Some(Arc::new(SidecoreSet::start_with_idle(opts.sidecore_cpus.clone(), rings, opts.idle_rings)?))
+        Some(Arc::new(SidecoreSet::start_with_idle(
+            opts.sidecore_cpus.clone(),
+            rings,
+            opts.idle_rings,
+            opts.idle_park,
+        )?))
     };
     let shared = Arc::new(Shared {
         services,

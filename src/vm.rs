@@ -141,6 +141,9 @@ pub enum VmError {
     /// The shared region is unusable.
     #[error("shared region")]
     Region(#[source] sidecore_core::ring::RegionError),
+    /// The doorbell eventfd could not be set up.
+    #[error("cannot set up the sidecore doorbell (eventfd / KVM_IOEVENTFD)")]
+    Doorbell(#[source] std::io::Error),
     /// A memfd could not be made.
     #[error(transparent)]
     Memfd(crate::memfd::MemfdError),
@@ -232,6 +235,9 @@ pub struct Vm {
     pub host: Arc<HostShared>,
     /// Its memfd, when shareable.
     pub host_memfd: Option<File>,
+    /// The doorbell eventfd (KVM_IOEVENTFD on `PORT_DOORBELL`) that wakes a
+    /// parked sidecore.
+    pub doorbell: Arc<std::os::fd::OwnedFd>,
 }
 
 /// Guest memory backed by a memfd (returned too, to pass to a daemon).
@@ -432,7 +438,9 @@ impl Vm {
             slot.store(*l, std::sync::atomic::Ordering::Relaxed);
         }
 
+        let doorbell = doorbell(&fd)?;
         let mut vm = Vm {
+            doorbell,
             backend,
             kvm,
             fd: Arc::new(fd),
@@ -509,6 +517,27 @@ impl Vm {
         self.vcpus.push(vcpu);
         Ok(())
     }
+}
+
+/// An eventfd that the guest's PIO write to `PORT_DOORBELL` signals inside
+/// the kernel (no exit to this VMM).
+fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Doorbell)?;
+    vm.register_ioevent(
+        &efd,
+        &kvm_ioctls::IoEventAddress::Pio(u64::from(shm_proto::boot::PORT_DOORBELL)),
+        kvm_ioctls::NoDatamatch,
+    )
+    .map_err(|e| VmError::Doorbell(std::io::Error::from_raw_os_error(e.errno())))?;
+    // KVM holds its own reference to the eventfd; keep one for the sidecore.
+    // SAFETY: dup of a descriptor we hold open; the result is checked.
+    let fd = unsafe { libc::dup(efd.as_raw_fd()) };
+    if fd < 0 {
+        return Err(VmError::Doorbell(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor from dup that nothing else owns.
+    Ok(Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Drops all shadow pages of a PVM VM by creating and deleting a dummy

@@ -239,3 +239,28 @@ fn throughput_table_json_and_capacity() {
     assert!(v["capacity"].as_array().is_some_and(|c| !c.is_empty()));
     let _ = std::fs::remove_file(&json);
 }
+
+#[test]
+fn a_parked_sidecore_is_woken_by_the_doorbell() {
+    if !kvm_available() {
+        return;
+    }
+    let o = sidecore(&[
+        "run",
+        "--sidecore",
+        "0",
+        "--idle-park-us",
+        "500",
+        "--workload",
+        "wake",
+        "--arg",
+        "10",
+        "--arg",
+        "3000",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    // Every call after an idle period was answered by the (woken) sidecore,
+    // none timed out to the exit path.
+    assert!(out.contains("10 by sidecall"), "{out}");
+}

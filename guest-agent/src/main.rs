@@ -95,6 +95,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Bench) => bench::run(&env, false),
         Some(Workload::Pagefault) => bench::run(&env, true),
         Some(Workload::Chaos) => chaos::run(&env),
+        Some(Workload::Wake) => workload::wake(&env),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

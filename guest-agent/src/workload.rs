@@ -35,3 +35,35 @@ pub fn spin(env: &Env) -> u32 {
     gprintln!(env, "spin: {ns:.3} ns/iteration");
     0
 }
+
+/// Wake-up latency of a parked sidecore: rounds of idling (no calls) long
+/// enough for it to park, then one timed null sidecall each.
+pub fn wake(env: &Env) -> u32 {
+    use crate::client::{Client, Via};
+    use shm_proto::op::{Opcode, WORDS};
+    let rounds = usize::try_from(if env.boot.args[0] == 0 { 50 } else { env.boot.args[0] }).unwrap_or(50).min(1000);
+    let idle_us = if env.boot.args[1] == 0 { 5000 } else { env.boot.args[1] };
+    let mut c = Client::new(env);
+    let mut samples = [0u64; 1000];
+    let mut by_side = 0;
+    for s in samples[..rounds].iter_mut() {
+        let t = arch::rdtsc();
+        while arch::rdtsc().wrapping_sub(t) < env.boot.tsc_khz.saturating_mul(idle_us) / 1000 {}
+        let t0 = arch::rdtsc();
+        let r = c.call(Opcode::Null as u16, [0; WORDS]);
+        *s = arch::rdtsc().wrapping_sub(t0);
+        by_side += usize::from(r.via == Via::Sidecall);
+    }
+    let v = &mut samples[..rounds];
+    v.sort_unstable();
+    let khz = env.boot.tsc_khz.max(1);
+    let us = |c: u64| c * 1000 / khz;
+    gprintln!(
+        env,
+        "wake: {rounds} calls after {idle_us} us idle: p50 {} us, p90 {} us, max {} us; {by_side} by sidecall",
+        us(v[rounds / 2]),
+        us(v[rounds * 9 / 10]),
+        us(v[rounds - 1])
+    );
+    0
+}

@@ -129,12 +129,23 @@ pub enum Workload {
     /// A hostile guest: writes garbage into its ring for `args[1]` ms and
     /// checks that every reply is a correct answer or an error status.
     Chaos = 6,
+    /// Wake-up latency: `args[0]` rounds (default 50) of staying idle for
+    /// `args[1]` µs (default 5000, long enough for a sidecore to park), then
+    /// timing one null sidecall.
+    Wake = 7,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 6] =
-        [Workload::Hello, Workload::Spin, Workload::Selftest, Workload::Bench, Workload::Pagefault, Workload::Chaos];
+    pub const ALL: [Workload; 7] = [
+        Workload::Hello,
+        Workload::Spin,
+        Workload::Selftest,
+        Workload::Bench,
+        Workload::Pagefault,
+        Workload::Chaos,
+        Workload::Wake,
+    ];
 
     /// Decodes the boot-info value.
     pub const fn from_u32(v: u32) -> Option<Workload> {
@@ -145,6 +156,7 @@ impl Workload {
             4 => Some(Workload::Bench),
             5 => Some(Workload::Pagefault),
             6 => Some(Workload::Chaos),
+            7 => Some(Workload::Wake),
             _ => None,
         }
     }
@@ -158,6 +170,7 @@ impl Workload {
             Workload::Bench => "bench",
             Workload::Pagefault => "pagefault",
             Workload::Chaos => "chaos",
+            Workload::Wake => "wake",
         }
     }
 }
@@ -179,6 +192,10 @@ pub const PORT_MARKER: u16 = 0x3f3;
 pub const PORT_CONTROL: u16 = 0x3f4;
 /// PIO port: the null call's userspace exit path (data ignored).
 pub const PORT_NULL: u16 = 0x3f5;
+/// PIO port: the doorbell that wakes a parked sidecore. The VMM registers
+/// it as a KVM_IOEVENTFD, so ringing it stays in the kernel (~2.5 µs here)
+/// and never reaches the VMM's run loop.
+pub const PORT_DOORBELL: u16 = 0x3f7;
 /// PIO port: a benchmark block is ready in the vCPU's
 /// [`crate::bench::BenchBlock`].
 pub const PORT_BENCH: u16 = 0x3f6;

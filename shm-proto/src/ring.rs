@@ -311,10 +311,15 @@ pub struct RegionHeader {
     /// Incremented by a running sidecore every so many sweeps; a guest that
     /// marked the sidecore absent probes it again when this moves.
     pub heartbeat: Line,
+    /// 1 while the sidecore serving this region is parked: a guest that has
+    /// just posted then rings the doorbell ([`crate::boot::PORT_DOORBELL`]).
+    /// Best effort: a parked sidecore also wakes by itself within a nap.
+    pub parked: Line,
 }
 
 const _: () = assert!(core::mem::size_of::<RegionHeader>() == 4096);
 const _: () = assert!(core::mem::offset_of!(RegionHeader, heartbeat) == 128);
+const _: () = assert!(core::mem::offset_of!(RegionHeader, parked) == 256);
 
 /// Bytes of a shared region for `nr_vcpus` vCPUs.
 pub const fn region_size(nr_vcpus: u32) -> u64 {

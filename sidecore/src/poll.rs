@@ -265,11 +265,12 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
                 parked = false;
                 nap = PARK_NAP;
                 stats.parked.store(0, Ordering::Relaxed);
+                set_parked(&rings, false);
             }
         } else if let Some(limit) = ctl.park {
             // Idle: look at the clock only every 256 idle sweeps.
             if parked {
-                std::thread::sleep(nap);
+                wait_doorbells(&rings, nap);
                 nap = (nap * 2).min(PARK_NAP_MAX);
             } else if sweeps.is_multiple_of(256) {
                 let now = std::time::Instant::now();
@@ -279,6 +280,10 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
                         parked = true;
                         stats.parks.fetch_add(1, Ordering::Relaxed);
                         stats.parked.store(1, Ordering::Relaxed);
+                        set_parked(&rings, true);
+                        // A guest that posted before it could see the flag
+                        // is caught by this sweep.
+                        continue;
                     }
                     Some(_) => {}
                 }
@@ -303,6 +308,44 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
     stats.busy_sweeps.store(busy, Ordering::Relaxed);
     stats.served.store(served, Ordering::Relaxed);
     rings
+}
+
+/// Tells the guests of these rings whether to ring the doorbell.
+fn set_parked(rings: &[RingRef], on: bool) {
+    for r in rings {
+        r.region().header().parked.value.store(u64::from(on), Ordering::Release);
+    }
+}
+
+/// Sleeps up to `nap`, or until a guest rings one of the rings' doorbells.
+fn wait_doorbells(rings: &[RingRef], nap: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    for r in rings {
+        if let Some(d) = r.doorbell() {
+            let fd = d.as_raw_fd();
+            if !fds.iter().any(|p| p.fd == fd) {
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
+        }
+    }
+    if fds.is_empty() {
+        std::thread::sleep(nap);
+        return;
+    }
+    let ts = libc::timespec { tv_sec: 0, tv_nsec: libc::c_long::try_from(nap.as_nanos()).unwrap_or(1_000_000) };
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: `fds` is a valid array of `n` pollfds that lives across the
+    // call; the timeout is a valid timespec; no signal mask is changed.
+    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), n, &ts, std::ptr::null()) };
+    if rc > 0 {
+        for p in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+            let mut buf = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into `buf` from an eventfd the
+            // ring holds open; a non-blocking eventfd never blocks here.
+            let _ = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        }
+    }
 }
 
 /// The partner side of [`Sidecore::floor_block`].

@@ -181,6 +181,8 @@ pub struct RingRef {
     next: u64,
     /// Time each request (two TSC reads) into the service-time histogram.
     timed: bool,
+    /// The VM's doorbell eventfd, which a parked sidecore waits on.
+    doorbell: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 // SAFETY: `shared` points into `region`, which is Send + Sync and kept alive
@@ -203,13 +205,33 @@ impl RingRef {
         control: Arc<VmControl>,
     ) -> Option<RingRef> {
         let shared = NonNull::from(region.vcpu(vcpu)?);
-        Some(RingRef { control, region, shared, ctx: CallCtx { vcpu }, services, stats, next: 0, timed: false })
+        Some(RingRef {
+            control,
+            region,
+            shared,
+            ctx: CallCtx { vcpu },
+            services,
+            stats,
+            next: 0,
+            timed: false,
+            doorbell: None,
+        })
     }
 
     /// Times every request's service into the VM's stats (costs two TSC
     /// reads per request; the daemon's `status` reports the percentiles).
     pub fn set_timed(&mut self, on: bool) {
         self.timed = on;
+    }
+
+    /// The eventfd the guest's doorbell signals (KVM_IOEVENTFD).
+    pub fn set_doorbell(&mut self, fd: Arc<std::os::fd::OwnedFd>) {
+        self.doorbell = Some(fd);
+    }
+
+    /// The doorbell, if any.
+    pub fn doorbell(&self) -> Option<&Arc<std::os::fd::OwnedFd>> {
+        self.doorbell.as_ref()
     }
 
     /// The VM's switches.
