@@ -843,11 +843,16 @@ impl Attachment {
         })
     }
 
-    /// The number of requests the daemon has answered for this VM.
-    pub fn served(&self) -> Result<u64, DaemonError> {
+    /// One request and its reply on this VM's connection.
+    fn request(&self, req: &Request) -> Result<serde_json::Value, DaemonError> {
         let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
         let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        let v = call(&mut s, &mut r, &Request::Status)?;
+        call(&mut s, &mut r, req)
+    }
+
+    /// The number of requests the daemon has answered for this VM.
+    pub fn served(&self) -> Result<u64, DaemonError> {
+        let v = self.request(&Request::Status)?;
         v["vms"]
             .as_array()
             .and_then(|vms| vms.iter().find(|vm| vm["vm"].as_u64() == Some(self.vm)))
@@ -857,9 +862,7 @@ impl Attachment {
 
     /// Asks the daemon to stop (`true`) or resume serving this VM.
     pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
-        let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        call(&mut s, &mut r, if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())
+        self.request(if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())
     }
 }
 

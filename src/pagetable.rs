@@ -8,22 +8,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Present.
-pub const PTE_P: u64 = 1 << 0;
-/// Writable.
-pub const PTE_RW: u64 = 1 << 1;
-/// User/supervisor.
-pub const PTE_US: u64 = 1 << 2;
-/// Accessed.
-pub const PTE_A: u64 = 1 << 5;
-/// Dirty.
-pub const PTE_D: u64 = 1 << 6;
-/// Page size (refused: 4 KiB pages only).
-pub const PTE_PS: u64 = 1 << 7;
-/// No-execute.
-pub const PTE_NX: u64 = 1 << 63;
-/// Physical-address bits of an entry.
-pub const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub use sidecore_core::pte::{PTE_A, PTE_ADDR, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US};
+
 /// Flags of every non-leaf entry the host writes.
 pub const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_US | PTE_A;
 /// Flags every leaf entry the host writes carries.

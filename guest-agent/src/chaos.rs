@@ -18,20 +18,8 @@ use shm_proto::ring::{next_ticket, slot_index, Body, SlotState, RING_SLOTS, TICK
 
 use crate::arch;
 use crate::console::Console;
+use crate::rng::Rng;
 use crate::Env;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// Counts of what happened.
 #[derive(Default)]

@@ -17,6 +17,7 @@ mod idt;
 mod mem;
 mod pagetable;
 mod ptcheck;
+mod rng;
 mod selftest;
 mod workload;
 

@@ -24,6 +24,7 @@ use crate::client::{Client, Reply, Via};
 use crate::console::Console;
 use crate::pagetable::{PageTables, PtPath, NX, P, RW};
 use crate::ptcheck::{self, SCRATCH_PER_VCPU};
+use crate::rng::Rng;
 use crate::Env;
 
 /// Default number of CPUID pairs.
@@ -54,28 +55,6 @@ impl Check<'_> {
         } else if r.words[..want.len()] != *want {
             self.fail(format_args!("{what}: got {:x?} via {:?}, want {want:x?}", &r.words[..want.len()], r.via));
         }
-    }
-}
-
-/// xorshift64: reproducible pseudo-random numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn u32(&mut self) -> u32 {
-        self.next().to_le_bytes()[0..4].iter().rev().fold(0u32, |a, b| (a << 8) | u32::from(*b))
     }
 }
 
