@@ -860,6 +860,38 @@ impl Attachment {
             .ok_or_else(|| DaemonError::Protocol("the daemon does not list this VM".into()))
     }
 
+    /// Calls `on_lost` once, from a thread of its own, when the daemon
+    /// closes this VM's connection: it died or shut down, and a call its
+    /// sidecore had claimed will never be answered. The thread only polls
+    /// for the hang-up (never reads), so it does not race [`Self::request`].
+    pub fn watch(&self, on_lost: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
+        let stream = self
+            .stream
+            .lock()
+            .map_err(|_| DaemonError::Protocol("poisoned".into()))?
+            .try_clone()
+            .map_err(|e| DaemonError::Protocol(format!("cannot watch the daemon connection: {e}")))?;
+        std::thread::Builder::new()
+            .name("daemon-watch".into())
+            .spawn(move || {
+                let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+                loop {
+                    // SAFETY: one valid pollfd, the count given is 1; the fd
+                    // stays open while `stream` lives in this thread.
+                    let r = unsafe { libc::poll(&mut p, 1, -1) };
+                    if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if r < 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                        on_lost();
+                        return;
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| DaemonError::Protocol(format!("cannot start the daemon watch thread: {e}")))
+    }
+
     /// Asks the daemon to stop (`true`) or resume serving this VM.
     pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
         self.request(if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())

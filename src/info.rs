@@ -66,6 +66,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         idle_rings: 0,
         attach: None,
         idle_park: None,
+        latency_phases: false,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -12,6 +12,7 @@ pub mod kvm_stats;
 pub mod memfd;
 pub mod metrics;
 pub mod pagetable;
+pub mod phases;
 pub mod plot;
 pub mod run;
 pub mod vcpu;

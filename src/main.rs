@@ -295,6 +295,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         idle_rings: a.idle_rings,
         attach: None,
         idle_park: None,
+        latency_phases: false,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -370,6 +371,12 @@ struct RunArgs {
     /// Workload argument (repeatable; e.g. spin's iteration count).
     #[arg(long = "arg", value_name = "N")]
     args: Vec<u64>,
+    /// Split the guest's own call round-trip histogram (kept by selftest's
+    /// linger phase) into conditions A and B, alternating at each SIGUSR1
+    /// (A first), and print p50/p99/p99.9 of each at the end. scripts/soak.sh
+    /// uses it to compare latency with and without a noisy neighbour.
+    #[arg(long)]
+    latency_phases: bool,
 }
 
 #[derive(Args)]
@@ -446,6 +453,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         idle_rings: 0,
         attach: a.attach.clone(),
         idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
+        latency_phases: a.latency_phases,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if let Some(b) = bench {

@@ -54,6 +54,9 @@ pub enum RunError {
     /// Attaching to the daemon failed.
     #[error("--attach: {0}")]
     Attach(String),
+    /// `--latency-phases` could not install its signal handler.
+    #[error("--latency-phases: cannot install the SIGUSR1 handler")]
+    PhaseSignal(#[source] std::io::Error),
     /// The idle benchmark rings could not be made.
     #[error("cannot allocate the idle rings: {0}")]
     IdleRings(String),
@@ -108,6 +111,9 @@ pub struct RunOptions {
     pub attach: Option<std::path::PathBuf>,
     /// Park this VM's own sidecores after this long idle (`None`: spin).
     pub idle_park: Option<Duration>,
+    /// Split the guest's call latencies into conditions A/B at each SIGUSR1
+    /// and print them at the end ([`crate::phases`]).
+    pub latency_phases: bool,
 }
 
 /// How one vCPU ended.
@@ -331,12 +337,25 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     spec.sidecalls = !opts.sidecore_cpus.is_empty() || opts.attach.is_some();
     spec.shareable = opts.attach.is_some();
     let mut vm = Vm::build(&spec)?;
+    // Before attaching: a script that waits for the attachment may signal
+    // as soon as it sees it.
+    let phases = if opts.latency_phases {
+        Some(crate::phases::PhaseSignal::install(vm.region.clone()).map_err(RunError::PhaseSignal)?)
+    } else {
+        None
+    };
     let attachment = match &opts.attach {
         Some(path) => {
             let host_fd = vm.host_memfd.as_ref().ok_or_else(|| RunError::Attach("no host-state memfd".into()))?;
             let a = crate::daemon::Attachment::attach(path, attach_request(&vm), &vm.memfd, host_fd, &vm.doorbell)
                 .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
             tracing::info!(vm = a.vm, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
+            let region = vm.region.clone();
+            a.watch(move || {
+                tracing::warn!("the sidecore daemon hung up: the guest goes on by the exit paths");
+                mark_sidecore_lost(&region);
+            })
+            .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
             Some(Arc::new(a))
         }
         None => None,
@@ -407,6 +426,10 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
             "attach: the guest got {guest_sidecalls} sidecall replies, the daemon counted {served} for this VM"
         );
     }
+    if let Some(p) = phases {
+        let mut c = shared.console.clone();
+        let _ = c.write_all(crate::phases::report(&p.finish(), vm.tsc_khz).as_bytes());
+    }
     Ok(RunReport {
         ends,
         phase_exits,
@@ -419,7 +442,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
 fn mark_sidecore_lost(region: &sidecore_core::SharedRegion) {
     for v in 0..region.nr_vcpus() {
         if let Some(b) = region.vcpu(v) {
-            b.host.sidecore_lost.store(1, Ordering::Relaxed);
+            b.host.sidecore_lost.store(1, Ordering::Release);
         }
     }
 }

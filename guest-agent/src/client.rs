@@ -94,7 +94,8 @@ impl<'a> Client<'a> {
     }
 
     fn sidecore_usable(&mut self) -> bool {
-        if !self.enabled {
+        // A sidecore the VMM knows is gone for good is not probed again.
+        if !self.enabled || self.env.shared.host.sidecore_lost.load(Ordering::Relaxed) != 0 {
             return false;
         }
         if !self.absent {
@@ -140,10 +141,27 @@ impl<'a> Client<'a> {
         // The sidecore claimed the call before the cancel: it will answer, and
         // the call must not be made again.
         bump(&g.late_replies);
+        self.wait_claimed(slot, t, opcode)
+    }
+
+    /// Waits for the reply to a call the sidecore claimed, until it comes or
+    /// the VMM says the sidecore is gone for good (its daemon died). Then
+    /// nobody will answer and whether the call was carried out is unknown:
+    /// a NULL or CPUID call, which changes nothing, is `None` (the caller
+    /// takes the exit path); any other gets [`Status::HostError`].
+    fn wait_claimed(&self, slot: &shm_proto::ring::Slot, t: u64, opcode: u16) -> Option<Reply> {
+        let g = &self.env.shared.guest;
         loop {
             if let Some(body) = slot.poll_reply(t) {
                 bump(&g.sidecalls);
                 return Some(reply_of(&body, Via::Sidecall));
+            }
+            if self.env.shared.host.sidecore_lost.load(Ordering::Acquire) != 0 {
+                return if opcode == Opcode::Null as u16 || opcode == Opcode::Cpuid as u16 {
+                    None
+                } else {
+                    Some(Reply { status: Status::HostError, words: [0; WORDS], via: Via::Sidecall })
+                };
             }
             core::hint::spin_loop();
         }
@@ -197,12 +215,9 @@ impl<'a> Client<'a> {
                 }
                 None => {
                     bump(&g.late_replies);
-                    loop {
-                        if let Some(body) = slot.poll_reply(t) {
-                            bump(&g.sidecalls);
-                            break reply_of(&body, Via::Sidecall);
-                        }
-                        core::hint::spin_loop();
+                    match self.wait_claimed(slot, t, *op) {
+                        Some(r) => r,
+                        None => self.exit_call(*op, *args),
                     }
                 }
             };

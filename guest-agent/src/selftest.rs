@@ -18,6 +18,7 @@ use shm_proto::boot::{
     MARKER_SIDECALL_BEGIN, MARKER_SIDECALL_END,
 };
 use shm_proto::op::{Opcode, Status, HC_COUNTER_ADD, HC_MIX, HC_MONOTONIC_NS, WORDS};
+use shm_proto::ring::lat_bucket;
 
 use crate::arch;
 use crate::client::{Client, Reply, Via};
@@ -289,10 +290,10 @@ fn sidecall_phase(
         let r = c.call(Opcode::Null as u16, [i ^ 0x5a5a, 0, 0, 0, 0, 0]);
         bad += u64::from(r.status != Status::Ok || r.words[0] != i ^ 0x5a5a);
         not_sidecall += u64::from(r.via != Via::Sidecall);
-        let r = c.call(HC_MIX, [i, i * 7, 0, 0, 0, 0]);
+        let r = pure_call(env, c, HC_MIX, [i, i * 7, 0, 0, 0, 0]);
         bad += u64::from(r.status != Status::Ok || r.words[0] != mix(i, i * 7, v));
         not_sidecall += u64::from(r.via != Via::Sidecall);
-        let r = c.call(HC_MONOTONIC_NS, [0; WORDS]);
+        let r = pure_call(env, c, HC_MONOTONIC_NS, [0; WORDS]);
         bad += u64::from(r.status != Status::Ok || r.words[0] < last_time);
         last_time = r.words[0];
         not_sidecall += u64::from(r.via != Via::Sidecall);
@@ -351,6 +352,11 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
         i += 1;
         let r = c.call(HC_COUNTER_ADD, [i, 0, 0, 0, 0, 0]);
         sum = sum.wrapping_add(i);
+        if lost_in_flight(env, &r) {
+            // Carried out or not, nobody can say: start counting afresh.
+            sum = c.pio_call(HC_COUNTER_ADD, [0; WORDS]).words[0];
+            continue;
+        }
         if r.status != Status::Ok || r.words[0] != sum {
             ck.fail(format_args!(
                 "counter call {i} returned {} ({:?} via {:?}), want {sum}",
@@ -385,6 +391,10 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
         i += 1;
         let r = c.call(HC_COUNTER_ADD, [i, 0, 0, 0, 0, 0]);
         sum = sum.wrapping_add(i);
+        if lost_in_flight(env, &r) {
+            sum = c.pio_call(HC_COUNTER_ADD, [0; WORDS]).words[0];
+            continue;
+        }
         if r.status != Status::Ok || r.words[0] != sum {
             ck.fail(format_args!("counter call {i} after restart returned {}, want {sum}", r.words[0]));
             return;
@@ -414,9 +424,31 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
     );
 }
 
+/// A call the sidecore claimed and never answered because it was lost (the
+/// daemon serving the VM died): the client cannot tell whether it was
+/// carried out (`Client::wait_claimed`).
+fn lost_in_flight(env: &Env, r: &Reply) -> bool {
+    r.status == Status::HostError
+        && r.via == Via::Sidecall
+        && env.shared.host.sidecore_lost.load(Ordering::Relaxed) != 0
+}
+
+/// A call of a hypercall without side effects: one lost in flight is simply
+/// made again by the exit path.
+fn pure_call(env: &Env, c: &mut Client, op: u16, args: [u64; WORDS]) -> Reply {
+    let r = c.call(op, args);
+    if lost_in_flight(env, &r) {
+        c.exit_call(op, args)
+    } else {
+        r
+    }
+}
+
 /// `args[1]` ms of null calls (by sidecall when there is a sidecore), each
 /// answer checked: keeps a VM busy long enough for tests to act on it
-/// mid-run (kill its VMM, kill the daemon serving it).
+/// mid-run (kill its VMM, kill the daemon serving it). Each call's round
+/// trip goes into the vCPU's shared latency histogram, which the VMM can
+/// split into phases (`sidecore run --latency-phases`, `scripts/soak.sh`).
 fn linger(env: &Env, c: &mut Client, ck: &mut Check) {
     let ms = env.boot.args[1];
     if ms == 0 {
@@ -425,8 +457,14 @@ fn linger(env: &Env, c: &mut Client, ck: &mut Check) {
     let end = env.boot.tsc_khz.saturating_mul(ms);
     let t0 = arch::rdtsc();
     let (mut n, mut side) = (0u64, 0u64);
+    let hist = &env.shared.latency.buckets;
     while arch::rdtsc().wrapping_sub(t0) < end {
+        let t = arch::rdtsc();
         let r = c.call(Opcode::Null as u16, [n, 0, 0, 0, 0, 0]);
+        let dt = arch::rdtsc().wrapping_sub(t);
+        // Only the guest writes its histogram: a plain add, no lock prefix.
+        let b = &hist[lat_bucket(dt)];
+        b.store(b.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         if r.status != Status::Ok || r.words[0] != n {
             ck.fail(format_args!("linger call {n}: {:?} {:#x}", r.status, r.words[0]));
             return;

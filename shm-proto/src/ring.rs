@@ -264,6 +264,9 @@ pub struct VcpuShared {
     pub console: [u8; CONSOLE_BYTES],
     /// Words the host writes for the guest.
     pub host: HostStatus,
+    /// Round-trip times of the guest's calls, as the guest measured them
+    /// (written by the guest only, read by its own VMM; never trusted).
+    pub latency: LatencyHist,
 }
 
 /// Offset of vCPU blocks in the region.
@@ -279,6 +282,53 @@ const _: () = assert!(core::mem::offset_of!(VcpuShared, exit_slot) == 4352);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, guest) == 4480);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, console) == 4608);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, host) == 4864);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, latency) == 4992);
+
+/// Buckets in a [`LatencyHist`].
+pub const LAT_BUCKETS: usize = 64;
+
+/// A log-linear histogram of TSC cycles the guest keeps of its own calls, so
+/// that its VMM can split it into phases (`sidecore run --latency-phases`)
+/// without a sample ever leaving the guest. Buckets 0-3 are 16 cycles wide;
+/// above that each power of two has four buckets (at most 25% wide); the last
+/// bucket holds everything from 7 * 2^18 cycles (~0.7 ms) up.
+#[repr(C, align(128))]
+pub struct LatencyHist {
+    /// Cumulative count per bucket ([`lat_bucket`]).
+    pub buckets: [AtomicU64; LAT_BUCKETS],
+}
+
+const _: () = assert!(core::mem::size_of::<LatencyHist>() == 512);
+
+/// The bucket of a round trip of `cycles`.
+#[allow(clippy::cast_possible_truncation)] // every index cast is < LAT_BUCKETS
+pub const fn lat_bucket(cycles: u64) -> usize {
+    if cycles < 64 {
+        return (cycles / 16) as usize;
+    }
+    let octave = 63 - cycles.leading_zeros() as u64; // >= 6
+    let sub = (cycles >> (octave - 2)) & 3;
+    let idx = 4 + (octave - 6) * 4 + sub;
+    if idx >= LAT_BUCKETS as u64 {
+        LAT_BUCKETS - 1
+    } else {
+        idx as usize
+    }
+}
+
+/// The smallest cycle count past bucket `idx` (its exclusive upper bound;
+/// `u64::MAX` for the last bucket).
+pub const fn lat_bucket_end(idx: usize) -> u64 {
+    if idx < 4 {
+        return (idx as u64 + 1) * 16;
+    }
+    if idx >= LAT_BUCKETS - 1 {
+        return u64::MAX;
+    }
+    let octave = 6 + (idx as u64 - 4) / 4;
+    let sub = (idx as u64 - 4) % 4;
+    (4 + sub + 1) << (octave - 2)
+}
 
 /// Magic of the region header ("SIDECORE").
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SIDECORE");
@@ -336,6 +386,30 @@ pub const fn vcpu_offset(i: u32) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn latency_buckets_bracket_their_values(c in 0u64..(1 << 24)) {
+            let i = lat_bucket(c);
+            prop_assert!(c < lat_bucket_end(i));
+            if i > 0 {
+                prop_assert!(c >= lat_bucket_end(i - 1));
+            }
+        }
+    }
+
+    #[test]
+    fn latency_buckets_are_contiguous_and_at_most_a_quarter_wide() {
+        assert_eq!(lat_bucket(0), 0);
+        assert_eq!(lat_bucket(u64::MAX), LAT_BUCKETS - 1);
+        for i in 1..LAT_BUCKETS - 1 {
+            let (lo, hi) = (lat_bucket_end(i - 1), lat_bucket_end(i));
+            assert_eq!(lat_bucket(lo), i);
+            assert_eq!(lat_bucket(hi - 1), i);
+            assert!(lo >= 64 || hi - lo == 16);
+            assert!(lo < 64 || (hi - lo) * 4 <= lo, "bucket {i}: {lo}..{hi}");
+        }
+    }
 
     #[test]
     fn slot_protocol_happy_path() {
