@@ -64,6 +64,10 @@ pub struct BenchCollector {
     /// The floor blocks interleaved with each op's sidecall blocks: the
     /// sidecall/floor ratio of an op uses the floor measured beside it.
     floor_by_op: Mutex<BTreeMap<BenchOp, Series>>,
+    /// Series the host timed itself (`irq`, `echo`): op, path, samples.
+    host_series: Mutex<Vec<(String, String, Series)>>,
+    /// The floor measured beside each host-timed op.
+    host_floor: Mutex<BTreeMap<String, Series>>,
     tsc_khz: u64,
     progress: bool,
 }
@@ -84,8 +88,43 @@ impl BenchCollector {
             idle_on: std::sync::atomic::AtomicBool::new(false),
             floor: Mutex::new((Series::new(), Vec::new())),
             floor_by_op: Mutex::new(BTreeMap::new()),
+            host_series: Mutex::new(Vec::new()),
+            host_floor: Mutex::new(BTreeMap::new()),
             tsc_khz,
             progress,
+        }
+    }
+
+    /// Adds a series the host timed itself (op `irq` or `echo`), in TSC
+    /// cycles.
+    pub fn add_host_series(&self, op: &str, path: &str, cycles: &[u64]) {
+        let mut s = Series::new();
+        for &c in cycles {
+            let _ = s.hist.record(c.max(1));
+        }
+        if let Ok(mut v) = self.host_series.lock() {
+            v.push((op.to_string(), path.to_string(), s));
+        }
+    }
+
+    /// Adds floor samples measured beside host-timed op `op` (they count in
+    /// the run's floor too).
+    pub fn add_host_floor(&self, op: &str, cycles: &[u64]) {
+        if let Ok(mut m) = self.host_floor.lock() {
+            let s = m.entry(op.to_string()).or_insert_with(Series::new);
+            for &c in cycles {
+                let _ = s.hist.record(c.max(1));
+            }
+        }
+        if let Ok(mut f) = self.floor.lock() {
+            for &c in cycles {
+                let _ = f.0.hist.record(c.max(1));
+            }
+            let mut sorted = cycles.to_vec();
+            sorted.sort_unstable();
+            if let Some(m) = sorted.get(sorted.len() / 2) {
+                f.1.push(*m);
+            }
         }
     }
 
@@ -246,14 +285,31 @@ impl BenchCollector {
                 curves.push((format!("{} {}", op.name(), path), cdf.clone()));
             }
         }
+        if let Ok(host) = self.host_series.lock() {
+            let mut host: Vec<_> = host.iter().collect();
+            host.sort_by_key(|(op, path, _)| (op.clone(), path_rank(path)));
+            for (op, path, s) in host {
+                results.push(ResultRow {
+                    op: op.clone(),
+                    path: path.clone(),
+                    vcpu: None,
+                    stat: self.stat(&s.hist),
+                    fallbacks: 0,
+                });
+                curves.push((format!("{op} {path}"), self.cdf(&s.hist)));
+            }
+        }
         if floor.samples > 0 {
             curves.push(("floor (host ping-pong)".into(), floor_cdf));
         }
-        let floor_by_op: BTreeMap<String, Stat> = self
+        let mut floor_by_op: BTreeMap<String, Stat> = self
             .floor_by_op
             .lock()
             .map(|m| m.iter().map(|(op, s)| (op.name().to_string(), self.stat(&s.hist))).collect())
             .unwrap_or_default();
+        if let Ok(m) = self.host_floor.lock() {
+            floor_by_op.extend(m.iter().map(|(op, s)| (op.clone(), self.stat(&s.hist))));
+        }
         let ratios = ratios(&results, &floor_by_op);
         BenchReport {
             backend: header.backend,
@@ -377,6 +433,26 @@ pub struct BenchReport {
 
 fn path_rank(p: &str) -> usize {
     BenchPath::ALL.iter().position(|x| x.name() == p).unwrap_or(BenchPath::ALL.len())
+}
+
+/// The floor on its own: `n` cache-line round trips between a thread pinned
+/// to `other_cpu` and an idle sidecore pinned to `side_cpu`, in TSC cycles.
+pub fn measure_floor(side_cpu: usize, other_cpu: usize, n: usize) -> Result<Vec<u64>, String> {
+    let sc = sidecore_core::Sidecore::spawn(
+        sidecore_core::SidecoreConfig { cpu: side_cpu, name: "sidecore-floor".into(), idle_park: None },
+        Vec::new(),
+    )
+    .map_err(|e| crate::error_chain(&e))?;
+    let mut samples = vec![0u64; n];
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = sidecore_core::pin::pin_current_thread(other_cpu);
+            for chunk in samples.chunks_mut(1000) {
+                sc.floor_block(chunk);
+            }
+        });
+    });
+    Ok(samples)
 }
 
 fn ratios(results: &[ResultRow], floor_by_op: &BTreeMap<String, Stat>) -> Vec<Ratio> {

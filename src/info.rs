@@ -67,6 +67,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
         attach: None,
         idle_park: None,
         latency_phases: false,
+        device: None,
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

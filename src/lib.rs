@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod elf;
+pub mod events;
 pub mod host;
 pub mod hypercalls;
 pub mod info;

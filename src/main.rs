@@ -30,6 +30,11 @@ enum Command {
     Daemon(DaemonArgs),
     /// Ask a running daemon what it serves.
     Status(StatusArgs),
+    /// Run the packet device: an echo guest on one path (posted events from
+    /// the sidecore, or the exit path: interrupt for rx, PIO for tx) and a
+    /// UDP load generator on loopback that checks every packet comes back
+    /// intact and in order.
+    Echo(EchoArgs),
     /// Show the KVM backend, CPUs, TSC frequency, and whether guests run natively.
     Info(InfoArgs),
 }
@@ -54,6 +59,34 @@ struct DaemonArgs {
 }
 
 #[derive(Args)]
+struct EchoArgs {
+    /// sidecall (the sidecore moves packets and posts events) or exit
+    /// (a VMM thread interrupts the vCPU per packet; tx by PIO doorbell).
+    #[arg(long, default_value = "sidecall", value_name = "PATH")]
+    path: String,
+    /// Packets to send.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    count: u64,
+    /// Bytes per packet (8 to 2048).
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    size: usize,
+    /// Open loop at this many packets per second (throughput and loss);
+    /// default: closed loop, one packet in flight (latency).
+    #[arg(long, value_name = "PPS")]
+    rate: Option<u64>,
+    /// The sidecore's CPU (default: the first online CPU).
+    #[arg(long, value_name = "CPU")]
+    sidecore: Option<usize>,
+    /// The vCPU's CPU (default: the last online CPU).
+    #[arg(long, value_name = "CPU")]
+    vcpu_cpu: Option<usize>,
+    /// µs the guest spins idle before it halts (sidecall path); a halted
+    /// guest is woken by the sidecore's interrupt.
+    #[arg(long, default_value_t = 200, value_name = "US")]
+    spin_us: u64,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH")]
@@ -66,8 +99,11 @@ struct StatusArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// Ops to time: null, cpuid, pte (one map of a fresh entry), pagefault
-    /// (map a fresh page, then touch it).
-    #[arg(long, value_delimiter = ',', default_value = "null,cpuid,pte,pagefault", value_name = "OP[,OP..]")]
+    /// (map a fresh page, then touch it), irq (event delivery: posted by
+    /// the sidecore to a polling vCPU = sidecall, or an interrupt = kernel),
+    /// echo (a UDP packet's round trip through the guest's packet device:
+    /// the sidecore's = sidecall, the exit-path device = user).
+    #[arg(long, value_delimiter = ',', default_value = "null,cpuid,pte,pagefault,irq,echo", value_name = "OP[,OP..]")]
     ops: Vec<String>,
     /// Paths: kernel (the backend's in-kernel trap), user (exit to this
     /// VMM: PIO, or the MMIO write-protect trap for pte), sidecall.
@@ -139,20 +175,7 @@ fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     let cyc_ns = |c: u64| c as f64 * 1e6 / khz.max(1) as f64;
     // The floor, host to host, on the same two CPUs.
     let floor_ns = {
-        let sc = sidecore_core::Sidecore::spawn(
-            sidecore_core::SidecoreConfig { cpu: side_cpu, name: "sidecore-floor".into(), idle_park: None },
-            Vec::new(),
-        )
-        .map_err(|e| error_chain(&e))?;
-        let mut samples = vec![0u64; 20_000];
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let _ = sidecore_core::pin::pin_current_thread(prod_cpu);
-                for chunk in samples.chunks_mut(1000) {
-                    sc.floor_block(chunk);
-                }
-            });
-        });
+        let mut samples = sidecore_vmm::bench::measure_floor(side_cpu, prod_cpu, 20_000)?;
         samples.sort_unstable();
         cyc_ns(samples[samples.len() / 2])
     };
@@ -228,6 +251,134 @@ fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The host-timed ops: `irq` (event delivery: the sidecore posts, the guest
+/// acknowledges; sidecall = posted event to a polling vCPU, kernel = an
+/// interrupt through the in-kernel LAPIC) and `echo` (a packet's round trip
+/// from the load generator through the guest and back; sidecall = the
+/// sidecore's device, user = the exit-path device). Each path in a VM of its
+/// own, with floor blocks measured before and after it.
+fn bench_host_ops(
+    ops: &[String],
+    paths: u64,
+    a: &BenchArgs,
+    side: usize,
+    vcpu: usize,
+    collector: &sidecore_vmm::bench::BenchCollector,
+) -> Result<(), String> {
+    use shm_proto::bench::BenchPath;
+    let want = |p: BenchPath| paths & (1 << p as u32) != 0;
+    let n = usize::try_from(a.iters.unwrap_or(10_000).clamp(100, 1_000_000)).unwrap_or(10_000);
+    let floor = |op: &str| -> Result<(), String> {
+        collector.add_host_floor(op, &sidecore_vmm::bench::measure_floor(side, vcpu, 2000)?);
+        Ok(())
+    };
+    for op in ops {
+        let variants: Vec<(BenchPath, bool)> = match op.as_str() {
+            "irq" => vec![(BenchPath::Sidecall, false), (BenchPath::Kernel, true)],
+            _ => vec![(BenchPath::Sidecall, false), (BenchPath::User, true)],
+        };
+        for (path, exit_path) in variants.into_iter().filter(|(p, _)| want(*p)) {
+            eprintln!("bench: {op} / {} ...", path.name());
+            floor(op)?;
+            let samples = if op == "irq" {
+                let (s, lost, _) = sidecore_vmm::events::run_irq(exit_path, n, side, vcpu)?;
+                if lost > 0 {
+                    eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
+                }
+                s
+            } else {
+                let cfg = sidecore_vmm::events::EchoConfig {
+                    exit_path,
+                    count: n as u64,
+                    size: 64,
+                    rate: None,
+                    sidecore_cpu: side,
+                    vcpu_cpu: vcpu,
+                    spin_us: 200,
+                };
+                let r = sidecore_vmm::events::run_echo(&cfg, |_| {})?;
+                if !r.stats.perfect() {
+                    return Err(format!(
+                        "echo / {}: not every packet came back intact and in order: {:?}",
+                        path.name(),
+                        r.stats
+                    ));
+                }
+                r.stats.rtt_cycles
+            };
+            collector.add_host_series(op, path.name(), &samples);
+            floor(op)?;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
+    let exit_path = match a.path.as_str() {
+        "sidecall" => false,
+        "exit" => true,
+        p => return Err(format!("--path: unknown '{p}' — choose sidecall or exit")),
+    };
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    let side = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let vcpu = a.vcpu_cpu.or(online.last().copied()).unwrap_or(0);
+    run::check_online("--sidecore", &[side], &online).map_err(|e| error_chain(&e))?;
+    run::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| error_chain(&e))?;
+    let khz =
+        sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
+    let cfg = sidecore_vmm::events::EchoConfig {
+        exit_path,
+        count: a.count,
+        size: a.size,
+        rate: a.rate,
+        sidecore_cpu: side,
+        vcpu_cpu: vcpu,
+        spin_us: a.spin_us,
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let r = sidecore_vmm::events::run_echo(&cfg, |n| {
+        if tty {
+            eprint!("\r\x1b[2Kecho: {n} / {} packets", a.count);
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    print!("{}", r.console);
+    let st = &r.stats;
+    println!(
+        "echo: {} path, {} sent, {} back intact, {} corrupted, {} out of order, {} lost, {:.0} packets/s",
+        a.path,
+        st.sent,
+        st.intact,
+        st.corrupted,
+        st.out_of_order,
+        st.lost,
+        st.sent as f64 / st.seconds.max(1e-9)
+    );
+    if !st.rtt_cycles.is_empty() {
+        let mut v = st.rtt_cycles.clone();
+        v.sort_unstable();
+        let ns = |c: u64| c as f64 * 1e6 / khz.max(1) as f64;
+        // Per mille.
+        let q = |pm: usize| ns(v[(v.len() - 1) * pm / 1000]);
+        println!(
+            "echo: round trip p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us",
+            q(500) / 1000.0,
+            q(900) / 1000.0,
+            q(990) / 1000.0,
+            q(1000) / 1000.0
+        );
+    }
+    if st.perfect() {
+        println!("echo: ok — every packet came back intact and in order");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("echo: FAILED");
+        Ok(ExitCode::from(1))
+    }
+}
+
 fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
     let v = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
     if a.json {
@@ -243,7 +394,15 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     if a.throughput {
         return cmd_throughput(&a);
     }
-    let ops = parse_mask("ops", &a.ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)?;
+    // irq and echo are timed by the host, each in VMs of their own.
+    let (host_ops, guest_ops): (Vec<String>, Vec<String>) =
+        a.ops.iter().map(|o| o.trim().to_string()).partition(|o| o == "irq" || o == "echo");
+    let ops = if guest_ops.is_empty() {
+        0
+    } else {
+        parse_mask("ops", &guest_ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)
+            .map_err(|e| format!("{e}, irq, echo"))?
+    };
     let paths = parse_mask("paths", &a.paths, &BenchPath::ALL, BenchPath::name, |p| p as u32)?;
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
     let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
@@ -296,14 +455,18 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         attach: None,
         idle_park: None,
         latency_phases: false,
+        device: None,
     };
-    let report = run::run(opts).map_err(|e| error_chain(&e))?;
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!();
+    if ops != 0 {
+        let report = run::run(opts).map_err(|e| error_chain(&e))?;
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!();
+        }
+        if report.exit_code() != 0 {
+            return Err(format!("the benchmark guest failed: {:?}", report.ends));
+        }
     }
-    if report.exit_code() != 0 {
-        return Err(format!("the benchmark guest failed: {:?}", report.ends));
-    }
+    bench_host_ops(&host_ops, paths, &a, side_cpu, vcpu_cpu, &collector)?;
     let rep = collector.report(sidecore_vmm::bench::ReportHeader {
         backend: backend.backend.name().into(),
         vcpu_cpu,
@@ -454,6 +617,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         attach: a.attach.clone(),
         idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
         latency_phases: a.latency_phases,
+        device: None,
     };
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
     if let Some(b) = bench {
@@ -510,6 +674,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd_bench(a),
         Command::Daemon(a) => cmd_daemon(a),
         Command::Status(a) => cmd_status(a),
+        Command::Echo(a) => cmd_echo(a),
         Command::Info(a) => {
             sidecore_vmm::info::cmd_info(a.json).map(|()| ExitCode::SUCCESS).map_err(|e| error_chain(&*e))
         }

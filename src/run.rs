@@ -57,6 +57,9 @@ pub enum RunError {
     /// `--latency-phases` could not install its signal handler.
     #[error("--latency-phases: cannot install the SIGUSR1 handler")]
     PhaseSignal(#[source] std::io::Error),
+    /// The packet device or event poster could not be set up.
+    #[error("device: {0}")]
+    Device(String),
     /// The idle benchmark rings could not be made.
     #[error("cannot allocate the idle rings: {0}")]
     IdleRings(String),
@@ -91,7 +94,6 @@ impl Write for ConsoleSink {
 }
 
 /// How to run.
-#[derive(Clone)]
 pub struct RunOptions {
     /// The VM.
     pub spec: VmSpec,
@@ -114,6 +116,9 @@ pub struct RunOptions {
     /// Split the guest's call latencies into conditions A/B at each SIGUSR1
     /// and print them at the end ([`crate::phases`]).
     pub latency_phases: bool,
+    /// A device to wire up: the packet device, or the irq benchmark's
+    /// poster ([`crate::events`]).
+    pub device: Option<crate::events::EventDevice>,
 }
 
 /// How one vCPU ended.
@@ -241,6 +246,15 @@ impl SidecoreSet {
         }
     }
 
+    /// Adds a device to sidecore 0 (polled every sweep after its rings).
+    pub fn add_device(&self, dev: Box<dyn sidecore_core::poll::Device>) -> Result<(), RunError> {
+        let Ok(st) = self.state.lock() else { return Err(RunError::Device("sidecore set poisoned".into())) };
+        match &*st {
+            SetState::Running(cores) if !cores.is_empty() => Ok(cores[0].add_device(dev)?),
+            _ => Err(RunError::Device("no sidecore is running".into())),
+        }
+    }
+
     /// Stops them (rings kept for a restart).
     pub fn stop(&self) -> Result<(), RunError> {
         let Ok(mut st) = self.state.lock() else { return Ok(()) };
@@ -292,6 +306,7 @@ fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>, park: Option<Duration>) ->
 }
 
 struct Shared {
+    exit_device: Option<crate::events::ExitPathDevice>,
     services: Arc<Services>,
     exit_stats: Arc<VmStats>,
     sidecores: Option<Arc<SidecoreSet>>,
@@ -383,7 +398,45 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
             opts.idle_park,
         )?))
     };
+    let mut exit_device = None;
+    if let Some(d) = opts.device {
+        let kick = sidecore_core::device::Kick::new(
+            vm.irqfds.first().cloned().ok_or_else(|| RunError::Device("the VM has no vCPU 0 interrupt".into()))?,
+        );
+        let need_sidecore = || {
+            sidecores
+                .clone()
+                .ok_or_else(|| RunError::Device("the posted-event path needs a sidecore (--sidecore)".into()))
+        };
+        let window = || {
+            crate::events::free_ram_window(&vm)
+                .ok_or_else(|| RunError::Device("cannot map the guest's free RAM".into()))
+        };
+        match d {
+            crate::events::EventDevice::Packet { socket, exit_path: true, host_cpu } => {
+                let dev = crate::events::ExitPathDevice::start(vm.region.clone(), window()?, socket, kick, host_cpu)
+                    .map_err(|e| RunError::Device(format!("packet device: {e}")))?;
+                exit_device = Some(dev);
+            }
+            crate::events::EventDevice::Packet { socket, exit_path: false, .. } => {
+                let dev = sidecore_core::device::PacketDevice::new(
+                    vm.region.clone(),
+                    0,
+                    window()?,
+                    socket,
+                    sidecore_core::device::Delivery::Posted(Some(kick.clone())),
+                )
+                .map_err(|e| RunError::Device(format!("packet device: {e}")))?;
+                need_sidecore()?.add_device(Box::new(dev))?;
+            }
+            crate::events::EventDevice::IrqBench { state, exit_path } => {
+                let dev = crate::events::IrqBenchDevice::new(state, vm.region.clone(), kick, exit_path, vm.tsc_khz);
+                need_sidecore()?.add_device(Box::new(dev))?;
+            }
+        }
+    }
     let shared = Arc::new(Shared {
+        exit_device,
         services,
         exit_stats: Arc::new(VmStats::default()),
         sidecores: sidecores.clone(),
@@ -518,6 +571,11 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                 }
             }
             Action::Marker(_) => {}
+            Action::PacketTx => {
+                if let Some(d) = &shared.exit_device {
+                    d.on_tx();
+                }
+            }
             Action::Bench => {
                 let gpa = shm_proto::layout::guest_bench_block(vm.layout.free_gpa, vm.boot.nr_vcpus, i);
                 if let Some(b) = &shared.bench {

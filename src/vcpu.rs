@@ -91,6 +91,9 @@ pub enum Action {
     Control(u32),
     /// A benchmark block is ready: the run loop collects it, then resumes.
     Bench,
+    /// The guest queued packets on the packet device's tx queue (its exit
+    /// path): the run loop sends them, then resumes.
+    PacketTx,
     /// The guest cannot go on (the message says why); dump registers and stop.
     Fault(String),
 }
@@ -184,6 +187,8 @@ impl<W: Write> ExitHandler<'_, W> {
             Action::Control(value)
         } else if port == b.bench_port() {
             Action::Bench
+        } else if port == shm_proto::boot::PORT_PKT_TX {
+            Action::PacketTx
         } else {
             self.counts.unknown += 1;
             Action::Resume
@@ -321,6 +326,7 @@ mod tests {
         );
         assert_eq!(h.handle(Exit::PortOut { port: boot.control_port, data: &[2] }), Action::Control(2));
         assert_eq!(h.handle(Exit::PortOut { port: boot.null_port, data: &[0] }), Action::Resume);
+        assert_eq!(h.handle(Exit::PortOut { port: shm_proto::boot::PORT_PKT_TX, data: &[0] }), Action::PacketTx);
         assert_eq!(h.handle(Exit::PortOut { port: 0x1234, data: &[0] }), Action::Resume);
         let mut buf = [0u8; 4];
         assert_eq!(h.handle(Exit::PortIn { port: 0x60, data: &mut buf }), Action::Resume);

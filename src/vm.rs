@@ -150,6 +150,20 @@ pub enum VmError {
     /// The host-shared block could not be made.
     #[error("host-shared state")]
     HostShared(#[source] sidecore_core::hostmem::HostSharedError),
+    /// The in-kernel irqchip, MSI routes or irqfds could not be set up.
+    #[error("cannot set up interrupts: {what}")]
+    Irq {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn irq_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let what = what.into();
+    move |e| VmError::Irq { what, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 /// What to build.
@@ -238,6 +252,9 @@ pub struct Vm {
     /// The doorbell eventfd (KVM_IOEVENTFD on `PORT_DOORBELL`) that wakes a
     /// parked sidecore.
     pub doorbell: Arc<std::os::fd::OwnedFd>,
+    /// Per vCPU, an eventfd (KVM_IRQFD) whose write interrupts that vCPU
+    /// with `EVENT_VECTOR` through the in-kernel LAPIC.
+    pub irqfds: Vec<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Guest memory backed by a memfd (returned too, to pass to a daemon).
@@ -400,6 +417,8 @@ impl Vm {
         if backend.backend == Backend::Vmx {
             fd.set_tss_address(0xfffb_d000).map_err(VmError::SetTss)?;
         }
+        // Before any vCPU: the LAPICs are made with them.
+        fd.create_irq_chip().map_err(irq_err("KVM_CREATE_IRQCHIP"))?;
 
         let (mem, memfd) = guest_memory(ram)?;
         let pool_end = PT_POOL_GPA + PT_POOL_SIZE;
@@ -456,10 +475,12 @@ impl Vm {
             memfd,
             host,
             host_memfd,
+            irqfds: Vec::new(),
         };
         for i in 0..spec.vcpus {
             vm.add_vcpu(i)?;
         }
+        vm.irqfds = event_irqfds(&vm.fd, spec.vcpus)?;
         Ok(vm)
     }
 
@@ -510,6 +531,7 @@ impl Vm {
         if self.backend.backend == Backend::Pvm {
             register_vif(&vcpu, i)?;
         }
+        enable_lapic(&vcpu, i)?;
         // What KVM holds now (it may have adjusted dynamic bits) is what the
         // sidecore must answer.
         let held = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?;
@@ -517,6 +539,67 @@ impl Vm {
         self.vcpus.push(vcpu);
         Ok(())
     }
+}
+
+/// Software-enables the vCPU's LAPIC (SVR = 0x1ff: enabled, spurious vector
+/// 0xff); with the reset SVR an MSI is silently dropped (PVM.md §7). With an
+/// in-kernel irqchip only the BSP starts runnable: the others are made
+/// runnable here, since the VMM sets their registers itself (no INIT/SIPI).
+fn enable_lapic(vcpu: &VcpuFd, i: u32) -> Result<(), VmError> {
+    const APIC_SVR: usize = 0xf0;
+    let mut lapic = vcpu.get_lapic().map_err(irq_err(format!("vCPU {i}: KVM_GET_LAPIC")))?;
+    for (k, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
+        lapic.regs[APIC_SVR + k] = libc::c_char::from_ne_bytes([*b]);
+    }
+    vcpu.set_lapic(&lapic).map_err(irq_err(format!("vCPU {i}: KVM_SET_LAPIC")))?;
+    if i > 0 {
+        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        vcpu.set_mp_state(runnable).map_err(irq_err(format!("vCPU {i}: KVM_SET_MP_STATE")))?;
+    }
+    Ok(())
+}
+
+/// First GSI of the per-vCPU event routes (past the IOAPIC's 24 pins).
+const EVENT_GSI_BASE: u32 = 24;
+
+/// One MSI route per vCPU (GSI 24 + i -> APIC ID i, `EVENT_VECTOR`, fixed,
+/// edge) and an irqfd on each.
+fn event_irqfds(vm: &VmFd, vcpus: u32) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, VmError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = (0..vcpus)
+        .map(|i| {
+            let mut e = kvm_bindings::kvm_irq_routing_entry {
+                gsi: EVENT_GSI_BASE + i,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                address_lo: 0xfee0_0000 | (i << 12),
+                data: u32::from(shm_proto::event::EVENT_VECTOR),
+                ..Default::default()
+            };
+            e
+        })
+        .collect();
+    let routing = kvm_bindings::KvmIrqRouting::from_entries(&entries).map_err(|_| VmError::Irq {
+        what: "building the MSI routing table".into(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    vm.set_gsi_routing(&routing).map_err(irq_err("KVM_SET_GSI_ROUTING"))?;
+    let mut out = Vec::new();
+    for i in 0..vcpus {
+        let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|source| VmError::Irq { what: format!("vCPU {i}: eventfd"), source })?;
+        vm.register_irqfd(&efd, EVENT_GSI_BASE + i).map_err(irq_err(format!("vCPU {i}: KVM_IRQFD")))?;
+        // SAFETY: dup of a descriptor we hold open; the result is checked.
+        let fd = unsafe { libc::dup(efd.as_raw_fd()) };
+        if fd < 0 {
+            return Err(VmError::Irq { what: format!("vCPU {i}: dup"), source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: fd is a fresh descriptor from dup that nothing else owns.
+        out.push(Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+    }
+    Ok(out)
 }
 
 /// An eventfd that the guest's PIO write to `PORT_DOORBELL` signals inside

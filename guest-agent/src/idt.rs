@@ -1,6 +1,7 @@
 //! The guest's IDT: a #PF handler that lets the selftest probe an address
-//! and see the fault it expects after an unmap, and a fatal handler for
-//! every other exception that prints the vector and RIP.
+//! and see the fault it expects after an unmap, a fatal handler for every
+//! other exception that prints the vector and RIP, the event vector's
+//! handler (`events`), and an `iretq` for any other external vector.
 //!
 //! Exceptions push their frame on the current stack. Only `probe_read` is
 //! expected to fault, and it is a leaf called with `call`, so nobody's red
@@ -18,9 +19,9 @@ struct Gate {
 }
 
 #[repr(C, align(4096))]
-struct Idt([Gate; 32]);
+struct Idt([Gate; 256]);
 
-static mut IDT: Idt = Idt([Gate { lo: 0, hi: 0 }; 32]);
+static mut IDT: Idt = Idt([Gate { lo: 0, hi: 0 }; 256]);
 static LOADED: AtomicBool = AtomicBool::new(false);
 
 core::arch::global_asm!(
@@ -84,6 +85,14 @@ core::arch::global_asm!(
 extern "C" {
     fn probe_read_asm(addr: u64) -> ProbeResult;
     static exc_table: [u64; 32];
+    fn sc_irq_event();
+    fn sc_irq_other();
+}
+
+/// A 64-bit interrupt gate to `h`: selector 0x08, present, DPL 0, type 0xE,
+/// IST 0.
+fn gate(h: u64) -> Gate {
+    Gate { lo: (h & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((h >> 16) & 0xffff) << 48, hi: h >> 32 }
 }
 
 #[repr(C)]
@@ -116,11 +125,13 @@ pub fn load(_env: &Env) {
         // the others spin below until it is marked built.
         let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
         for (i, g) in idt.0.iter_mut().enumerate() {
-            // SAFETY: exc_table is a 32-entry table of handler addresses in rodata.
-            let h = unsafe { exc_table[i] };
-            // 64-bit interrupt gate: selector 0x08, present, DPL 0, type 0xE, IST 0.
-            g.lo = (h & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((h >> 16) & 0xffff) << 48;
-            g.hi = h >> 32;
+            let h = match i {
+                // SAFETY: exc_table is a 32-entry table of handler addresses in rodata.
+                0..32 => unsafe { exc_table[i] },
+                v if v == usize::from(shm_proto::event::EVENT_VECTOR) => sc_irq_event as *const () as u64,
+                _ => sc_irq_other as *const () as u64,
+            };
+            *g = gate(h);
         }
         BUILT.store(true, Ordering::Release);
     }
@@ -129,7 +140,7 @@ pub fn load(_env: &Env) {
     }
     let base = core::ptr::addr_of!(IDT) as u64;
     let desc: [u16; 5] = [
-        32 * 16 - 1,
+        256 * 16 - 1,
         (base & 0xffff) as u16,
         ((base >> 16) & 0xffff) as u16,
         ((base >> 32) & 0xffff) as u16,

@@ -13,6 +13,8 @@ mod bench;
 mod chaos;
 mod client;
 mod console;
+mod echo;
+mod events;
 mod idt;
 mod mem;
 mod pagetable;
@@ -89,6 +91,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
     };
     let Some(env) = env else { arch::exit(shm_proto::boot::PORT_EXIT, STATUS_BAD_BOOT_INFO) };
     idt::load(&env);
+    events::init(&env);
     let status = match Workload::from_u32(boot.workload) {
         Some(Workload::Hello) => workload::hello(&env),
         Some(Workload::Spin) => workload::spin(&env),
@@ -97,6 +100,8 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Pagefault) => bench::run(&env, true),
         Some(Workload::Chaos) => chaos::run(&env),
         Some(Workload::Wake) => workload::wake(&env),
+        Some(Workload::Echo) => echo::echo(&env),
+        Some(Workload::Irq) => echo::irq(&env),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

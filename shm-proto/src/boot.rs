@@ -133,11 +133,21 @@ pub enum Workload {
     /// `args[1]` µs (default 5000, long enough for a sidecore to park), then
     /// timing one null sidecall.
     Wake = 7,
+    /// Packet echo: sets up the packet device's rx queue and sends back
+    /// every packet it receives, `args[0]` packets (0: until `args[1]` ms
+    /// pass with none). `args[2]` = 1: the exit path (interrupt for rx, PIO
+    /// doorbell for tx); else posted events. `args[3]`: µs to spin before
+    /// halting when idle (posted path; default 200).
+    Echo = 8,
+    /// Event responder for `sidecore bench --ops irq`: acknowledges every
+    /// test event, `args[0]` of them; `args[2]` = 1: only by interrupt (spins
+    /// with interrupts on), else by polling the posted events.
+    Irq = 9,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Hello,
         Workload::Spin,
         Workload::Selftest,
@@ -145,6 +155,8 @@ impl Workload {
         Workload::Pagefault,
         Workload::Chaos,
         Workload::Wake,
+        Workload::Echo,
+        Workload::Irq,
     ];
 
     /// Decodes the boot-info value.
@@ -157,6 +169,8 @@ impl Workload {
             5 => Some(Workload::Pagefault),
             6 => Some(Workload::Chaos),
             7 => Some(Workload::Wake),
+            8 => Some(Workload::Echo),
+            9 => Some(Workload::Irq),
             _ => None,
         }
     }
@@ -171,6 +185,8 @@ impl Workload {
             Workload::Pagefault => "pagefault",
             Workload::Chaos => "chaos",
             Workload::Wake => "wake",
+            Workload::Echo => "echo",
+            Workload::Irq => "irq",
         }
     }
 }
@@ -199,6 +215,9 @@ pub const PORT_DOORBELL: u16 = 0x3f7;
 /// PIO port: a benchmark block is ready in the vCPU's
 /// [`crate::bench::BenchBlock`].
 pub const PORT_BENCH: u16 = 0x3f6;
+/// PIO port the guest writes after queueing packets on the packet device's
+/// tx queue, on the exit path (the VMM sends them).
+pub const PORT_PKT_TX: u16 = 0x3e0;
 
 /// CPUID leaf whose EBX, ECX, EDX the VMM sets to [`CPUID_SIGNATURE`] in the
 /// table it gives KVM_SET_CPUID2: only an answer from that table carries it.

@@ -10,12 +10,15 @@
 //! * [`boot`]: the boot-info page the VMM writes for the guest.
 //! * [`ring`]: the shared region — header, per-vCPU rings of 64-byte slots,
 //!   the lap-counted slot state word.
+//! * [`event`]: posted events, the halt/wake protocol, the packet device's
+//!   queues.
 //! * [`bench`]: how the guest hands benchmark samples to the VMM.
 //! * [`op`]: opcodes, flags, status codes and request/reply encodings.
 #![no_std]
 
 pub mod bench;
 pub mod boot;
+pub mod event;
 pub mod layout;
 pub mod op;
 pub mod ring;

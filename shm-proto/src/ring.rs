@@ -267,6 +267,12 @@ pub struct VcpuShared {
     /// Round-trip times of the guest's calls, as the guest measured them
     /// (written by the guest only, read by its own VMM; never trusted).
     pub latency: LatencyHist,
+    /// Posted events (host-written).
+    pub events: crate::event::EventLine,
+    /// The guest's side of event delivery (guest-written).
+    pub guest_events: crate::event::GuestEventLine,
+    /// The packet device's queues.
+    pub pkt: crate::event::PktQueues,
 }
 
 /// Offset of vCPU blocks in the region.
@@ -283,6 +289,9 @@ const _: () = assert!(core::mem::offset_of!(VcpuShared, guest) == 4480);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, console) == 4608);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, host) == 4864);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, latency) == 4992);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, events) == 5504);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, guest_events) == 5632);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, pkt) == 5760);
 
 /// Buckets in a [`LatencyHist`].
 pub const LAT_BUCKETS: usize = 64;

@@ -3,6 +3,8 @@
 //!
 //! * [`service`]: the service handlers (null, CPUID, the hypercall registry)
 //!   that both the sidecore and the VMM's exit path call.
+//! * [`device`]: posted events (the host half of the halt/wake protocol)
+//!   and the packet device.
 //! * [`pte`]: validated page-table updates.
 //! * [`cpuid`]: KVM's rules for answering CPUID from a KVM_SET_CPUID2 table.
 //! * [`ring`]: the host side of one vCPU's ring: poll, claim, validate,
@@ -15,6 +17,7 @@
 //! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
 
 pub mod cpuid;
+pub mod device;
 pub mod hostmem;
 pub mod pin;
 pub mod poll;

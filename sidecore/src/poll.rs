@@ -81,6 +81,19 @@ pub struct CoreStats {
 
 enum Command {
     Add(RingRef),
+    AddDevice(Box<dyn Device>),
+}
+
+/// Work a sidecore does each sweep besides its rings: a virtual device's
+/// queues. It must not block, log or allocate in `poll`.
+pub trait Device: Send {
+    /// Does what is ready; returns how many items it moved (0 = idle).
+    fn poll(&mut self) -> usize;
+    /// A descriptor that becomes readable when the device has work, for a
+    /// parked sidecore to wait on (beside the guests' doorbells).
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Serve the rings.
@@ -158,6 +171,11 @@ impl Sidecore {
     /// Adds a ring while running (picked up within [`HEARTBEAT_SWEEPS`] sweeps).
     pub fn add_ring(&self, ring: RingRef) -> Result<(), SidecoreError> {
         self.commands.send(Command::Add(ring)).map_err(|_| SidecoreError::Died(self.name.clone()))
+    }
+
+    /// Adds a device, polled every sweep after the rings.
+    pub fn add_device(&self, dev: Box<dyn Device>) -> Result<(), SidecoreError> {
+        self.commands.send(Command::AddDevice(dev)).map_err(|_| SidecoreError::Died(self.name.clone()))
     }
 
     /// The CPU it is pinned to.
@@ -242,6 +260,7 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
     let mut idle_since: Option<std::time::Instant> = None;
     let mut parked = false;
     let mut nap = PARK_NAP;
+    let mut devices: Vec<Box<dyn Device>> = Vec::new();
     loop {
         match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
@@ -255,6 +274,9 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
         let mut n = 0;
         for r in rings[..active].iter_mut() {
             n += r.serve();
+        }
+        for d in devices.iter_mut() {
+            n += d.poll();
         }
         sweeps += 1;
         if n > 0 {
@@ -270,7 +292,7 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
         } else if let Some(limit) = ctl.park {
             // Idle: look at the clock only every 256 idle sweeps.
             if parked {
-                wait_doorbells(&rings, nap);
+                wait_doorbells(&rings, &devices, nap);
                 nap = (nap * 2).min(PARK_NAP_MAX);
             } else if sweeps.is_multiple_of(256) {
                 let now = std::time::Instant::now();
@@ -296,8 +318,11 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
             stats.sweeps.store(sweeps, Ordering::Relaxed);
             stats.busy_sweeps.store(busy, Ordering::Relaxed);
             stats.served.store(served, Ordering::Relaxed);
-            while let Ok(Command::Add(r)) = commands.try_recv() {
-                rings.push(r);
+            while let Ok(c) = commands.try_recv() {
+                match c {
+                    Command::Add(r) => rings.push(r),
+                    Command::AddDevice(d) => devices.push(d),
+                }
             }
             // Drop detached VMs' rings (and, with the last one, the mapping).
             rings.retain(|r| !r.control().detached.load(Ordering::Relaxed));
@@ -318,7 +343,7 @@ fn set_parked(rings: &[RingRef], on: bool) {
 }
 
 /// Sleeps up to `nap`, or until a guest rings one of the rings' doorbells.
-fn wait_doorbells(rings: &[RingRef], nap: std::time::Duration) {
+fn wait_doorbells(rings: &[RingRef], devices: &[Box<dyn Device>], nap: std::time::Duration) {
     use std::os::fd::AsRawFd;
     let mut fds: Vec<libc::pollfd> = Vec::new();
     for r in rings {
@@ -328,6 +353,12 @@ fn wait_doorbells(rings: &[RingRef], nap: std::time::Duration) {
                 fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
             }
         }
+    }
+    // A device's descriptor is only waited on, never read here: its poll()
+    // takes what is ready.
+    let doorbells = fds.len();
+    for fd in devices.iter().filter_map(|d| d.wake_fd()) {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
     }
     if fds.is_empty() {
         std::thread::sleep(nap);
@@ -339,7 +370,7 @@ fn wait_doorbells(rings: &[RingRef], nap: std::time::Duration) {
     // call; the timeout is a valid timespec; no signal mask is changed.
     let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), n, &ts, std::ptr::null()) };
     if rc > 0 {
-        for p in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+        for p in fds[..doorbells].iter().filter(|p| p.revents & libc::POLLIN != 0) {
             let mut buf = [0u8; 8];
             // SAFETY: reads at most 8 bytes into `buf` from an eventfd the
             // ring holds open; a non-blocking eventfd never blocks here.

@@ -1,0 +1,628 @@
+//! Virtual interrupts and the sidecore-serviced packet device, VMM side:
+//! wiring a VM's device into its sidecore or its exit path, the `irq`
+//! benchmark's poster, and the UDP load generator (`sidecore echo`,
+//! `sidecore bench --ops irq,echo`).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shm_proto::event::{EV_TEST, PKT_STOP};
+use sidecore_core::device::{post, Delivery, GuestWindow, Kick, PacketDevice};
+use sidecore_core::poll::{rdtsc, Device};
+use sidecore_core::SharedRegion;
+
+use crate::vm::Vm;
+
+/// Which device a run wires up, and how.
+pub enum EventDevice {
+    /// The packet device on this socket. `exit_path`: rx by interrupt from a
+    /// VMM thread, tx by the guest's PIO doorbell; else the sidecore polls
+    /// the socket and the queues and posts events.
+    Packet {
+        /// The device's end (bound; the load generator sends to it).
+        socket: UdpSocket,
+        /// Exit path instead of the sidecore.
+        exit_path: bool,
+        /// Pin the exit path's receiver thread here (the CPU a sidecore
+        /// would have), so that both paths do their host work on one CPU.
+        host_cpu: Option<usize>,
+    },
+    /// The `irq` benchmark: the sidecore posts test events and times the
+    /// guest's acknowledgement.
+    IrqBench {
+        /// Where the samples go.
+        state: Arc<IrqBenchState>,
+        /// Interrupt every event (the exit path) instead of posting it.
+        exit_path: bool,
+    },
+}
+
+/// The guest RAM after the shared region (where guests keep packet
+/// buffers), as a window the device may copy into and out of.
+pub fn free_ram_window(vm: &Vm) -> Option<GuestWindow> {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    let gpa = vm.layout.free_gpa;
+    let len = vm.layout.ram_size.checked_sub(gpa)?;
+    let host = vm.mem.get_host_address(GuestAddress(gpa)).ok()?;
+    let base = std::ptr::NonNull::new(host)?;
+    // SAFETY: guest memory is one mapping of ram_size bytes from GPA 0 (see
+    // vm::guest_memory), so gpa .. ram_size is mapped at `host`; `vm.mem`,
+    // held by the window, keeps it mapped.
+    Some(unsafe { GuestWindow::new(base, gpa, len, vm.mem.clone()) })
+}
+
+/// The exit-path packet device: a thread that blocks on the socket and
+/// interrupts the vCPU for each packet; the vCPU thread sends tx on PIO.
+pub struct ExitPathDevice {
+    dev: Arc<Mutex<PacketDevice>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ExitPathDevice {
+    /// Starts its receiver thread. Nothing else wakes a halted guest: only
+    /// packets do.
+    pub fn start(
+        region: Arc<SharedRegion>,
+        window: GuestWindow,
+        socket: UdpSocket,
+        kick: Kick,
+        host_cpu: Option<usize>,
+    ) -> std::io::Result<Self> {
+        let rx_socket = socket.try_clone()?;
+        rx_socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let dev =
+            Arc::new(Mutex::new(PacketDevice::new(region, 0, window, socket, Delivery::Interrupt(kick.clone()))?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (dev.clone(), stop.clone());
+        let rx = std::thread::Builder::new().name("pktdev-rx".into()).spawn(move || {
+            if let Some(cpu) = host_cpu {
+                let _ = sidecore_core::pin::pin_current_thread(cpu);
+            }
+            let mut buf = vec![0u8; shm_proto::event::PKT_MAX as usize];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = rx_socket.recv_from(&mut buf) {
+                    if let Ok(mut g) = d.lock() {
+                        g.set_peer(from);
+                        g.deliver(&buf[..n]);
+                    }
+                }
+            }
+        })?;
+        Ok(ExitPathDevice { dev, stop, threads: vec![rx] })
+    }
+
+    /// The guest rang the tx doorbell.
+    pub fn on_tx(&self) {
+        if let Ok(mut g) = self.dev.lock() {
+            g.drain_tx();
+        }
+    }
+
+    /// Stops the threads.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ExitPathDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Samples of the `irq` benchmark, filled by the sidecore.
+pub struct IrqBenchState {
+    samples: Vec<AtomicU64>,
+    count: AtomicUsize,
+    lost: AtomicU64,
+}
+
+impl IrqBenchState {
+    /// Room for `n` samples.
+    pub fn new(n: usize) -> Arc<IrqBenchState> {
+        Arc::new(IrqBenchState {
+            samples: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicUsize::new(0),
+            lost: AtomicU64::new(0),
+        })
+    }
+
+    /// Post-to-acknowledgement times so far, in TSC cycles.
+    pub fn samples(&self) -> Vec<u64> {
+        let n = self.count.load(Ordering::Acquire).min(self.samples.len());
+        self.samples[..n].iter().map(|s| s.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Events that got no acknowledgement within 50 ms (re-posted).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// All samples taken.
+    pub fn done(&self) -> bool {
+        self.count.load(Ordering::Acquire) >= self.samples.len()
+    }
+}
+
+/// The `irq` benchmark's poster, run by the sidecore every sweep: posts a
+/// test event with a fresh sequence number (and, on the exit path,
+/// interrupts the vCPU), then times until the guest writes that number back.
+pub struct IrqBenchDevice {
+    state: Arc<IrqBenchState>,
+    region: Arc<SharedRegion>,
+    kick: Kick,
+    exit_path: bool,
+    seq: u64,
+    t0: u64,
+    waiting: bool,
+    started: bool,
+    next_at: u64,
+    gap: u64,
+    timeout: u64,
+    rng: u64,
+}
+
+impl IrqBenchDevice {
+    /// A poster for vCPU 0 of `region`; `tsc_khz` sets its 5–15 µs gaps
+    /// between events and its 50 ms loss timeout.
+    pub fn new(
+        state: Arc<IrqBenchState>,
+        region: Arc<SharedRegion>,
+        kick: Kick,
+        exit_path: bool,
+        tsc_khz: u64,
+    ) -> Self {
+        IrqBenchDevice {
+            state,
+            region,
+            kick,
+            exit_path,
+            seq: 0,
+            t0: 0,
+            waiting: false,
+            started: false,
+            next_at: 0,
+            gap: tsc_khz / 100,
+            timeout: tsc_khz.saturating_mul(50),
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn jitter(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.gap / 2 + self.rng % self.gap.max(1)
+    }
+}
+
+impl Device for IrqBenchDevice {
+    fn poll(&mut self) -> usize {
+        if self.state.done() {
+            return 0;
+        }
+        let Some(v) = self.region.vcpu(0) else { return 0 };
+        let ack = v.guest_events.ack.load(Ordering::Acquire);
+        if self.waiting {
+            let now = rdtsc();
+            if ack == self.seq {
+                let i = self.state.count.load(Ordering::Relaxed);
+                if let Some(s) = self.state.samples.get(i) {
+                    s.store(now.wrapping_sub(self.t0), Ordering::Relaxed);
+                    self.state.count.store(i + 1, Ordering::Release);
+                }
+                self.waiting = false;
+                self.next_at = now.wrapping_add(self.jitter());
+                return 1;
+            }
+            if now.wrapping_sub(self.t0) > self.timeout {
+                self.state.lost.fetch_add(1, Ordering::Relaxed);
+                self.waiting = false;
+            }
+            return 0;
+        }
+        if !self.started {
+            // The guest writes u64::MAX once it is ready to acknowledge.
+            if ack != u64::MAX {
+                return 0;
+            }
+            self.started = true;
+        }
+        if rdtsc() < self.next_at {
+            return 0;
+        }
+        self.seq += 1;
+        v.events.payload.store(self.seq, Ordering::Release);
+        self.t0 = rdtsc();
+        if self.exit_path {
+            post(v, EV_TEST, None);
+            self.kick.kick();
+        } else {
+            post(v, EV_TEST, Some(&self.kick));
+        }
+        self.waiting = true;
+        1
+    }
+}
+
+/// What the load generator saw.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EchoStats {
+    /// Packets sent (not counting the readiness probes).
+    pub sent: u64,
+    /// Echoes received byte-for-byte identical to what was sent.
+    pub intact: u64,
+    /// Echoes that differed from what was sent.
+    pub corrupted: u64,
+    /// Echoes that came back out of order (or twice).
+    pub out_of_order: u64,
+    /// Packets with no echo (closed loop: within the timeout).
+    pub lost: u64,
+    /// Seconds the measured part took.
+    pub seconds: f64,
+    /// Round trips (closed loop), TSC cycles.
+    #[serde(skip)]
+    pub rtt_cycles: Vec<u64>,
+}
+
+impl EchoStats {
+    /// Every packet came back intact and in order.
+    pub fn perfect(&self) -> bool {
+        self.sent > 0 && self.intact == self.sent && self.corrupted == 0 && self.out_of_order == 0 && self.lost == 0
+    }
+}
+
+/// The packet for sequence number `seq`: the number, then bytes derived
+/// from it, `size` bytes in all (at least 8).
+pub fn packet(seq: u64, size: usize) -> Vec<u8> {
+    let mut p = seq.to_le_bytes().to_vec();
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while p.len() < size.max(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        p.push(x.to_le_bytes()[0]);
+    }
+    p
+}
+
+/// The load generator's socket, and the device address it talks to.
+pub struct LoadGen {
+    socket: UdpSocket,
+    target: SocketAddr,
+}
+
+impl LoadGen {
+    /// A socket on loopback aimed at `target`.
+    pub fn new(target: SocketAddr) -> std::io::Result<LoadGen> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        Ok(LoadGen { socket, target })
+    }
+
+    /// Sends probes until one comes back (the guest has posted its rx
+    /// buffers), for at most `limit`.
+    pub fn wait_ready(&self, limit: Duration) -> bool {
+        let probe = packet(u64::MAX, 16);
+        let t0 = Instant::now();
+        let _ = self.socket.set_read_timeout(Some(Duration::from_millis(20)));
+        let mut buf = [0u8; 64];
+        while t0.elapsed() < limit {
+            if self.socket.send_to(&probe, self.target).is_err() {
+                return false;
+            }
+            while let Ok(n) = self.socket.recv(&mut buf) {
+                if buf[..n] == probe[..] {
+                    // Drain late echoes of earlier probes.
+                    while self.socket.recv(&mut buf).is_ok() {}
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// One packet in flight at a time: `n` packets of `size` bytes, each
+    /// timed from send to echo; a packet with no echo in `timeout` is lost.
+    pub fn closed_loop(&self, n: u64, size: usize, timeout: Duration, mut progress: impl FnMut(u64)) -> EchoStats {
+        let mut st =
+            EchoStats { rtt_cycles: Vec::with_capacity(usize::try_from(n).unwrap_or(0)), ..Default::default() };
+        let _ = self.socket.set_read_timeout(Some(timeout));
+        let mut buf = vec![0u8; 65536];
+        let t_start = Instant::now();
+        for seq in 0..n {
+            let p = packet(seq, size);
+            let t0 = rdtsc();
+            if self.socket.send_to(&p, self.target).is_err() {
+                st.lost += 1;
+                continue;
+            }
+            st.sent += 1;
+            loop {
+                match self.socket.recv(&mut buf) {
+                    Ok(k) => {
+                        let got = &buf[..k];
+                        let got_seq = got.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+                        if got_seq == Some(u64::MAX) {
+                            continue; // a late readiness probe
+                        }
+                        if got_seq != Some(seq) {
+                            st.out_of_order += 1;
+                            continue;
+                        }
+                        st.rtt_cycles.push(rdtsc().wrapping_sub(t0));
+                        if got == &p[..] {
+                            st.intact += 1;
+                        } else {
+                            st.corrupted += 1;
+                        }
+                        break;
+                    }
+                    Err(_) => {
+                        st.lost += 1;
+                        break;
+                    }
+                }
+            }
+            if seq % 1000 == 999 {
+                progress(seq + 1);
+            }
+        }
+        st.seconds = t_start.elapsed().as_secs_f64();
+        st
+    }
+
+    /// Open loop: `n` packets of `size` bytes at `rate` per second from a
+    /// sender thread; counts what comes back (in order, intact) until
+    /// `drain` passes with nothing more.
+    pub fn open_loop(&self, n: u64, size: usize, rate: u64, drain: Duration) -> std::io::Result<EchoStats> {
+        let tx = self.socket.try_clone()?;
+        let target = self.target;
+        let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+        let t_start = Instant::now();
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            for seq in 0..n {
+                let due = t_start + interval.mul_f64(seq as f64);
+                while Instant::now() < due {
+                    std::hint::spin_loop();
+                }
+                if tx.send_to(&packet(seq, size), target).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        self.socket.set_read_timeout(Some(drain))?;
+        let mut st = EchoStats::default();
+        let mut buf = vec![0u8; 65536];
+        let mut expect = 0u64;
+        while let Ok(k) = self.socket.recv(&mut buf) {
+            let got = &buf[..k];
+            let Some(seq) = got.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
+                st.corrupted += 1;
+                continue;
+            };
+            if seq == u64::MAX {
+                continue;
+            }
+            if seq < expect {
+                st.out_of_order += 1;
+                continue;
+            }
+            // A gap is packets lost (counted at the end), not disorder.
+            expect = seq + 1;
+            if got == &packet(seq, size)[..] {
+                st.intact += 1;
+            } else {
+                st.corrupted += 1;
+            }
+        }
+        st.sent = sender.join().unwrap_or(0);
+        st.lost = st.sent.saturating_sub(st.intact + st.corrupted);
+        st.seconds = t_start.elapsed().as_secs_f64() - drain.as_secs_f64();
+        Ok(st)
+    }
+
+    /// Tells the guest to stop (it echoes the stop packet and exits).
+    pub fn stop_guest(&self) {
+        let mut p = PKT_STOP.to_vec();
+        p.resize(32, 0);
+        let _ = self.socket.send_to(&p, self.target);
+    }
+}
+
+/// One `sidecore echo` run: an echo guest, its packet device on one path,
+/// and the load generator.
+#[derive(Clone, Debug)]
+pub struct EchoConfig {
+    /// The exit path (interrupt + PIO) instead of the sidecore.
+    pub exit_path: bool,
+    /// Packets to send.
+    pub count: u64,
+    /// Bytes per packet (8..=2048).
+    pub size: usize,
+    /// Open loop at this many packets per second (`None`: closed loop).
+    pub rate: Option<u64>,
+    /// The sidecore's CPU (posted path).
+    pub sidecore_cpu: usize,
+    /// The vCPU's CPU.
+    pub vcpu_cpu: usize,
+    /// µs the guest spins with nothing to do before it halts (posted path).
+    pub spin_us: u64,
+}
+
+/// What an echo run produced.
+#[derive(Debug)]
+pub struct EchoRun {
+    /// The load generator's view.
+    pub stats: EchoStats,
+    /// The guest's console.
+    pub console: String,
+}
+
+/// Boots the echo guest with the packet device on `cfg`'s path, waits for
+/// it to post its buffers, runs the load, stops the guest.
+pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoRun, String> {
+    if !(8..=shm_proto::event::PKT_MAX as usize).contains(&cfg.size) {
+        return Err(format!("--size {}: a packet is 8 to {} bytes", cfg.size, shm_proto::event::PKT_MAX));
+    }
+    let socket =
+        UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot bind the device's UDP socket on 127.0.0.1: {e}"))?;
+    let target = socket.local_addr().map_err(|e| format!("device socket: {e}"))?;
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mut args = [0u64; 8];
+    // Idle deadline, ms; a halted guest only checks it when a packet wakes it.
+    args[1] = 30_000;
+    args[2] = u64::from(cfg.exit_path);
+    args[3] = cfg.spin_us;
+    let opts = crate::run::RunOptions {
+        spec: crate::vm::VmSpec {
+            guest_path: "bundled guest-agent".into(),
+            guest_elf: crate::BUNDLED_GUEST.to_vec(),
+            mem_mib: 64,
+            vcpus: 1,
+            workload: shm_proto::boot::Workload::Echo,
+            args,
+            sidecalls: false,
+            sidecall_timeout_us: 2000,
+            shareable: false,
+        },
+        vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
+        sidecore_cpus: if cfg.exit_path { Vec::new() } else { vec![cfg.sidecore_cpu] },
+        console: crate::run::ConsoleSink::Capture(buf.clone()),
+        report_phases: false,
+        bench: None,
+        idle_rings: 0,
+        attach: None,
+        idle_park: None,
+        latency_phases: false,
+        device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
+    };
+    let vm = std::thread::Builder::new()
+        .name("echo-vm".into())
+        .spawn(move || crate::run::run(opts))
+        .map_err(|e| format!("cannot start the VM thread: {e}"))?;
+    let console = |b: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&b.lock().map(|g| g.clone()).unwrap_or_default()).into_owned()
+    };
+    // The load generator shares the sidecore's CPU (on a 2-CPU host there
+    // is no other): left to float, it lands on the vCPU's CPU whenever the
+    // guest halts and keeps it from running.
+    let lg = LoadGen::new(target).map_err(|e| format!("load generator socket: {e}"))?;
+    let (cfg2, lg) = (cfg.clone(), Arc::new(lg));
+    let lg2 = lg.clone();
+    let (ptx, prx) = std::sync::mpsc::channel::<u64>();
+    let load = std::thread::Builder::new()
+        .name("echo-load".into())
+        .spawn(move || -> Result<Option<EchoStats>, String> {
+            let _ = sidecore_core::pin::pin_current_thread(cfg2.sidecore_cpu);
+            if !lg2.wait_ready(Duration::from_secs(10)) {
+                return Ok(None);
+            }
+            Ok(Some(match cfg2.rate {
+                None => lg2.closed_loop(cfg2.count, cfg2.size, Duration::from_millis(500), |n| {
+                    let _ = ptx.send(n);
+                }),
+                Some(r) => lg2
+                    .open_loop(cfg2.count, cfg2.size, r, Duration::from_millis(300))
+                    .map_err(|e| format!("open loop: {e}"))?,
+            }))
+        })
+        .map_err(|e| format!("cannot start the load generator thread: {e}"))?;
+    while !load.is_finished() {
+        if let Ok(n) = prx.recv_timeout(Duration::from_millis(50)) {
+            progress(n);
+        }
+    }
+    let stats = load.join().map_err(|_| "the load generator panicked".to_string())??;
+    let t0 = Instant::now();
+    while !vm.is_finished() && t0.elapsed() < Duration::from_secs(10) {
+        lg.stop_guest();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !vm.is_finished() {
+        return Err(format!("the echo guest did not stop; its console:\n{}", console(&buf)));
+    }
+    let report = vm.join().map_err(|_| "the VM thread panicked".to_string())?.map_err(|e| crate::error_chain(&e))?;
+    let out = console(&buf);
+    if report.exit_code() != 0 {
+        return Err(format!("the echo guest failed ({:?}); its console:\n{out}", report.ends));
+    }
+    let stats =
+        stats.ok_or_else(|| format!("the echo guest never answered a probe within 10 s; its console:\n{out}"))?;
+    Ok(EchoRun { stats, console: out })
+}
+
+/// One `irq` benchmark run: the responder guest and the sidecore's poster.
+pub fn run_irq(
+    exit_path: bool,
+    n: usize,
+    sidecore_cpu: usize,
+    vcpu_cpu: usize,
+) -> Result<(Vec<u64>, u64, String), String> {
+    let state = IrqBenchState::new(n);
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mut args = [0u64; 8];
+    args[0] = n as u64;
+    args[1] = 10_000;
+    args[2] = u64::from(exit_path);
+    let opts = crate::run::RunOptions {
+        spec: crate::vm::VmSpec {
+            guest_path: "bundled guest-agent".into(),
+            guest_elf: crate::BUNDLED_GUEST.to_vec(),
+            mem_mib: 64,
+            vcpus: 1,
+            workload: shm_proto::boot::Workload::Irq,
+            args,
+            sidecalls: false,
+            sidecall_timeout_us: 2000,
+            shareable: false,
+        },
+        vcpu_cpus: Some(vec![vcpu_cpu]),
+        sidecore_cpus: vec![sidecore_cpu],
+        console: crate::run::ConsoleSink::Capture(buf.clone()),
+        report_phases: false,
+        bench: None,
+        idle_rings: 0,
+        attach: None,
+        idle_park: None,
+        latency_phases: false,
+        device: Some(EventDevice::IrqBench { state: state.clone(), exit_path }),
+    };
+    let report = crate::run::run(opts).map_err(|e| crate::error_chain(&e))?;
+    let out = String::from_utf8_lossy(&buf.lock().map(|g| g.clone()).unwrap_or_default()).into_owned();
+    if report.exit_code() != 0 {
+        return Err(format!("the irq guest failed ({:?}); its console:\n{out}", report.ends));
+    }
+    Ok((state.samples(), state.lost(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_carry_their_sequence_and_differ() {
+        let a = packet(7, 64);
+        assert_eq!(a.len(), 64);
+        assert_eq!(u64::from_le_bytes(a[..8].try_into().unwrap_or([0; 8])), 7);
+        assert_ne!(a, packet(8, 64));
+        assert_eq!(a, packet(7, 64));
+        assert_eq!(packet(1, 0).len(), 8);
+    }
+
+    #[test]
+    fn only_a_clean_run_is_perfect() {
+        let mut s = EchoStats { sent: 10, intact: 10, ..Default::default() };
+        assert!(s.perfect());
+        s.out_of_order = 1;
+        assert!(!s.perfect());
+        assert!(!EchoStats::default().perfect());
+    }
+}
