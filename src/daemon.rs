@@ -33,7 +33,6 @@ use serde::{Deserialize, Serialize};
 use shm_proto::layout::MAX_VCPUS;
 use shm_proto::op::{Status, OP_CLASS_NAMES};
 use shm_proto::ring::region_size;
-use sidecore_core::cpuid::{CpuidEntry, CpuidTable};
 use sidecore_core::hostmem::HostShared;
 use sidecore_core::pte::{PteLayout, PteService, Visibility};
 use sidecore_core::stats::VmStats;
@@ -303,25 +302,7 @@ impl Daemon {
         // SAFETY: the mapping is host_len bytes and lives as long as its owner.
         let host_state = unsafe { HostShared::from_mapping(hp, host_len, pool_pages, Arc::new(host_map)) }
             .map_err(|e| e.to_string())?;
-        let tables = req
-            .cpuid
-            .iter()
-            .map(|t| {
-                CpuidTable::new(
-                    t.iter()
-                        .map(|e| CpuidEntry {
-                            function: e[0],
-                            index: e[1],
-                            flags: e[2],
-                            eax: e[3],
-                            ebx: e[4],
-                            ecx: e[5],
-                            edx: e[6],
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
+        let tables = sidecore_core::cpuid::tables_from_words(&req.cpuid);
         let mut services = Services::new(tables);
         register_vmm_hypercalls(&mut services, host_state.clone()).map_err(|e| e.to_string())?;
         let layout = PteLayout {

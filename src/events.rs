@@ -482,27 +482,11 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     args[2] = u64::from(cfg.exit_path);
     args[3] = cfg.spin_us;
     let opts = crate::run::RunOptions {
-        spec: crate::vm::VmSpec {
-            guest_path: "bundled guest-agent".into(),
-            guest_elf: crate::BUNDLED_GUEST.to_vec(),
-            mem_mib: 64,
-            vcpus: 1,
-            workload: shm_proto::boot::Workload::Echo,
-            args,
-            sidecalls: false,
-            sidecall_timeout_us: 2000,
-            shareable: false,
-        },
         vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
         sidecore_cpus: if cfg.exit_path { Vec::new() } else { vec![cfg.sidecore_cpu] },
         console: crate::run::ConsoleSink::Capture(buf.clone()),
-        report_phases: false,
-        bench: None,
-        idle_rings: 0,
-        attach: None,
-        idle_park: None,
-        latency_phases: false,
         device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
+        ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
     };
     let vm = std::thread::Builder::new()
         .name("echo-vm".into())
@@ -573,27 +557,11 @@ pub fn run_irq(
     args[1] = 10_000;
     args[2] = u64::from(exit_path);
     let opts = crate::run::RunOptions {
-        spec: crate::vm::VmSpec {
-            guest_path: "bundled guest-agent".into(),
-            guest_elf: crate::BUNDLED_GUEST.to_vec(),
-            mem_mib: 64,
-            vcpus: 1,
-            workload: shm_proto::boot::Workload::Irq,
-            args,
-            sidecalls: false,
-            sidecall_timeout_us: 2000,
-            shareable: false,
-        },
         vcpu_cpus: Some(vec![vcpu_cpu]),
         sidecore_cpus: vec![sidecore_cpu],
         console: crate::run::ConsoleSink::Capture(buf.clone()),
-        report_phases: false,
-        bench: None,
-        idle_rings: 0,
-        attach: None,
-        idle_park: None,
-        latency_phases: false,
         device: Some(EventDevice::IrqBench { state: state.clone(), exit_path }),
+        ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Irq, 1, 64, args))
     };
     let report = crate::run::run(opts).map_err(|e| crate::error_chain(&e))?;
     let out = String::from_utf8_lossy(&buf.lock().map(|g| g.clone()).unwrap_or_default()).into_owned();

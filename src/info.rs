@@ -47,27 +47,8 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
     let mut args = [0u64; 8];
     args[0] = PROBE_ITERS;
     let report = run::run(RunOptions {
-        spec: VmSpec {
-            guest_path: "bundled guest-agent".into(),
-            guest_elf: crate::BUNDLED_GUEST.to_vec(),
-            mem_mib: 16,
-            vcpus: 1,
-            workload: Workload::Spin,
-            args,
-            sidecalls: false,
-            sidecall_timeout_us: 1000,
-            shareable: false,
-        },
-        vcpu_cpus: None,
-        sidecore_cpus: Vec::new(),
         console: ConsoleSink::Capture(buf.clone()),
-        report_phases: false,
-        bench: None,
-        idle_rings: 0,
-        attach: None,
-        idle_park: None,
-        latency_phases: false,
-        device: None,
+        ..RunOptions::new(VmSpec { sidecall_timeout_us: 1000, ..VmSpec::bundled(Workload::Spin, 1, 16, args) })
     })?;
     if report.exit_code() != 0 {
         return Err(format!("the probe guest failed: {:?}", report.ends).into());

@@ -121,6 +121,26 @@ pub struct RunOptions {
     pub device: Option<crate::events::EventDevice>,
 }
 
+impl RunOptions {
+    /// Runs `spec` with the defaults: default placement, no sidecore, the
+    /// console on stdout, no benchmark, no daemon, no device.
+    pub fn new(spec: VmSpec) -> RunOptions {
+        RunOptions {
+            spec,
+            vcpu_cpus: None,
+            sidecore_cpus: Vec::new(),
+            console: ConsoleSink::Stdout,
+            report_phases: false,
+            bench: None,
+            idle_rings: 0,
+            attach: None,
+            idle_park: None,
+            latency_phases: false,
+            device: None,
+        }
+    }
+}
+
 /// How one vCPU ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuEnd {
@@ -332,7 +352,7 @@ fn attach_request(vm: &Vm) -> crate::daemon::AttachRequest {
         cpuid: vm
             .cpuid
             .iter()
-            .map(|t| t.entries().iter().map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]).collect())
+            .map(|t| t.entries().iter().map(sidecore_core::cpuid::CpuidEntry::words).collect())
             .collect(),
     }
 }

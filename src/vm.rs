@@ -190,6 +190,24 @@ pub struct VmSpec {
     pub shareable: bool,
 }
 
+impl VmSpec {
+    /// The bundled guest-agent running `workload` on `vcpus` vCPUs in
+    /// `mem_mib` MiB, exit paths only, the default 2 ms sidecall bound.
+    pub fn bundled(workload: Workload, vcpus: u32, mem_mib: u64, args: [u64; 8]) -> VmSpec {
+        VmSpec {
+            guest_path: "bundled guest-agent".into(),
+            guest_elf: crate::BUNDLED_GUEST.to_vec(),
+            mem_mib,
+            vcpus,
+            workload,
+            args,
+            sidecalls: false,
+            sidecall_timeout_us: 2000,
+            shareable: false,
+        }
+    }
+}
+
 /// Where things are in guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {

@@ -2,19 +2,13 @@
 //! `sidecore` binary. They run one at a time (a shared lock): on a 2-CPU
 //! machine, parallel VMs pile onto the same CPUs and sidecalls time out.
 
+mod common;
+use common::kvm_available;
+
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        eprintln!("skipping: /dev/kvm not present on this machine");
-        false
-    }
-}
 
 fn sidecore(args: &[&str]) -> Output {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,21 +1,15 @@
 //! The sidecore daemon serving several VMMs: attach, SIGKILL of one VMM,
 //! status, idle CPU use, and guests surviving the daemon's death.
 
+mod common;
+use common::kvm_available;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn kvm_available() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        eprintln!("skipping: /dev/kvm not present on this machine");
-        false
-    }
-}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sidecore")

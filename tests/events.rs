@@ -2,20 +2,13 @@
 //! the device on each path, a halted guest woken by the next packet, and the
 //! irq/echo benchmark rows.
 
-use std::path::Path;
+mod common;
+use common::kvm_available;
+
 use std::process::Command;
 use std::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn kvm_available() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        eprintln!("skipping: /dev/kvm not present on this machine");
-        false
-    }
-}
 
 fn sidecore(args: &[&str]) -> (bool, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_sidecore")).args(args).output().expect("run sidecore");

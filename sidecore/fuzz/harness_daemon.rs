@@ -25,7 +25,7 @@ mod daemon_harness {
     use shm_proto::layout::MAX_VCPUS;
     use shm_proto::op::{encode_head, Opcode, Status, WORDS};
     use shm_proto::ring::{region_size, Body};
-    use sidecore_core::cpuid::{CpuidEntry, CpuidTable};
+
     use sidecore_core::hostmem::HostShared;
     use sidecore_core::pte::{PteLayout, PteService, Visibility};
     use sidecore_core::{RingRef, Services, SharedRegion, VmControl, VmStats};
@@ -142,25 +142,7 @@ mod daemon_harness {
         // long as its owner, which the region holds.
         let region = unsafe { SharedRegion::new(sp, shared_len, a.vcpus, shared) }.expect("validated shared region");
         let host = HostShared::alloc(pool_pages).expect("host-shared block");
-        let tables = a
-            .cpuid
-            .iter()
-            .map(|t| {
-                CpuidTable::new(
-                    t.iter()
-                        .map(|e| CpuidEntry {
-                            function: e[0],
-                            index: e[1],
-                            flags: e[2],
-                            eax: e[3],
-                            ebx: e[4],
-                            ecx: e[5],
-                            edx: e[6],
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
+        let tables = sidecore_core::cpuid::tables_from_words(&a.cpuid);
         let mut services = Services::new(tables);
         let layout = PteLayout {
             ram_size: a.ram_size,

@@ -37,6 +37,24 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+impl CpuidEntry {
+    /// From the wire form `[function, index, flags, eax, ebx, ecx, edx]`
+    /// (the daemon's attach message).
+    pub fn from_words(w: [u32; 7]) -> CpuidEntry {
+        CpuidEntry { function: w[0], index: w[1], flags: w[2], eax: w[3], ebx: w[4], ecx: w[5], edx: w[6] }
+    }
+
+    /// The wire form (see [`CpuidEntry::from_words`]).
+    pub fn words(&self) -> [u32; 7] {
+        [self.function, self.index, self.flags, self.eax, self.ebx, self.ecx, self.edx]
+    }
+}
+
+/// One table per vCPU from their wire form.
+pub fn tables_from_words(wire: &[Vec<[u32; 7]>]) -> Vec<CpuidTable> {
+    wire.iter().map(|t| CpuidTable::new(t.iter().map(|w| CpuidEntry::from_words(*w)).collect())).collect()
+}
+
 /// A vCPU's CPUID table.
 #[derive(Clone, Debug, Default)]
 pub struct CpuidTable {
