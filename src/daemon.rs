@@ -141,6 +141,11 @@ pub struct AttachRequest {
     pub free_gpa: u64,
     /// Per vCPU: its CPUID table as `[function, index, flags, eax, ebx, ecx, edx]`.
     pub cpuid: Vec<Vec<[u32; 7]>>,
+    /// Serve vCPU 0's packet device too: the message then carries two more
+    /// fds, the device's UDP socket and vCPU 0's irqfd (an eventfd), and the
+    /// daemon maps the free RAM (`free_gpa` ..`ram_size`) for its buffers.
+    #[serde(default)]
+    pub packet_device: bool,
 }
 
 /// How the daemon runs.
@@ -221,16 +226,74 @@ fn read_line(r: &mut BufReader<UnixStream>) -> Result<Option<String>, String> {
     String::from_utf8(buf).map(Some).map_err(|_| "message is not UTF-8".into())
 }
 
+/// The packet device of an attaching VM: its UDP socket (checked to be
+/// one), vCPU 0's irqfd (checked to be an eventfd), and a mapping of the
+/// guest's free RAM for the buffers.
+fn packet_device(
+    req: &AttachRequest,
+    guest: &File,
+    guest_size: u64,
+    sock: &File,
+    irq: &File,
+    region: Arc<SharedRegion>,
+    control: Arc<VmControl>,
+) -> Result<sidecore_core::device::PacketDevice, String> {
+    use std::os::fd::OwnedFd;
+    let is_eventfd = std::fs::read_link(format!("/proc/self/fd/{}", irq.as_raw_fd()))
+        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]");
+    if !is_eventfd {
+        return Err("packet_device: the fifth fd is not an eventfd (vCPU 0's irqfd)".into());
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || ty != libc::SOCK_DGRAM {
+        return Err("packet_device: the fourth fd is not a datagram socket".into());
+    }
+    if !req.free_gpa.is_multiple_of(4096) || req.free_gpa >= req.ram_size.min(guest_size) {
+        return Err("packet_device: free RAM is empty or misaligned".into());
+    }
+    let len = req.ram_size.min(guest_size) - req.free_gpa;
+    let map = Mapping::new(guest, req.free_gpa, usize::try_from(len).map_err(|_| "free RAM too large")?)
+        .map_err(|e| e.to_string())?;
+    let base = map.ptr();
+    // SAFETY: the mapping is `len` bytes of the guest memfd from free_gpa and
+    // lives as long as its owner, which the window holds.
+    let window = unsafe { sidecore_core::device::GuestWindow::new(base, req.free_gpa, len, Arc::new(map)) };
+    let socket = std::net::UdpSocket::from(OwnedFd::from(sock.try_clone().map_err(|e| format!("socket fd: {e}"))?));
+    let kick =
+        sidecore_core::device::Kick::new(Arc::new(OwnedFd::from(irq.try_clone().map_err(|e| format!("irqfd: {e}"))?)));
+    let mut dev = sidecore_core::device::PacketDevice::new(
+        region,
+        0,
+        window,
+        socket,
+        sidecore_core::device::Delivery::Posted(Some(kick)),
+    )
+    .map_err(|e| format!("packet_device: {e}"))?;
+    dev.set_control(control);
+    Ok(dev)
+}
+
 /// Receives the first message of a connection, with any fds passed along.
 fn recv_first(stream: &UnixStream) -> Result<(Vec<u8>, Vec<File>), String> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut fds: [RawFd; 4] = [-1; 4];
+    let mut fds: [RawFd; 5] = [-1; 5];
     let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
     // SAFETY: the iovec points at `buf`, which lives across the call and may
     // take any bytes.
     let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| format!("recvmsg: {e}"))?;
     // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
-    let files = fds[..nfds.min(4)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }).collect();
+    let files = fds[..nfds.min(5)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }).collect();
     buf.truncate(n);
     Ok((buf, files))
 }
@@ -269,15 +332,20 @@ impl Daemon {
 
     /// Sets up an attached VM; returns its id and sidecore index.
     fn attach(&self, req: &AttachRequest, files: &[File], cred: &libc::ucred) -> Result<(u64, usize), String> {
-        let (guest, host, doorbell) = match files {
-            [g, h] => (g, h, None),
-            [g, h, d] => (g, h, Some(d)),
-            _ => {
+        let (guest, host, doorbell, device) = match (files, req.packet_device) {
+            ([g, h], false) => (g, h, None, None),
+            ([g, h, d], false) => (g, h, Some(d), None),
+            ([g, h, d, sock, irq], true) => (g, h, Some(d), Some((sock, irq))),
+            (_, false) => {
                 return Err(format!(
                     "attach needs 2 or 3 fds (guest memory, host state, doorbell), got {}",
                     files.len()
                 ))
             }
+            (_, true) => return Err(format!(
+                "attach with packet_device needs 5 fds (guest memory, host state, doorbell, UDP socket, irqfd), got {}",
+                files.len()
+            )),
         };
         let doorbell = match doorbell {
             Some(d) => {
@@ -334,6 +402,10 @@ impl Daemon {
                 ring.set_doorbell(d.clone());
             }
             self.cores[core].add_ring(ring).map_err(|e| e.to_string())?;
+        }
+        if let Some((sock, irq)) = device {
+            let dev = packet_device(req, guest, guest_size, sock, irq, region.clone(), control.clone())?;
+            self.cores[core].add_device(Box::new(dev)).map_err(|e| e.to_string())?;
         }
         let entry = VmEntry {
             pid: cred.pid,
@@ -792,20 +864,26 @@ fn call(
 }
 
 impl Attachment {
-    /// Attaches a VM: sends the layout and CPUID tables with the two memfds.
+    /// Attaches a VM: sends the layout and CPUID tables with the two memfds,
+    /// the doorbell, and `extra` fds (the packet device's socket and irqfd
+    /// when the request asks for it).
     pub fn attach(
         socket: &Path,
         req: AttachRequest,
         guest: &File,
         host: &File,
         doorbell: &std::os::fd::OwnedFd,
+        extra: &[RawFd],
     ) -> Result<Attachment, DaemonError> {
         let stream = UnixStream::connect(socket)
             .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
         let mut line = serde_json::to_vec(&Request::Attach(req)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
         line.push(b'\n');
         stream
-            .send_with_fds(&[&line[..]], &[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()])
+            .send_with_fds(
+                &[&line[..]],
+                &[&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat(),
+            )
             .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
         let reply = read_line(&mut reader)
@@ -954,6 +1032,7 @@ mod tests {
             image_end: 0x21_0000,
             free_gpa: 0x60_0000,
             cpuid: vec![vec![[0; 7]]],
+            packet_device: false,
         }
     }
 

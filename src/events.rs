@@ -272,6 +272,17 @@ pub struct EchoStats {
 }
 
 impl EchoStats {
+    /// Adds another load generator's counts (seconds: the longest).
+    pub fn merge(&mut self, o: &EchoStats) {
+        self.sent += o.sent;
+        self.intact += o.intact;
+        self.corrupted += o.corrupted;
+        self.out_of_order += o.out_of_order;
+        self.lost += o.lost;
+        self.seconds = self.seconds.max(o.seconds);
+        self.rtt_cycles.extend_from_slice(&o.rtt_cycles);
+    }
+
     /// Every packet came back intact and in order.
     pub fn perfect(&self) -> bool {
         self.sent > 0 && self.intact == self.sent && self.corrupted == 0 && self.out_of_order == 0 && self.lost == 0
@@ -455,13 +466,20 @@ pub struct EchoConfig {
     pub vcpu_cpu: usize,
     /// µs the guest spins with nothing to do before it halts (posted path).
     pub spin_us: u64,
+    /// VMs, each with its own device and load generator.
+    pub vms: usize,
+    /// The daemon whose sidecore serves the devices (sidecall path); `None`:
+    /// the VM's own sidecore (one VM only).
+    pub attach: Option<std::path::PathBuf>,
 }
 
 /// What an echo run produced.
 #[derive(Debug)]
 pub struct EchoRun {
-    /// The load generator's view.
+    /// The load generators' view, all VMs together.
     pub stats: EchoStats,
+    /// Each VM's.
+    pub per_vm: Vec<EchoStats>,
     /// The guest's console.
     pub console: String,
 }
@@ -472,75 +490,144 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     if !(8..=shm_proto::event::PKT_MAX as usize).contains(&cfg.size) {
         return Err(format!("--size {}: a packet is 8 to {} bytes", cfg.size, shm_proto::event::PKT_MAX));
     }
-    let socket =
-        UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("cannot bind the device's UDP socket on 127.0.0.1: {e}"))?;
-    let target = socket.local_addr().map_err(|e| format!("device socket: {e}"))?;
-    let buf = Arc::new(Mutex::new(Vec::new()));
+    let vms = cfg.vms.max(1);
+    let attach = if cfg.exit_path { None } else { cfg.attach.clone() };
+    if !cfg.exit_path && vms > 1 && attach.is_none() {
+        return Err("several VMs on the sidecall path share one sidecore: attach them to a daemon".into());
+    }
     let mut args = [0u64; 8];
     // Idle deadline, ms; a halted guest only checks it when a packet wakes it.
     args[1] = 30_000;
     args[2] = u64::from(cfg.exit_path);
     args[3] = cfg.spin_us;
-    let opts = crate::run::RunOptions {
-        vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
-        sidecore_cpus: if cfg.exit_path { Vec::new() } else { vec![cfg.sidecore_cpu] },
-        console: crate::run::ConsoleSink::Capture(buf.clone()),
-        device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
-        ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
-    };
-    let vm = std::thread::Builder::new()
-        .name("echo-vm".into())
-        .spawn(move || crate::run::run(opts))
-        .map_err(|e| format!("cannot start the VM thread: {e}"))?;
+    let mut guests = Vec::new();
+    for i in 0..vms {
+        let socket = UdpSocket::bind("127.0.0.1:0")
+            .map_err(|e| format!("cannot bind the device's UDP socket on 127.0.0.1: {e}"))?;
+        let target = socket.local_addr().map_err(|e| format!("device socket: {e}"))?;
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let opts = crate::run::RunOptions {
+            vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
+            sidecore_cpus: if cfg.exit_path || attach.is_some() { Vec::new() } else { vec![cfg.sidecore_cpu] },
+            console: crate::run::ConsoleSink::Capture(buf.clone()),
+            attach: attach.clone(),
+            device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
+            ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
+        };
+        let vm = std::thread::Builder::new()
+            .name(format!("echo-vm{i}"))
+            .spawn(move || crate::run::run(opts))
+            .map_err(|e| format!("cannot start the VM thread: {e}"))?;
+        let lg = Arc::new(LoadGen::new(target).map_err(|e| format!("load generator socket: {e}"))?);
+        guests.push((vm, buf, lg));
+    }
     let console = |b: &Arc<Mutex<Vec<u8>>>| {
         String::from_utf8_lossy(&b.lock().map(|g| g.clone()).unwrap_or_default()).into_owned()
     };
-    // The load generator shares the sidecore's CPU (on a 2-CPU host there
-    // is no other): left to float, it lands on the vCPU's CPU whenever the
-    // guest halts and keeps it from running.
-    let lg = LoadGen::new(target).map_err(|e| format!("load generator socket: {e}"))?;
-    let (cfg2, lg) = (cfg.clone(), Arc::new(lg));
-    let lg2 = lg.clone();
+    // One load generator per VM, all on the sidecore's CPU (on a 2-CPU host
+    // there is no other): left to float, one lands on the vCPUs' CPU
+    // whenever a guest halts and keeps it from running.
     let (ptx, prx) = std::sync::mpsc::channel::<u64>();
-    let load = std::thread::Builder::new()
-        .name("echo-load".into())
-        .spawn(move || -> Result<Option<EchoStats>, String> {
-            let _ = sidecore_core::pin::pin_current_thread(cfg2.sidecore_cpu);
-            if !lg2.wait_ready(Duration::from_secs(10)) {
-                return Ok(None);
-            }
-            Ok(Some(match cfg2.rate {
-                None => lg2.closed_loop(cfg2.count, cfg2.size, Duration::from_millis(500), |n| {
-                    let _ = ptx.send(n);
-                }),
-                Some(r) => lg2
-                    .open_loop(cfg2.count, cfg2.size, r, Duration::from_millis(300))
-                    .map_err(|e| format!("open loop: {e}"))?,
-            }))
-        })
-        .map_err(|e| format!("cannot start the load generator thread: {e}"))?;
-    while !load.is_finished() {
+    let mut loads = Vec::new();
+    for (i, (_, _, lg)) in guests.iter().enumerate() {
+        let (cfg2, lg2, ptx) = (cfg.clone(), lg.clone(), ptx.clone());
+        let load = std::thread::Builder::new()
+            .name(format!("echo-load{i}"))
+            .spawn(move || -> Result<Option<EchoStats>, String> {
+                let _ = sidecore_core::pin::pin_current_thread(cfg2.sidecore_cpu);
+                if !lg2.wait_ready(Duration::from_secs(10)) {
+                    return Ok(None);
+                }
+                Ok(Some(match cfg2.rate {
+                    None => lg2.closed_loop(cfg2.count, cfg2.size, Duration::from_millis(500), |_| {
+                        let _ = ptx.send(1000);
+                    }),
+                    Some(r) => lg2
+                        .open_loop(cfg2.count, cfg2.size, r, Duration::from_millis(300))
+                        .map_err(|e| format!("open loop: {e}"))?,
+                }))
+            })
+            .map_err(|e| format!("cannot start the load generator thread: {e}"))?;
+        loads.push(load);
+    }
+    drop(ptx);
+    let mut done = 0;
+    while loads.iter().any(|l| !l.is_finished()) {
         if let Ok(n) = prx.recv_timeout(Duration::from_millis(50)) {
-            progress(n);
+            done += n;
+            progress(done);
         }
     }
-    let stats = load.join().map_err(|_| "the load generator panicked".to_string())??;
+    let mut per_vm = Vec::new();
+    for l in loads {
+        per_vm.push(l.join().map_err(|_| "the load generator panicked".to_string())??);
+    }
     let t0 = Instant::now();
-    while !vm.is_finished() && t0.elapsed() < Duration::from_secs(10) {
-        lg.stop_guest();
+    while guests.iter().any(|g| !g.0.is_finished()) && t0.elapsed() < Duration::from_secs(10) {
+        for g in guests.iter().filter(|g| !g.0.is_finished()) {
+            g.2.stop_guest();
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if !vm.is_finished() {
-        return Err(format!("the echo guest did not stop; its console:\n{}", console(&buf)));
+    let mut out = String::new();
+    let mut stats = EchoStats::default();
+    for (i, ((vm, buf, _), st)) in guests.into_iter().zip(per_vm.iter()).enumerate() {
+        if !vm.is_finished() {
+            return Err(format!("echo guest {i} did not stop; its console:\n{}", console(&buf)));
+        }
+        let report =
+            vm.join().map_err(|_| "the VM thread panicked".to_string())?.map_err(|e| crate::error_chain(&e))?;
+        let text = console(&buf);
+        if report.exit_code() != 0 {
+            return Err(format!("echo guest {i} failed ({:?}); its console:\n{text}", report.ends));
+        }
+        let st = st
+            .as_ref()
+            .ok_or_else(|| format!("echo guest {i} never answered a probe within 10 s; its console:\n{text}"))?;
+        out += &text;
+        stats.merge(st);
     }
-    let report = vm.join().map_err(|_| "the VM thread panicked".to_string())?.map_err(|e| crate::error_chain(&e))?;
-    let out = console(&buf);
-    if report.exit_code() != 0 {
-        return Err(format!("the echo guest failed ({:?}); its console:\n{out}", report.ends));
+    Ok(EchoRun { stats, per_vm: per_vm.into_iter().flatten().collect(), console: out })
+}
+
+/// A `sidecore daemon` child process on a private socket, killed on drop.
+pub struct DaemonChild {
+    child: std::process::Child,
+    /// Its control socket.
+    pub socket: std::path::PathBuf,
+}
+
+impl DaemonChild {
+    /// Starts this executable as `sidecore daemon --cores CPU` (never
+    /// parking) and waits for its socket.
+    pub fn start(cpu: usize) -> Result<DaemonChild, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable to start a daemon: {e}"))?;
+        let socket = std::env::temp_dir().join(format!("sidecore-echo-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let child = std::process::Command::new(exe)
+            .args(["daemon", "--idle-park-us", "0", "--cores", &cpu.to_string(), "--socket"])
+            .arg(&socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the daemon: {e}"))?;
+        let d = DaemonChild { child, socket };
+        let t0 = Instant::now();
+        while !d.socket.exists() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err("the daemon did not open its socket within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
     }
-    let stats =
-        stats.ok_or_else(|| format!("the echo guest never answered a probe within 10 s; its console:\n{out}"))?;
-    Ok(EchoRun { stats, console: out })
+}
+
+impl Drop for DaemonChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 /// One `irq` benchmark run: the responder guest and the sidecore's poster.

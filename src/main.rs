@@ -84,6 +84,14 @@ struct EchoArgs {
     /// guest is woken by the sidecore's interrupt.
     #[arg(long, default_value_t = 200, value_name = "US")]
     spin_us: u64,
+    /// Run this many echo VMs at once, each with its own device and load
+    /// generator (--count packets each). On the sidecall path they are
+    /// attached to a daemon (started here unless --attach names one).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vms: usize,
+    /// Serve the sidecall path from the daemon at this socket.
+    #[arg(long, value_name = "SOCKET")]
+    attach: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -109,6 +117,11 @@ struct BenchArgs {
     /// VMM: PIO, or the MMIO write-protect trap for pte), sidecall.
     #[arg(long, value_delimiter = ',', default_value = "kernel,user,sidecall", value_name = "PATH[,PATH..]")]
     paths: Vec<String>,
+    /// echo also with this many VMs at once (op `echo-Nvm`), each with its
+    /// own device and load generator, served by a daemon on the sidecall
+    /// path; 1: single-VM echo only.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    echo_vms: usize,
     /// Samples per op and path [default: 100000; 20000 for pte and
     /// pagefault, which are also bounded by the page-table pool].
     #[arg(long, value_name = "N")]
@@ -277,37 +290,49 @@ fn bench_host_ops(
             "irq" => vec![(BenchPath::Sidecall, false), (BenchPath::Kernel, true)],
             _ => vec![(BenchPath::Sidecall, false), (BenchPath::User, true)],
         };
-        for (path, exit_path) in variants.into_iter().filter(|(p, _)| want(*p)) {
-            eprintln!("bench: {op} / {} ...", path.name());
-            floor(op)?;
-            let samples = if op == "irq" {
-                let (s, lost, _) = sidecore_vmm::events::run_irq(exit_path, n, side, vcpu)?;
-                if lost > 0 {
-                    eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
-                }
-                s
+        // echo also with several VMs at once, attached to a daemon.
+        let vm_counts: Vec<usize> = if op == "echo" && a.echo_vms > 1 { vec![1, a.echo_vms] } else { vec![1] };
+        for vms in vm_counts {
+            let label = if vms > 1 { format!("{op}-{vms}vm") } else { op.clone() };
+            let daemon = if vms > 1 && want(BenchPath::Sidecall) {
+                Some(sidecore_vmm::events::DaemonChild::start(side)?)
             } else {
-                let cfg = sidecore_vmm::events::EchoConfig {
-                    exit_path,
-                    count: n as u64,
-                    size: 64,
-                    rate: None,
-                    sidecore_cpu: side,
-                    vcpu_cpu: vcpu,
-                    spin_us: 200,
-                };
-                let r = sidecore_vmm::events::run_echo(&cfg, |_| {})?;
-                if !r.stats.perfect() {
-                    return Err(format!(
-                        "echo / {}: not every packet came back intact and in order: {:?}",
-                        path.name(),
-                        r.stats
-                    ));
-                }
-                r.stats.rtt_cycles
+                None
             };
-            collector.add_host_series(op, path.name(), &samples);
-            floor(op)?;
+            for (path, exit_path) in variants.iter().copied().filter(|(p, _)| want(*p)) {
+                eprintln!("bench: {label} / {} ...", path.name());
+                floor(&label)?;
+                let samples = if op == "irq" {
+                    let (s, lost, _) = sidecore_vmm::events::run_irq(exit_path, n, side, vcpu)?;
+                    if lost > 0 {
+                        eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
+                    }
+                    s
+                } else {
+                    let cfg = sidecore_vmm::events::EchoConfig {
+                        exit_path,
+                        count: n as u64,
+                        size: 64,
+                        rate: None,
+                        sidecore_cpu: side,
+                        vcpu_cpu: vcpu,
+                        spin_us: 200,
+                        vms,
+                        attach: daemon.as_ref().map(|d| d.socket.clone()),
+                    };
+                    let r = sidecore_vmm::events::run_echo(&cfg, |_| {})?;
+                    if !r.stats.perfect() {
+                        return Err(format!(
+                            "echo / {}: not every packet came back intact and in order: {:?}",
+                            path.name(),
+                            r.stats
+                        ));
+                    }
+                    r.stats.rtt_cycles
+                };
+                collector.add_host_series(&label, path.name(), &samples);
+                floor(&label)?;
+            }
         }
     }
     Ok(())
@@ -326,7 +351,7 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     run::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| error_chain(&e))?;
     let khz =
         sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
-    let cfg = sidecore_vmm::events::EchoConfig {
+    let mut cfg = sidecore_vmm::events::EchoConfig {
         exit_path,
         count: a.count,
         size: a.size,
@@ -334,11 +359,22 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
         sidecore_cpu: side,
         vcpu_cpu: vcpu,
         spin_us: a.spin_us,
+        vms: a.vms.max(1),
+        attach: a.attach.clone(),
+    };
+    // Several VMs on the sidecall path share a daemon's sidecore: start one
+    // unless the user named theirs.
+    let _daemon = if !exit_path && cfg.vms > 1 && cfg.attach.is_none() {
+        let d = sidecore_vmm::events::DaemonChild::start(side)?;
+        cfg.attach = Some(d.socket.clone());
+        Some(d)
+    } else {
+        None
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let r = sidecore_vmm::events::run_echo(&cfg, |n| {
         if tty {
-            eprint!("\r\x1b[2Kecho: {n} / {} packets", a.count);
+            eprint!("\r\x1b[2Kecho: {n} / {} packets", a.count * cfg.vms as u64);
         }
     })?;
     if tty {

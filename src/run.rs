@@ -3,6 +3,7 @@
 //! exit status.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -337,8 +338,9 @@ struct Shared {
 }
 
 /// What a daemon needs to serve this VM.
-fn attach_request(vm: &Vm) -> crate::daemon::AttachRequest {
+fn attach_request(vm: &Vm, packet_device: bool) -> crate::daemon::AttachRequest {
     crate::daemon::AttachRequest {
+        packet_device,
         vcpus: vm.boot.nr_vcpus,
         backend: vm.backend.backend.name().into(),
         ram_size: vm.layout.ram_size,
@@ -379,16 +381,36 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     } else {
         None
     };
+    let mut device = opts.device;
+    // A daemon serves the packet device's posted path too: its socket and
+    // vCPU 0's irqfd go along with the attach.
+    let daemon_device = match (&opts.attach, device.take()) {
+        (Some(_), Some(crate::events::EventDevice::Packet { socket, exit_path: false, .. })) => Some(socket),
+        (_, d) => {
+            device = d;
+            None
+        }
+    };
+    let run_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attachment = match &opts.attach {
         Some(path) => {
             let host_fd = vm.host_memfd.as_ref().ok_or_else(|| RunError::Attach("no host-state memfd".into()))?;
-            let a = crate::daemon::Attachment::attach(path, attach_request(&vm), &vm.memfd, host_fd, &vm.doorbell)
+            let irq0 = vm.irqfds.first().ok_or_else(|| RunError::Attach("the VM has no vCPU 0 interrupt".into()))?;
+            let extra: Vec<std::os::fd::RawFd> = match &daemon_device {
+                Some(sock) => vec![sock.as_raw_fd(), irq0.as_raw_fd()],
+                None => Vec::new(),
+            };
+            let req = attach_request(&vm, daemon_device.is_some());
+            let a = crate::daemon::Attachment::attach(path, req, &vm.memfd, host_fd, &vm.doorbell, &extra)
                 .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
             tracing::info!(vm = a.vm, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
-            let region = vm.region.clone();
+            let (region, over) = (vm.region.clone(), run_over.clone());
             a.watch(move || {
-                tracing::warn!("the sidecore daemon hung up: the guest goes on by the exit paths");
-                mark_sidecore_lost(&region);
+                // After the run the daemon may go whenever it likes.
+                if !over.load(Ordering::Relaxed) {
+                    tracing::warn!("the sidecore daemon hung up: the guest goes on by the exit paths");
+                    mark_sidecore_lost(&region);
+                }
             })
             .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
             Some(Arc::new(a))
@@ -419,7 +441,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         )?))
     };
     let mut exit_device = None;
-    if let Some(d) = opts.device {
+    if let Some(d) = device {
         let kick = sidecore_core::device::Kick::new(
             vm.irqfds.first().cloned().ok_or_else(|| RunError::Device("the VM has no vCPU 0 interrupt".into()))?,
         );
@@ -486,6 +508,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         ends.push(end);
         phase_exits.push(phase);
     }
+    run_over.store(true, Ordering::Relaxed);
     if let Some(s) = &sidecores {
         s.stop()?;
     }

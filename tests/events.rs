@@ -64,6 +64,21 @@ fn a_halted_guest_is_woken_by_the_next_packet() {
 }
 
 #[test]
+fn several_vms_attached_to_a_daemon_share_its_device_service() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // --vms 3 on the sidecall path starts a daemon; each VM passes its
+    // socket and irqfd along with its attach.
+    let (ok, t) = sidecore(&["echo", "--vms", "3", "--count", "2000"]);
+    assert!(ok, "{t}");
+    assert!(t.contains("6000 sent, 6000 back intact, 0 corrupted, 0 out of order, 0 lost"), "{t}");
+    assert_eq!(t.matches("echo: ready, posted-event path").count(), 3, "{t}");
+    assert!(!t.contains("hung up"), "{t}");
+}
+
+#[test]
 fn bench_reports_irq_and_echo_on_both_paths() {
     if !kvm_available() {
         return;
@@ -71,12 +86,19 @@ fn bench_reports_irq_and_echo_on_both_paths() {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let json = std::env::temp_dir().join(format!("sidecore-irq-echo-{}.json", std::process::id()));
     let j = json.to_string_lossy().into_owned();
-    let (ok, t) = sidecore(&["bench", "--ops", "irq,echo", "--iters", "2000", "--json", &j]);
+    let (ok, t) = sidecore(&["bench", "--ops", "irq,echo", "--iters", "2000", "--echo-vms", "2", "--json", &j]);
     assert!(ok, "{t}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("json");
     let _ = std::fs::remove_file(&json);
-    for (op, path) in [("irq", "sidecall"), ("irq", "kernel"), ("echo", "sidecall"), ("echo", "user")] {
+    for (op, path) in [
+        ("irq", "sidecall"),
+        ("irq", "kernel"),
+        ("echo", "sidecall"),
+        ("echo", "user"),
+        ("echo-2vm", "sidecall"),
+        ("echo-2vm", "user"),
+    ] {
         let row = v["results"]
             .as_array()
             .and_then(|r| r.iter().find(|r| r["op"] == op && r["path"] == path))

@@ -145,6 +145,7 @@ pub struct PacketDevice {
     socket: UdpSocket,
     peer: Option<SocketAddr>,
     delivery: Delivery,
+    control: Option<Arc<crate::ring::VmControl>>,
     rx_next: usize,
     tx_next: usize,
     buf: Vec<u8>,
@@ -179,6 +180,7 @@ impl PacketDevice {
             socket,
             peer: None,
             delivery,
+            control: None,
             rx_next: 0,
             tx_next: 0,
             buf: vec![0; PKT_MAX as usize],
@@ -192,6 +194,12 @@ impl PacketDevice {
             Some(v) => v,
             None => unreachable!("vCPU checked in new()"),
         }
+    }
+
+    /// Ties the device to a VM's control block (a daemon's VM): it is idle
+    /// while the VM is paused and dropped once it is detached.
+    pub fn set_control(&mut self, control: Arc<crate::ring::VmControl>) {
+        self.control = Some(control);
     }
 
     /// Where tx packets go from now on.
@@ -292,6 +300,9 @@ impl PacketDevice {
 
 impl crate::poll::Device for PacketDevice {
     fn poll(&mut self) -> usize {
+        if self.control.as_ref().is_some_and(|c| c.paused.load(Ordering::Relaxed)) {
+            return 0;
+        }
         let mut n = self.drain_tx();
         // A few packets per sweep at most: the rings come first.
         for _ in 0..4 {
@@ -305,6 +316,10 @@ impl crate::poll::Device for PacketDevice {
 
     fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.socket_fd())
+    }
+
+    fn done(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.detached.load(Ordering::Relaxed))
     }
 }
 

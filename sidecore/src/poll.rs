@@ -94,6 +94,10 @@ pub trait Device: Send {
     fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// True once the device's VM is gone: the sidecore drops it.
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 /// Serve the rings.
@@ -326,6 +330,7 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
             }
             // Drop detached VMs' rings (and, with the last one, the mapping).
             rings.retain(|r| !r.control().detached.load(Ordering::Relaxed));
+            devices.retain(|d| !d.done());
             stats.rings.store(rings.len(), Ordering::Relaxed);
         }
     }
