@@ -342,10 +342,12 @@ impl Daemon {
                     files.len()
                 ))
             }
-            (_, true) => return Err(format!(
+            (_, true) => {
+                return Err(format!(
                 "attach with packet_device needs 5 fds (guest memory, host state, doorbell, UDP socket, irqfd), got {}",
                 files.len()
-            )),
+            ))
+            }
         };
         let doorbell = match doorbell {
             Some(d) => {

@@ -549,7 +549,7 @@ impl Vm {
         if self.backend.backend == Backend::Pvm {
             register_vif(&vcpu, i)?;
         }
-        enable_lapic(&vcpu, i)?;
+        enable_lapic(&vcpu, i, self.backend.backend != Backend::Pvm)?;
         // What KVM holds now (it may have adjusted dynamic bits) is what the
         // sidecore must answer.
         let held = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?;
@@ -563,8 +563,24 @@ impl Vm {
 /// 0xff); with the reset SVR an MSI is silently dropped (PVM.md §7). With an
 /// in-kernel irqchip only the BSP starts runnable: the others are made
 /// runnable here, since the VMM sets their registers itself (no INIT/SIPI).
-fn enable_lapic(vcpu: &VcpuFd, i: u32) -> Result<(), VmError> {
+///
+/// On hardware KVM the LAPIC also goes to x2APIC mode, so that the guest's
+/// handler can EOI with one `wrmsr` (0x80b); PVM EOIs at delivery, and its
+/// guest sends none.
+fn enable_lapic(vcpu: &VcpuFd, i: u32, x2apic: bool) -> Result<(), VmError> {
     const APIC_SVR: usize = 0xf0;
+    const MSR_APIC_BASE: u32 = 0x1b;
+    if x2apic {
+        let mut base = Msrs::from_entries(&[kvm_msr_entry { index: MSR_APIC_BASE, ..Default::default() }])
+            .map_err(|_| irq_err(format!("vCPU {i}: APIC_BASE"))(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        vcpu.get_msrs(&mut base).map_err(irq_err(format!("vCPU {i}: KVM_GET_MSRS(APIC_BASE)")))?;
+        let cur = base.as_slice().first().map_or(0xfee0_0900, |e| e.data);
+        // EN (bit 11) and EXTD (bit 10): xAPIC -> x2APIC.
+        let msrs =
+            Msrs::from_entries(&[kvm_msr_entry { index: MSR_APIC_BASE, data: cur | 0xc00, ..Default::default() }])
+                .map_err(|_| irq_err(format!("vCPU {i}: APIC_BASE"))(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        vcpu.set_msrs(&msrs).map_err(irq_err(format!("vCPU {i}: KVM_SET_MSRS(APIC_BASE x2APIC)")))?;
+    }
     let mut lapic = vcpu.get_lapic().map_err(irq_err(format!("vCPU {i}: KVM_GET_LAPIC")))?;
     for (k, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
         lapic.regs[APIC_SVR + k] = libc::c_char::from_ne_bytes([*b]);
