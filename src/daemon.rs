@@ -172,6 +172,8 @@ struct VmEntry {
     stats: Arc<VmStats>,
     services: Arc<Services>,
     attached: Instant,
+    /// The packet device's counters, when the daemon serves one.
+    device: Option<Arc<sidecore_core::device::DeviceCounters>>,
 }
 
 /// The running daemon's state.
@@ -405,10 +407,15 @@ impl Daemon {
             }
             self.cores[core].add_ring(ring).map_err(|e| e.to_string())?;
         }
-        if let Some((sock, irq)) = device {
-            let dev = packet_device(req, guest, guest_size, sock, irq, region.clone(), control.clone())?;
-            self.cores[core].add_device(Box::new(dev)).map_err(|e| e.to_string())?;
-        }
+        let device = match device {
+            Some((sock, irq)) => {
+                let dev = packet_device(req, guest, guest_size, sock, irq, region.clone(), control.clone())?;
+                let counters = dev.counters.clone();
+                self.cores[core].add_device(Box::new(dev)).map_err(|e| e.to_string())?;
+                Some(counters)
+            }
+            None => None,
+        };
         let entry = VmEntry {
             pid: cred.pid,
             uid: cred.uid,
@@ -418,6 +425,7 @@ impl Daemon {
             stats,
             services,
             attached: Instant::now(),
+            device,
         };
         self.vms.lock().map_err(|_| "daemon state poisoned")?.insert(id, entry);
         tracing::info!(vm = id, pid = cred.pid, vcpus = req.vcpus, core, "attached");
@@ -539,6 +547,15 @@ impl Daemon {
                                 "refused": p.counters.refused.load(Ordering::Relaxed),
                             })
                         });
+                        let device = vm.device.as_ref().map(|d| {
+                            serde_json::json!({
+                                "rx": d.rx.load(Ordering::Relaxed),
+                                "tx": d.tx.load(Ordering::Relaxed),
+                                "rx_no_buffer": d.rx_no_buffer.load(Ordering::Relaxed),
+                                "bad_desc": d.bad_desc.load(Ordering::Relaxed),
+                                "interrupts": d.interrupts.load(Ordering::Relaxed),
+                            })
+                        });
                         serde_json::json!({
                             "vm": id,
                             "pid": vm.pid,
@@ -554,6 +571,7 @@ impl Daemon {
                             "cancelled": snap.cancelled,
                             "calls": calls,
                             "pte": pte,
+                            "device": device,
                             "service_ns": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999)},
                         })
                     })
@@ -1003,6 +1021,13 @@ pub fn format_status(v: &serde_json::Value) -> String {
                 c["count"]
             );
         }
+        let d = &vm["device"];
+        if d.is_object() {
+            s += &format!(
+                "      packet device: {} rx, {} tx, {} dropped (no buffer), {} bad descriptors, {} wake-up interrupts\n",
+                d["rx"], d["tx"], d["rx_no_buffer"], d["bad_desc"], d["interrupts"]
+            );
+        }
     }
     s
 }
@@ -1071,5 +1096,11 @@ mod tests {
         assert!(t.contains("1 VM(s) attached"));
         let t = format_status(&serde_json::json!(null));
         assert!(t.contains("0 VM(s)"));
+        let t = format_status(&serde_json::json!({"vms": [{"vm": 2, "device": {"rx": 5, "tx": 4, "rx_no_buffer": 1,
+            "bad_desc": 0, "interrupts": 3}}]}));
+        assert!(
+            t.contains("packet device: 5 rx, 4 tx, 1 dropped (no buffer), 0 bad descriptors, 3 wake-up interrupts"),
+            "{t}"
+        );
     }
 }
