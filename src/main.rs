@@ -615,6 +615,15 @@ fn load_guest(path: &Option<PathBuf>) -> Result<(String, Vec<u8>), String> {
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     let workload = parse_workload(&a.workload)?;
+    match workload {
+        Workload::Echo => {
+            return Err("the echo workload needs its packet device and a load generator: run `sidecore echo`".into())
+        }
+        Workload::Irq => {
+            return Err("the irq workload answers the sidecore's test events: run `sidecore bench --ops irq`".into())
+        }
+        _ => {}
+    }
     let (guest_path, guest_elf) = load_guest(&a.guest)?;
     let vcpu_cpus = match &a.vcpu_cpus {
         Some(s) => Some(sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?),
