@@ -39,6 +39,38 @@ pub enum EventDevice {
     },
 }
 
+/// Wires `d` into the VM: onto sidecore 0 of `sidecores` (the posted path,
+/// the irq poster), or as an exit-path device, returned for the vCPU loop.
+pub fn wire(
+    d: EventDevice,
+    vm: &Vm,
+    sidecores: Option<&crate::run::SidecoreSet>,
+) -> Result<Option<ExitPathDevice>, crate::run::RunError> {
+    use crate::run::RunError;
+    let irq0 = vm.irqfds.first().cloned().ok_or_else(|| RunError::Device("the VM has no vCPU 0 interrupt".into()))?;
+    let kick = Kick::new(irq0);
+    let sidecore =
+        || sidecores.ok_or_else(|| RunError::Device("the posted-event path needs a sidecore (--sidecore)".into()));
+    let window = || free_ram_window(vm).ok_or_else(|| RunError::Device("cannot map the guest's free RAM".into()));
+    let dev_err = |e: std::io::Error| RunError::Device(format!("packet device: {e}"));
+    match d {
+        EventDevice::Packet { socket, exit_path: true, host_cpu } => {
+            Ok(Some(ExitPathDevice::start(vm.region.clone(), window()?, socket, kick, host_cpu).map_err(dev_err)?))
+        }
+        EventDevice::Packet { socket, exit_path: false, .. } => {
+            let dev = PacketDevice::new(vm.region.clone(), 0, window()?, socket, Delivery::Posted(Some(kick)))
+                .map_err(dev_err)?;
+            sidecore()?.add_device(Box::new(dev))?;
+            Ok(None)
+        }
+        EventDevice::IrqBench { state, exit_path } => {
+            let dev = IrqBenchDevice::new(state, vm.region.clone(), kick, exit_path, vm.tsc_khz);
+            sidecore()?.add_device(Box::new(dev))?;
+            Ok(None)
+        }
+    }
+}
+
 /// The guest RAM after the shared region (where guests keep packet
 /// buffers), as a window the device may copy into and out of.
 pub fn free_ram_window(vm: &Vm) -> Option<GuestWindow> {
@@ -58,7 +90,7 @@ pub fn free_ram_window(vm: &Vm) -> Option<GuestWindow> {
 pub struct ExitPathDevice {
     dev: Arc<Mutex<PacketDevice>>,
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    rx: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ExitPathDevice {
@@ -72,9 +104,9 @@ impl ExitPathDevice {
         host_cpu: Option<usize>,
     ) -> std::io::Result<Self> {
         let rx_socket = socket.try_clone()?;
+        // A timeout, so that the thread notices a stop.
         rx_socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let dev =
-            Arc::new(Mutex::new(PacketDevice::new(region, 0, window, socket, Delivery::Interrupt(kick.clone()))?));
+        let dev = Arc::new(Mutex::new(PacketDevice::new(region, 0, window, socket, Delivery::Interrupt(kick))?));
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (dev.clone(), stop.clone());
         let rx = std::thread::Builder::new().name("pktdev-rx".into()).spawn(move || {
@@ -91,7 +123,7 @@ impl ExitPathDevice {
                 }
             }
         })?;
-        Ok(ExitPathDevice { dev, stop, threads: vec![rx] })
+        Ok(ExitPathDevice { dev, stop, rx: Some(rx) })
     }
 
     /// The guest rang the tx doorbell.
@@ -100,19 +132,14 @@ impl ExitPathDevice {
             g.drain_tx();
         }
     }
-
-    /// Stops the threads.
-    pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for ExitPathDevice {
     fn drop(&mut self) {
-        self.stop();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.rx.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -195,10 +222,7 @@ impl IrqBenchDevice {
     }
 
     fn jitter(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.gap / 2 + self.rng % self.gap.max(1)
+        self.gap / 2 + xorshift(&mut self.rng) % self.gap.max(1)
     }
 }
 
@@ -295,12 +319,22 @@ pub fn packet(seq: u64, size: usize) -> Vec<u8> {
     let mut p = seq.to_le_bytes().to_vec();
     let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while p.len() < size.max(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        p.push(x.to_le_bytes()[0]);
+        p.push(xorshift(&mut x).to_le_bytes()[0]);
     }
     p
+}
+
+/// The sequence number a packet starts with.
+fn seq_of(p: &[u8]) -> Option<u64> {
+    p.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+}
+
+/// xorshift64: the next value of `x` (never 0 if `x` was not).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 /// The load generator's socket, and the device address it talks to.
@@ -358,7 +392,7 @@ impl LoadGen {
                 match self.socket.recv(&mut buf) {
                     Ok(k) => {
                         let got = &buf[..k];
-                        let got_seq = got.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+                        let got_seq = seq_of(got);
                         if got_seq == Some(u64::MAX) {
                             continue; // a late readiness probe
                         }
@@ -422,7 +456,7 @@ impl LoadGen {
         let mut expect = 0u64;
         while let Ok(k) = self.socket.recv(&mut buf) {
             let got = &buf[..k];
-            let Some(seq) = got.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) else {
+            let Some(seq) = seq_of(got) else {
                 st.corrupted += 1;
                 continue;
             };
@@ -476,7 +510,8 @@ pub struct EchoConfig {
     /// VMs, each with its own device and load generator.
     pub vms: usize,
     /// The daemon whose sidecore serves the devices (sidecall path); `None`:
-    /// the VM's own sidecore (one VM only).
+    /// the VM's own sidecore for one VM, a daemon started for the run for
+    /// several.
     pub attach: Option<std::path::PathBuf>,
 }
 
@@ -498,10 +533,15 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
         return Err(format!("--size {}: a packet is 8 to {} bytes", cfg.size, shm_proto::event::PKT_MAX));
     }
     let vms = cfg.vms.max(1);
-    let attach = if cfg.exit_path { None } else { cfg.attach.clone() };
-    if !cfg.exit_path && vms > 1 && attach.is_none() {
-        return Err("several VMs on the sidecall path share one sidecore: attach them to a daemon".into());
-    }
+    // Several VMs on the sidecall path share a daemon's sidecore: start one
+    // for the run unless the caller named theirs.
+    let mut daemon = None;
+    let attach = match (&cfg.attach, cfg.exit_path) {
+        (_, true) => None,
+        (Some(sock), false) => Some(sock.clone()),
+        (None, false) if vms > 1 => Some(daemon.insert(DaemonChild::start(cfg.sidecore_cpu)?).socket.clone()),
+        (None, false) => None,
+    };
     let mut args = [0u64; 8];
     // Idle deadline, ms; a halted guest only checks it when a packet wakes it.
     args[1] = 30_000;

@@ -294,11 +294,6 @@ fn bench_host_ops(
         let vm_counts: Vec<usize> = if op == "echo" && a.echo_vms > 1 { vec![1, a.echo_vms] } else { vec![1] };
         for vms in vm_counts {
             let label = if vms > 1 { format!("{op}-{vms}vm") } else { op.clone() };
-            let daemon = if vms > 1 && want(BenchPath::Sidecall) {
-                Some(sidecore_vmm::events::DaemonChild::start(side)?)
-            } else {
-                None
-            };
             for (path, exit_path) in variants.iter().copied().filter(|(p, _)| want(*p)) {
                 eprintln!("bench: {label} / {} ...", path.name());
                 floor(&label)?;
@@ -318,12 +313,12 @@ fn bench_host_ops(
                         vcpu_cpu: vcpu,
                         spin_us: 200,
                         vms,
-                        attach: daemon.as_ref().map(|d| d.socket.clone()),
+                        attach: None,
                     };
                     let r = sidecore_vmm::events::run_echo(&cfg, |_| {})?;
                     if !r.stats.perfect() {
                         return Err(format!(
-                            "echo / {}: not every packet came back intact and in order: {:?}",
+                            "{label} / {}: not every packet came back intact and in order: {:?}",
                             path.name(),
                             r.stats
                         ));
@@ -351,7 +346,7 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     run::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| error_chain(&e))?;
     let khz =
         sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
-    let mut cfg = sidecore_vmm::events::EchoConfig {
+    let cfg = sidecore_vmm::events::EchoConfig {
         exit_path,
         count: a.count,
         size: a.size,
@@ -362,15 +357,7 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
         vms: a.vms.max(1),
         attach: a.attach.clone(),
     };
-    // Several VMs on the sidecall path share a daemon's sidecore: start one
-    // unless the user named theirs.
-    let _daemon = if !exit_path && cfg.vms > 1 && cfg.attach.is_none() {
-        let d = sidecore_vmm::events::DaemonChild::start(side)?;
-        cfg.attach = Some(d.socket.clone());
-        Some(d)
-    } else {
-        None
-    };
+
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let r = sidecore_vmm::events::run_echo(&cfg, |n| {
         if tty {

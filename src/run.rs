@@ -381,15 +381,11 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     } else {
         None
     };
-    let mut device = opts.device;
     // A daemon serves the packet device's posted path too: its socket and
     // vCPU 0's irqfd go along with the attach.
-    let daemon_device = match (&opts.attach, device.take()) {
-        (Some(_), Some(crate::events::EventDevice::Packet { socket, exit_path: false, .. })) => Some(socket),
-        (_, d) => {
-            device = d;
-            None
-        }
+    let (daemon_device, device) = match (opts.attach.is_some(), opts.device) {
+        (true, Some(crate::events::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
+        (_, d) => (None, d),
     };
     let run_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attachment = match &opts.attach {
@@ -440,43 +436,10 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
             opts.idle_park,
         )?))
     };
-    let mut exit_device = None;
-    if let Some(d) = device {
-        let kick = sidecore_core::device::Kick::new(
-            vm.irqfds.first().cloned().ok_or_else(|| RunError::Device("the VM has no vCPU 0 interrupt".into()))?,
-        );
-        let need_sidecore = || {
-            sidecores
-                .clone()
-                .ok_or_else(|| RunError::Device("the posted-event path needs a sidecore (--sidecore)".into()))
-        };
-        let window = || {
-            crate::events::free_ram_window(&vm)
-                .ok_or_else(|| RunError::Device("cannot map the guest's free RAM".into()))
-        };
-        match d {
-            crate::events::EventDevice::Packet { socket, exit_path: true, host_cpu } => {
-                let dev = crate::events::ExitPathDevice::start(vm.region.clone(), window()?, socket, kick, host_cpu)
-                    .map_err(|e| RunError::Device(format!("packet device: {e}")))?;
-                exit_device = Some(dev);
-            }
-            crate::events::EventDevice::Packet { socket, exit_path: false, .. } => {
-                let dev = sidecore_core::device::PacketDevice::new(
-                    vm.region.clone(),
-                    0,
-                    window()?,
-                    socket,
-                    sidecore_core::device::Delivery::Posted(Some(kick.clone())),
-                )
-                .map_err(|e| RunError::Device(format!("packet device: {e}")))?;
-                need_sidecore()?.add_device(Box::new(dev))?;
-            }
-            crate::events::EventDevice::IrqBench { state, exit_path } => {
-                let dev = crate::events::IrqBenchDevice::new(state, vm.region.clone(), kick, exit_path, vm.tsc_khz);
-                need_sidecore()?.add_device(Box::new(dev))?;
-            }
-        }
-    }
+    let exit_device = match device {
+        Some(d) => crate::events::wire(d, &vm, sidecores.as_deref())?,
+        None => None,
+    };
     let shared = Arc::new(Shared {
         exit_device,
         services,

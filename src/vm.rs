@@ -571,15 +571,15 @@ fn enable_lapic(vcpu: &VcpuFd, i: u32, x2apic: bool) -> Result<(), VmError> {
     const APIC_SVR: usize = 0xf0;
     const MSR_APIC_BASE: u32 = 0x1b;
     if x2apic {
-        let mut base = Msrs::from_entries(&[kvm_msr_entry { index: MSR_APIC_BASE, ..Default::default() }])
-            .map_err(|_| irq_err(format!("vCPU {i}: APIC_BASE"))(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let msr = |data: u64| {
+            Msrs::from_entries(&[kvm_msr_entry { index: MSR_APIC_BASE, data, ..Default::default() }])
+                .map_err(|_| irq_err(format!("vCPU {i}: APIC_BASE"))(kvm_ioctls::Error::new(libc::EINVAL)))
+        };
+        let mut base = msr(0)?;
         vcpu.get_msrs(&mut base).map_err(irq_err(format!("vCPU {i}: KVM_GET_MSRS(APIC_BASE)")))?;
         let cur = base.as_slice().first().map_or(0xfee0_0900, |e| e.data);
         // EN (bit 11) and EXTD (bit 10): xAPIC -> x2APIC.
-        let msrs =
-            Msrs::from_entries(&[kvm_msr_entry { index: MSR_APIC_BASE, data: cur | 0xc00, ..Default::default() }])
-                .map_err(|_| irq_err(format!("vCPU {i}: APIC_BASE"))(kvm_ioctls::Error::new(libc::EINVAL)))?;
-        vcpu.set_msrs(&msrs).map_err(irq_err(format!("vCPU {i}: KVM_SET_MSRS(APIC_BASE x2APIC)")))?;
+        vcpu.set_msrs(&msr(cur | 0xc00)?).map_err(irq_err(format!("vCPU {i}: KVM_SET_MSRS(APIC_BASE x2APIC)")))?;
     }
     let mut lapic = vcpu.get_lapic().map_err(irq_err(format!("vCPU {i}: KVM_GET_LAPIC")))?;
     for (k, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
@@ -599,7 +599,6 @@ const EVENT_GSI_BASE: u32 = 24;
 /// One MSI route per vCPU (GSI 24 + i -> APIC ID i, `EVENT_VECTOR`, fixed,
 /// edge) and an irqfd on each.
 fn event_irqfds(vm: &VmFd, vcpus: u32) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, VmError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = (0..vcpus)
         .map(|i| {
             let mut e = kvm_bindings::kvm_irq_routing_entry {
@@ -625,13 +624,7 @@ fn event_irqfds(vm: &VmFd, vcpus: u32) -> Result<Vec<Arc<std::os::fd::OwnedFd>>,
         let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|source| VmError::Irq { what: format!("vCPU {i}: eventfd"), source })?;
         vm.register_irqfd(&efd, EVENT_GSI_BASE + i).map_err(irq_err(format!("vCPU {i}: KVM_IRQFD")))?;
-        // SAFETY: dup of a descriptor we hold open; the result is checked.
-        let fd = unsafe { libc::dup(efd.as_raw_fd()) };
-        if fd < 0 {
-            return Err(VmError::Irq { what: format!("vCPU {i}: dup"), source: std::io::Error::last_os_error() });
-        }
-        // SAFETY: fd is a fresh descriptor from dup that nothing else owns.
-        out.push(Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+        out.push(owned(efd));
     }
     Ok(out)
 }
@@ -639,7 +632,6 @@ fn event_irqfds(vm: &VmFd, vcpus: u32) -> Result<Vec<Arc<std::os::fd::OwnedFd>>,
 /// An eventfd that the guest's PIO write to `PORT_DOORBELL` signals inside
 /// the kernel (no exit to this VMM).
 fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Doorbell)?;
     vm.register_ioevent(
         &efd,
@@ -647,14 +639,16 @@ fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> {
         kvm_ioctls::NoDatamatch,
     )
     .map_err(|e| VmError::Doorbell(std::io::Error::from_raw_os_error(e.errno())))?;
-    // KVM holds its own reference to the eventfd; keep one for the sidecore.
-    // SAFETY: dup of a descriptor we hold open; the result is checked.
-    let fd = unsafe { libc::dup(efd.as_raw_fd()) };
-    if fd < 0 {
-        return Err(VmError::Doorbell(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh descriptor from dup that nothing else owns.
-    Ok(Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    Ok(owned(efd))
+}
+
+/// An eventfd registered with KVM (which holds its own reference), as the
+/// descriptor the host side keeps: the sidecore's doorbell, a vCPU's irqfd.
+fn owned(efd: vmm_sys_util::eventfd::EventFd) -> Arc<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: into_raw_fd hands over the descriptor EventFd owned; nothing
+    // else closes it.
+    Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(efd.into_raw_fd()) })
 }
 
 /// Drops all shadow pages of a PVM VM by creating and deleting a dummy

@@ -9,9 +9,9 @@
 //!   sweep (it is a [`crate::poll::Device`]): it sends whatever the guest
 //!   queued on tx, receives from the socket without blocking, and posts
 //!   [`EV_RX`]; an interrupt only if the vCPU is halted.
-//! * [`Delivery::Interrupt`] — the classic path: a VMM thread blocks in
-//!   [`PacketDevice::recv_blocking`] and interrupts the vCPU for every
-//!   packet; the guest's PIO doorbell makes the VMM call
+//! * [`Delivery::Interrupt`] — the classic path: a VMM thread blocks on the
+//!   socket, hands each packet to [`PacketDevice::deliver`], which
+//!   interrupts the vCPU; the guest's PIO doorbell makes the VMM call
 //!   [`PacketDevice::drain_tx`].
 //!
 //! The guest is hostile: descriptor states other than `DESC_AVAIL` are
@@ -137,6 +137,12 @@ pub enum RxOutcome {
     BadDesc,
 }
 
+/// Sweeps [`crate::poll::Device::poll`] leaves the socket alone after
+/// finding it empty: a receive is a system call, while a sweep of the rings
+/// takes tens of nanoseconds, and the rings of every VM on the sidecore
+/// wait for it.
+const IDLE_RECV_SKIP: u32 = 8;
+
 /// One vCPU's packet device.
 pub struct PacketDevice {
     region: Arc<SharedRegion>,
@@ -148,6 +154,7 @@ pub struct PacketDevice {
     control: Option<Arc<crate::ring::VmControl>>,
     rx_next: usize,
     tx_next: usize,
+    recv_skip: u32,
     buf: Vec<u8>,
     /// Counters.
     pub counters: Arc<DeviceCounters>,
@@ -157,8 +164,7 @@ impl PacketDevice {
     /// A device for `vcpu`'s queues, its buffers in `window`, talking over
     /// `socket`. Packets go back to whoever sent the last one. With
     /// [`Delivery::Posted`] the socket is made non-blocking (the sidecore
-    /// polls it); otherwise it gets a 50 ms read timeout, so that the
-    /// thread blocked on it can notice a stop.
+    /// polls it); otherwise the caller receives on it.
     pub fn new(
         region: Arc<SharedRegion>,
         vcpu: u32,
@@ -169,9 +175,8 @@ impl PacketDevice {
         if region.vcpu(vcpu).is_none() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no vCPU {vcpu} in the region")));
         }
-        match delivery {
-            Delivery::Posted(_) => socket.set_nonblocking(true)?,
-            Delivery::Interrupt(_) => socket.set_read_timeout(Some(std::time::Duration::from_millis(50)))?,
+        if matches!(delivery, Delivery::Posted(_)) {
+            socket.set_nonblocking(true)?;
         }
         Ok(PacketDevice {
             region,
@@ -183,6 +188,7 @@ impl PacketDevice {
             control: None,
             rx_next: 0,
             tx_next: 0,
+            recv_skip: 0,
             buf: vec![0; PKT_MAX as usize],
             counters: Arc::new(DeviceCounters::default()),
         })
@@ -240,8 +246,8 @@ impl PacketDevice {
     /// Sends every packet the guest queued on tx; returns how many
     /// descriptors it handled.
     pub fn drain_tx(&mut self) -> usize {
-        let region = self.region.clone();
-        let Some(v) = region.vcpu(self.vcpu) else { return 0 };
+        // Field by field: `v` borrows the region while `buf` is written.
+        let Some(v) = self.region.vcpu(self.vcpu) else { return 0 };
         let mut n = 0;
         while n < PKT_QUEUE {
             let d = &v.pkt.tx.desc[self.tx_next];
@@ -276,10 +282,9 @@ impl PacketDevice {
         n
     }
 
-    /// Receives one packet and delivers it; `false` if none came. Does not
-    /// block on a non-blocking socket ([`Delivery::Posted`]); waits up to
-    /// the read timeout the caller set on a blocking one.
-    pub fn recv_one(&mut self) -> bool {
+    /// Receives one packet without blocking and delivers it; `false` if
+    /// none was waiting.
+    fn recv_one(&mut self) -> bool {
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, from)) => {
                 self.peer = Some(from);
@@ -291,11 +296,6 @@ impl PacketDevice {
             Err(_) => false,
         }
     }
-
-    /// The socket's descriptor (a parked sidecore waits on it).
-    pub fn socket_fd(&self) -> std::os::fd::RawFd {
-        self.socket.as_raw_fd()
-    }
 }
 
 impl crate::poll::Device for PacketDevice {
@@ -304,9 +304,14 @@ impl crate::poll::Device for PacketDevice {
             return 0;
         }
         let mut n = self.drain_tx();
+        if self.recv_skip > 0 {
+            self.recv_skip -= 1;
+            return n;
+        }
         // A few packets per sweep at most: the rings come first.
         for _ in 0..4 {
             if !self.recv_one() {
+                self.recv_skip = IDLE_RECV_SKIP;
                 break;
             }
             n += 1;
@@ -315,7 +320,7 @@ impl crate::poll::Device for PacketDevice {
     }
 
     fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.socket_fd())
+        Some(self.socket.as_raw_fd())
     }
 
     fn done(&self) -> bool {
