@@ -230,12 +230,13 @@ impl<W: Write> ExitHandler<'_, W> {
     /// as the sidecall, the status left in the vCPU's host status word.
     fn pte_trap(&mut self, addr: u64, data: &[u8]) {
         let result = match (self.services.pte(), <[u8; 8]>::try_from(data)) {
-            (Some(pte), Ok(bytes)) if addr.is_multiple_of(8) => {
+            (Some(pte), Ok(bytes)) => {
                 let l = pte.layout();
-                if (l.pool_gpa..l.pool_gpa + l.pool_size).contains(&addr) {
-                    pte.update(addr & !0xfff, (addr & 0xfff) / 8, u64::from_le_bytes(bytes))
-                } else {
-                    Err(Status::BadArgument)
+                match self.boot.pt_trap_target(addr) {
+                    Some(e) if (l.pool_gpa..l.pool_gpa + l.pool_size).contains(&e) => {
+                        pte.update(e & !0xfff, (e & 0xfff) / 8, u64::from_le_bytes(bytes))
+                    }
+                    _ => Err(Status::BadArgument),
                 }
             }
             (None, _) => Err(Status::UnknownOp),
@@ -464,5 +465,12 @@ mod tests {
         assert_eq!(store(&mut h, 0x90_0000, 0).0, Status::BadArgument as u64);
         assert_eq!(st.snapshot().get(op::op_class(Opcode::PteUpdate as u16), Status::Ok), 1);
         assert_eq!(h.counts.mmio_writes, 6);
+        // With a trap view (hardware KVM) stores arrive there; a store at the
+        // pool's own GPA is no trap-path store (the guest maps it read-only).
+        let mut hw = BootInfo::new(Backend::Svm);
+        hw.pt_trap_gpa = shm_proto::layout::PT_TRAP_GPA;
+        h.boot = &hw;
+        assert_eq!(store(&mut h, shm_proto::layout::PT_TRAP_GPA + 0x3020, 0x60_1000 | 1), (Status::Ok as u64, 1));
+        assert_eq!(store(&mut h, 0x10_3028, 0x60_2000 | 1).0, Status::BadArgument as u64);
     }
 }

@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use shm_proto::boot::{Backend, BootInfo, Workload, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF, TIMEOUT_CLASSES};
 use shm_proto::layout::{
     align_up, vcpu_stack_top, vcpu_vif_gpa, BOOT_INFO_GPA, GDT_GPA, IMAGE_GPA, MAX_RAM, MAX_VCPUS, PAGE_SIZE,
-    PT_POOL_GPA, PT_POOL_SIZE, SHARED_ALIGN, VCPU_AREA_GPA, VCPU_AREA_STRIDE,
+    PT_POOL_GPA, PT_POOL_SIZE, PT_TRAP_GPA, SHARED_ALIGN, VCPU_AREA_GPA, VCPU_AREA_STRIDE,
 };
 use shm_proto::op::OP_CLASS_COUNT;
 use shm_proto::ring::{
@@ -308,11 +308,16 @@ fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, VmError> {
     mem.get_host_address(GuestAddress(gpa)).map(|p| p as u64).map_err(|e| VmError::GuestWrite("memslot", e))
 }
 
+/// Memslot `slot`: `size` bytes at `gpa`, backed by the memory of `mem`
+/// at `backing` (equal to `gpa` except for an alias such as the pool's trap
+/// view).
+#[allow(clippy::too_many_arguments)]
 fn add_memslot(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     slot: u32,
     gpa: u64,
+    backing: u64,
     size: u64,
     flags: u32,
     what: &'static str,
@@ -322,7 +327,7 @@ fn add_memslot(
         flags,
         guest_phys_addr: gpa,
         memory_size: size,
-        userspace_addr: host_addr(mem, gpa)?,
+        userspace_addr: host_addr(mem, backing)?,
     };
     // SAFETY: the host range belongs to `mem`, which the Vm keeps alive for as
     // long as the VM fd exists (both live in the same struct; the fd is
@@ -331,15 +336,20 @@ fn add_memslot(
 }
 
 /// Leaf flags for the identity map at `gpa`, or `None` to leave it unmapped.
-fn identity_flags(gpa: u64, vcpus: u32, image: &LoadedImage, layout: &Layout) -> Option<u64> {
+///
+/// The pool is writable in the guest's tables where it is itself the trap
+/// path (a read-only memslot: `trap_gpa` 0); where a separate trap view
+/// exists the guest maps the pool read-only.
+fn identity_flags(gpa: u64, vcpus: u32, image: &LoadedImage, layout: &Layout, trap_gpa: u64) -> Option<u64> {
     let vcpu_end = VCPU_AREA_GPA + u64::from(vcpus) * VCPU_AREA_STRIDE;
     match gpa {
         BOOT_INFO_GPA | GDT_GPA => Some(PTE_NX),
         g if (VCPU_AREA_GPA..vcpu_end).contains(&g) => Some(PTE_RW | PTE_NX),
         g if g < PT_POOL_GPA => None,
-        // Writable in the guest's tables, read-only in the memslot: a guest
-        // store there is the page-table service's trap path (an MMIO exit).
-        g if g < PT_POOL_GPA + PT_POOL_SIZE => Some(PTE_RW | PTE_NX),
+        // With no trap view: writable in the guest's tables, read-only in the
+        // memslot, so a guest store there is the page-table service's trap
+        // path (an MMIO exit).
+        g if g < PT_POOL_GPA + PT_POOL_SIZE => Some(if trap_gpa == 0 { PTE_RW | PTE_NX } else { PTE_NX }),
         g if g < layout.shared_gpa => {
             let s = image.segments.iter().find(|s| g + PAGE_SIZE > s.gpa && g < s.gpa + s.mem_size)?;
             Some(if s.writable { PTE_RW } else { 0 } | if s.executable { 0 } else { PTE_NX })
@@ -383,6 +393,21 @@ fn data_segment() -> kvm_segment {
 /// The GDT: null, 64-bit code (0x08), data (0x10).
 pub const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
+/// The pool's trap view for `backend` ([`BootInfo::pt_trap_gpa`]): none on
+/// PVM, whose shadow MMU reads guest tables in a read-only memslot; on
+/// hardware KVM a separate read-only alias, because the nested page walker
+/// may need write access to the guest's tables (VT-x with EPT A/D bits
+/// treats every guest paging-structure access as a write; QEMU's emulated
+/// AMD walker probes them for write too), so tables in a read-only memslot
+/// fault on every walk and KVM emulates every instruction.
+pub fn pt_trap_gpa(backend: Backend) -> u64 {
+    if backend == Backend::Pvm {
+        0
+    } else {
+        PT_TRAP_GPA
+    }
+}
+
 /// The boot-info page for this VM.
 pub fn boot_info(spec: &VmSpec, backend: Backend, layout: &Layout, tsc_khz: u64) -> BootInfo {
     let mut b = BootInfo::new(backend);
@@ -396,6 +421,7 @@ pub fn boot_info(spec: &VmSpec, backend: Backend, layout: &Layout, tsc_khz: u64)
     b.shared_size = layout.shared_size;
     b.free_gpa = layout.free_gpa;
     b.sidecalls = u32::from(spec.sidecalls);
+    b.pt_trap_gpa = pt_trap_gpa(backend);
     let cycles = spec.sidecall_timeout_us.saturating_mul(tsc_khz) / 1000;
     b.sidecall_timeout = [cycles; TIMEOUT_CLASSES];
     debug_assert_eq!(TIMEOUT_CLASSES, OP_CLASS_COUNT);
@@ -440,9 +466,33 @@ impl Vm {
 
         let (mem, memfd) = guest_memory(ram)?;
         let pool_end = PT_POOL_GPA + PT_POOL_SIZE;
-        add_memslot(&fd, &mem, 0, 0, PT_POOL_GPA, 0, "low memory")?;
-        add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_SIZE, KVM_MEM_READONLY, "page-table pool, read-only")?;
-        add_memslot(&fd, &mem, 2, pool_end, ram - pool_end, 0, "image, shared region and free RAM")?;
+        let trap_gpa = pt_trap_gpa(backend.backend);
+        add_memslot(&fd, &mem, 0, 0, 0, PT_POOL_GPA, 0, "low memory")?;
+        if trap_gpa == 0 {
+            add_memslot(
+                &fd,
+                &mem,
+                1,
+                PT_POOL_GPA,
+                PT_POOL_GPA,
+                PT_POOL_SIZE,
+                KVM_MEM_READONLY,
+                "page-table pool, read-only",
+            )?;
+        } else {
+            add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_GPA, PT_POOL_SIZE, 0, "page-table pool")?;
+            add_memslot(
+                &fd,
+                &mem,
+                3,
+                trap_gpa,
+                PT_POOL_GPA,
+                PT_POOL_SIZE,
+                KVM_MEM_READONLY,
+                "page-table pool's trap view",
+            )?;
+        }
+        add_memslot(&fd, &mem, 2, pool_end, pool_end, ram - pool_end, 0, "image, shared region and free RAM")?;
 
         let image =
             elf::load_elf(&mem, &spec.guest_elf, &ElfLimits { ram_size: ram, image_gpa: IMAGE_GPA, image_limit: ram })
@@ -451,10 +501,15 @@ impl Vm {
         let mut tables = PageTables::new(&mem, PtPool::new(PT_POOL_GPA, PT_POOL_SIZE)).map_err(VmError::PageTables)?;
         let mut gpa = PAGE_SIZE;
         while gpa < ram {
-            if let Some(flags) = identity_flags(gpa, spec.vcpus, &image, &layout) {
+            if let Some(flags) = identity_flags(gpa, spec.vcpus, &image, &layout, trap_gpa) {
                 tables.map(&mem, gpa, gpa, flags).map_err(VmError::PageTables)?;
             }
             gpa += PAGE_SIZE;
+        }
+        if trap_gpa != 0 {
+            for off in (0..PT_POOL_SIZE).step_by(4096) {
+                tables.map(&mem, trap_gpa + off, trap_gpa + off, PTE_RW | PTE_NX).map_err(VmError::PageTables)?;
+            }
         }
 
         let mut boot = boot_info(spec, backend.backend, &layout, tsc_khz);

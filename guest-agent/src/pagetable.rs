@@ -175,10 +175,11 @@ impl Client<'_> {
         }
         let host = &self.env().shared.host;
         host.pte_status.store(u64::MAX, Ordering::Relaxed);
-        // SAFETY: the pool is identity mapped writable in the guest's tables
-        // and read-only in the memslot: this store exits to the VMM, which
-        // validates it; it never changes memory behind the VMM's back.
-        unsafe { core::ptr::write_volatile((table + index * 8) as *mut u64, entry) };
+        // SAFETY: the trap view (the pool itself on PVM) is identity mapped
+        // writable in the guest's tables and read-only in the memslot: this
+        // store exits to the VMM, which validates it; it never changes memory
+        // behind the VMM's back.
+        unsafe { core::ptr::write_volatile(b.pt_trap_addr(table + index * 8) as *mut u64, entry) };
         let status = shm_proto::op::decode_status(host.pte_status.load(Ordering::Acquire)).unwrap_or(Status::HostError);
         (status, PteKind::from_u64(host.pte_kind.load(Ordering::Relaxed)).unwrap_or(PteKind::Noop))
     }

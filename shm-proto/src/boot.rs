@@ -300,6 +300,15 @@ pub struct BootInfo {
     /// First pool page the VMM left free: the guest takes new table pages
     /// from here (the host checks every one).
     pub pt_pool_free: u64,
+    /// Where the guest stores a page-table entry to take the page-table
+    /// service's trap path: the entry at pool GPA `t` is stored at
+    /// `pt_trap_gpa + (t - pt_pool_gpa)`, a read-only view of the pool that
+    /// exits to the VMM as MMIO. 0 means the pool itself (PVM: the pool is a
+    /// read-only memslot). On hardware KVM the pool is ordinary memory that
+    /// the guest maps read-only, because the nested page walker may need
+    /// write access to the guest's tables (EPT A/D bits, AMD's walker), and
+    /// the trap view is [`crate::layout::PT_TRAP_GPA`].
+    pub pt_trap_gpa: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 4096);
@@ -321,6 +330,7 @@ const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_timeout) == 176);
 const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_backoff) == 216);
 const _: () = assert!(core::mem::offset_of!(BootInfo, pt_root) == 224);
 const _: () = assert!(core::mem::offset_of!(BootInfo, pt_pool_free) == 232);
+const _: () = assert!(core::mem::offset_of!(BootInfo, pt_trap_gpa) == 240);
 
 impl BootInfo {
     /// A boot-info page for `backend` with every field but the layout filled
@@ -354,7 +364,28 @@ impl BootInfo {
             sidecall_backoff: 0,
             pt_root: 0,
             pt_pool_free: 0,
+            pt_trap_gpa: 0,
         }
+    }
+
+    /// GPA at which the entry at pool GPA `entry_gpa` is stored to take the
+    /// trap path.
+    pub const fn pt_trap_addr(&self, entry_gpa: u64) -> u64 {
+        if self.pt_trap_gpa == 0 {
+            entry_gpa
+        } else {
+            entry_gpa - self.pt_pool_gpa + self.pt_trap_gpa
+        }
+    }
+
+    /// The pool GPA that a trap-path store at `gpa` stands for, if `gpa` is
+    /// 8-byte aligned and inside the trap view.
+    pub const fn pt_trap_target(&self, gpa: u64) -> Option<u64> {
+        let base = if self.pt_trap_gpa == 0 { self.pt_pool_gpa } else { self.pt_trap_gpa };
+        if !gpa.is_multiple_of(8) || gpa < base || gpa - base >= self.pt_pool_size {
+            return None;
+        }
+        Some(gpa - base + self.pt_pool_gpa)
     }
 
     /// The PIO port for benchmark blocks.
@@ -406,6 +437,29 @@ mod tests {
         assert_eq!(HypercallInsn::PvmInt1b.unknown_result(), -38);
         assert_eq!(HypercallInsn::Vmcall.unknown_result(), -1000);
         assert_eq!(Backend::Svm.hypercall_insn(), HypercallInsn::Vmmcall);
+    }
+
+    #[test]
+    fn trap_view_maps_to_the_pool_and_back() {
+        let pvm = BootInfo::new(Backend::Pvm);
+        let e = pvm.pt_pool_gpa + 0x1008;
+        assert_eq!(pvm.pt_trap_addr(e), e);
+        assert_eq!(pvm.pt_trap_target(e), Some(e));
+        let mut hw = BootInfo::new(Backend::Svm);
+        hw.pt_trap_gpa = crate::layout::PT_TRAP_GPA;
+        let t = hw.pt_trap_addr(e);
+        assert_eq!(t, crate::layout::PT_TRAP_GPA + 0x1008);
+        assert_eq!(hw.pt_trap_target(t), Some(e));
+        // The pool itself, misaligned stores and the end of the view are not
+        // trap-path stores on hardware.
+        assert_eq!(hw.pt_trap_target(e), None);
+        assert_eq!(hw.pt_trap_target(t + 1), None);
+        assert_eq!(hw.pt_trap_target(crate::layout::PT_TRAP_GPA + hw.pt_pool_size), None);
+        assert_eq!(
+            hw.pt_trap_target(crate::layout::PT_TRAP_GPA + hw.pt_pool_size - 8),
+            Some(hw.pt_pool_gpa + hw.pt_pool_size - 8)
+        );
+        assert_eq!(pvm.pt_trap_target(pvm.pt_pool_gpa - 8), None);
     }
 
     #[test]

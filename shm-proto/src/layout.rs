@@ -30,6 +30,11 @@ pub const MAX_VCPUS: u32 = 24;
 pub const PT_POOL_GPA: u64 = 0x10_0000;
 /// Size of the page-table pool.
 pub const PT_POOL_SIZE: u64 = 0x10_0000;
+/// On hardware KVM: the page-table pool's trap view, a read-only memslot
+/// over the pool's memory where a guest store exits to the VMM as MMIO (see
+/// [`crate::boot::BootInfo::pt_trap_gpa`]). Past the largest RAM, so
+/// `PTE_UPDATE` refuses to map it.
+pub const PT_TRAP_GPA: u64 = 0xc000_0000;
 /// Where the guest-agent image is linked.
 pub const IMAGE_GPA: u64 = 0x20_0000;
 /// Alignment of the shared region.
@@ -59,6 +64,7 @@ pub const fn align_up(x: u64, align: u64) -> u64 {
 const _: () = assert!(vcpu_stack_top(MAX_VCPUS - 1) <= PT_POOL_GPA);
 const _: () = assert!(PT_POOL_GPA + PT_POOL_SIZE <= IMAGE_GPA);
 const _: () = assert!(VCPU_AREA_STRIDE.is_multiple_of(PAGE_SIZE));
+const _: () = assert!(PT_TRAP_GPA >= MAX_RAM && PT_TRAP_GPA.is_multiple_of(PT_POOL_SIZE));
 
 /// Free RAM the guest-agent uses per vCPU, after one shared sync page at
 /// the start of free RAM: first the vCPUs' scratch areas, then their page
