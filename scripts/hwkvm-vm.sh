@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The hardware-KVM test bed: an AMD-V KVM inside QEMU.
+#
+# QEMU's TCG emulates an EPYC CPU with SVM and nested paging; Debian's stock
+# kernel inside it loads kvm_amd and offers a real hardware-style /dev/kvm.
+# This script boots that machine, runs one shell command in it and returns the
+# command's output and exit status. Inside, the host's file system is the
+# root (shared read-only over 9p, so host-built binaries, their libraries and
+# the cargo test binaries run at the paths they were built with), the
+# project's tree is shared at its own path, /tmp and /run are fresh tmpfs,
+# and lo is up.
+#
+# Timing inside the bed means nothing: every guest instruction is translated
+# by TCG. Use it for correctness only.
+#
+# Usage: scripts/hwkvm-vm.sh [--smp N] [--mem MiB] [--timeout SECONDS] [--quiet] [--] COMMAND...
+#   COMMAND...  a shell command line, run by sh -c in the current directory
+#               (default: `target/release/sidecore info`)
+#   --smp N     inner CPUs (default 2: one for the sidecore, one for a vCPU)
+#   --mem MiB   inner RAM (default 3072)
+#   --timeout S give up after S seconds (default 1800); exit status 124
+#   --quiet     print only the command's output, not the inner kernel's
+# Exit status: the command's; 124 on time-out; 125 if the bed itself failed
+# (inner kernel lock-up, panic, or no status line).
+# Environment: HWKVM_CACHE (kernel cache, default ~/.cache/sidecore/hwkvm),
+#   HWKVM_ACCEL (default tcg,thread=multi), HWKVM_APPEND (extra inner kernel
+#   command line), SIDECORE_* and RUST_* are passed to the command.
+# Needs Debian's qemu-system-x86, busybox-static and cpio (installed if
+# missing) and Debian's stock kernel package (fetched once with apt-get
+# download into the cache).
+set -euo pipefail
+
+smp=2 mem=3072 limit=1800 quiet=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smp) smp=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --timeout) limit=$2; shift 2 ;;
+    --quiet) quiet=1; shift ;;
+    --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    -*) echo "hwkvm-vm: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+cmd=${*:-target/release/sidecore info}
+
+project=$(cd "$(dirname "$0")/.." && pwd -P)
+cwd=$(pwd -P)
+cache=${HWKVM_CACHE:-${HOME:-/root}/.cache/sidecore/hwkvm}
+mkdir -p "$cache"
+
+say() { echo "hwkvm-vm: $*" >&2; }
+
+apt_updated=0
+install_pkg() { # COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return 0
+  say "installing $2 from Debian's packages"
+  if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+install_pkg qemu-system-x86_64 qemu-system-x86
+install_pkg cpio cpio
+[ -x /bin/busybox ] || install_pkg busybox busybox-static
+
+# Debian's stock kernel: the package linux-image-amd64 points at.
+if [ ! -d "$cache/kernel/boot" ]; then
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ -z "$pkg" ]; then apt-get update -qq; apt_updated=1
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'); fi
+  [ -n "$pkg" ] || { say "cannot tell which kernel package linux-image-amd64 depends on (apt-cache depends)"; exit 125; }
+  say "fetching $pkg (once, into $cache)"
+  rm -rf "$cache/dl" && mkdir -p "$cache/dl"
+  (cd "$cache/dl" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null)
+  rm -rf "$cache/kernel.new" && dpkg-deb -x "$cache"/dl/"$pkg"_*.deb "$cache/kernel.new"
+  mv "$cache/kernel.new" "$cache/kernel" && rm -rf "$cache/dl"
+fi
+kver=$(ls "$cache/kernel/lib/modules" | head -n 1)
+kmods="$cache/kernel/lib/modules/$kver"
+
+# The initramfs: busybox, the modules for KVM and 9p, and an init that
+# mounts the host's root and runs the command chrooted into it.
+work=$(mktemp -d "${TMPDIR:-/tmp}/hwkvm.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root="$work/root"
+mkdir -p "$root"/{bin,dev,proc,sys,host,lib/modules/"$kver"}
+cp /bin/busybox "$root/bin/busybox"
+for a in sh mount umount mkdir cat echo chroot modprobe depmod ip poweroff sleep grep; do ln -s busybox "$root/bin/$a"; done
+for m in arch/x86/kvm virt/lib drivers/crypto/ccp drivers/virtio fs/9p fs/netfs fs/fscache net/9p; do
+  [ -d "$kmods/kernel/$m" ] && mkdir -p "$root/lib/modules/$kver/kernel/$m" && cp -r "$kmods/kernel/$m/." "$root/lib/modules/$kver/kernel/$m/"
+done
+cp "$kmods"/modules.{order,builtin} "$root/lib/modules/$kver/" 2>/dev/null || true
+
+printf '%s\n' "$cmd" > "$root/cmd.sh"
+: > "$root/env.sh"
+while IFS='=' read -r k _; do
+  case "$k" in SIDECORE_*|RUST_*|CI) printf 'export %s=%q\n' "$k" "${!k}" >> "$root/env.sh" ;; esac
+done < <(env)
+printf '%s\n' "$project" > "$root/project.path"
+printf '%s\n' "$cwd" > "$root/cwd.path"
+
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+fail() { echo "hwkvm-vm: inner: $*"; echo "hwkvm-vm: bed-failure"; poweroff -f; }
+depmod 2>/dev/null
+for m in irqbypass ccp kvm kvm_amd virtio_pci 9pnet_virtio 9p; do modprobe $m || fail "modprobe $m failed"; done
+[ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /host || fail "cannot mount the host's root over 9p"
+H=/host
+mount -t proc proc $H/proc; mount -t sysfs sys $H/sys; mount -t devtmpfs dev $H/dev
+mount -t tmpfs -o mode=1777 tmp $H/tmp; mount -t tmpfs run $H/run
+P=$(cat /project.path)
+mkdir -p "$H$P" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 project "$H$P" || fail "cannot mount the project tree over 9p"
+ip link set lo up
+cp /cmd.sh /env.sh $H/tmp/
+echo "hwkvm-vm: kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt), $(grep -c ^processor /proc/cpuinfo) CPUs, kernel $(cat /proc/sys/kernel/osrelease)"
+echo "hwkvm-vm: begin"
+chroot $H /bin/sh -c '. /tmp/env.sh; export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp; cd "$1" 2>/dev/null || cd /tmp; sh /tmp/cmd.sh' sh "$(cat /cwd.path)"
+echo "hwkvm-vm: status $?"
+poweroff -f
+INIT
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
+
+# softlockup_panic / panic_on_rcu_stall: a locked-up inner kernel ends the
+# run at once (QEMU exits on the panic) instead of hanging until the time-out.
+append="console=ttyS0 quiet panic=-1 idle=poll softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 ${HWKVM_APPEND:-}"
+log="$work/console"
+set +e
+timeout "$limit" qemu-system-x86_64 -machine q35 -accel "${HWKVM_ACCEL:-tcg,thread=multi}" \
+  -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -display none -monitor none -no-reboot -nodefaults -serial stdio \
+  -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$work/initrd.gz" -append "$append" \
+  -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+  -virtfs local,path="$project",mount_tag=project,security_model=none,readonly=on \
+  </dev/null 2>&1 | tr -d '\r' | grep --line-buffered -v "TCG doesn't support requested feature" | tee "$log" | {
+    if [ $quiet = 1 ]; then
+      sed -n '/^hwkvm-vm: begin$/,/^hwkvm-vm: status [0-9]*$/{/^hwkvm-vm: begin$/d;/^hwkvm-vm: status [0-9]*$/d;p}'
+    else
+      cat
+    fi
+  }
+qemu=${PIPESTATUS[0]}
+set -e
+status=$(sed -n 's/^hwkvm-vm: status \([0-9]*\)$/\1/p' "$log" | tail -n 1)
+if [ -n "$status" ]; then exit "$status"; fi
+if [ "$qemu" = 124 ]; then say "timed out after $limit s"; exit 124; fi
+if grep -qE "soft lockup|rcu_sched self-detected stall|rcu: INFO|Kernel panic" "$log"; then
+  say "the inner kernel locked up or panicked (bed failure); its last lines:"
+  grep -E "soft lockup|stall|panic|RIP:|Comm:" "$log" | tail -n 8 >&2
+elif grep -q "hwkvm-vm: bed-failure" "$log"; then
+  say "the bed could not start: $(grep 'hwkvm-vm: inner:' "$log" | tail -n 1)"
+else
+  say "the bed ended without the command's status (QEMU exit $qemu); last lines:"; tail -n 8 "$log" >&2
+fi
+exit 125
