@@ -20,6 +20,7 @@
 #   --mem MiB   inner RAM (default 3072)
 #   --timeout S give up after S seconds (default 1800); exit status 124
 #   --quiet     print only the command's output, not the inner kernel's
+#   --log FILE  keep the whole console (inner kernel included) in FILE
 # Exit status: the command's; 124 on time-out; 125 if the bed itself failed
 # (inner kernel lock-up, panic, or no status line).
 # Environment: HWKVM_CACHE (kernel cache, default ~/.cache/sidecore/hwkvm),
@@ -30,13 +31,14 @@
 # download into the cache).
 set -euo pipefail
 
-smp=2 mem=3072 limit=1800 quiet=0
+smp=2 mem=3072 limit=1800 quiet=0 keep_log=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smp) smp=$2; shift 2 ;;
     --mem) mem=$2; shift 2 ;;
     --timeout) limit=$2; shift 2 ;;
     --quiet) quiet=1; shift ;;
+    --log) keep_log=$2; shift 2 ;;
     --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) echo "hwkvm-vm: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -61,6 +63,7 @@ install_pkg() { # COMMAND PACKAGE
 }
 install_pkg qemu-system-x86_64 qemu-system-x86
 install_pkg cpio cpio
+install_pkg python3 python3-minimal
 [ -x /bin/busybox ] || install_pkg busybox busybox-static
 
 # Debian's stock kernel: the package linux-image-amd64 points at.
@@ -92,6 +95,33 @@ done
 cp "$kmods"/modules.{order,builtin} "$root/lib/modules/$kver/" 2>/dev/null || true
 
 printf '%s\n' "$cmd" > "$root/cmd.sh"
+
+# Workaround for the bed, not for the project: QEMU 7.2's multi-threaded TCG
+# now and then never delivers an IPI to an emulated CPU that is busy (seen
+# with a sidecore spinning on one CPU and vCPUs on the other), and the inner
+# kernel then stalls for good in smp_call_function. Most IPIs in these runs
+# come from KVM patching kernel text: it flips static keys whenever the first
+# LAPIC is created or enabled (apic_sw_disabled, apic_hw_disabled) or the
+# first vCPU without an in-kernel irqchip appears (kvm_has_noapic_vcpu), and
+# the last one goes. Two idle VMs that hold those keys for the whole run keep
+# the text still; THP is off so khugepaged sends none either.
+cat > "$root/keeper.py" <<'KEEPER'
+import fcntl, os, struct, time
+KVM_CREATE_VM, KVM_CREATE_IRQCHIP, KVM_CREATE_VCPU, KVM_SET_MSRS = 0xAE01, 0xAE60, 0xAE41, 0x4008AE89
+kvm = os.open("/dev/kvm", os.O_RDWR)
+held = []
+# A vCPU with an in-kernel LAPIC left software- and hardware-disabled.
+vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0); fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+fcntl.ioctl(vcpu, KVM_SET_MSRS, struct.pack("=IIIIQ", 1, 0, 0x1b, 0, 0))  # IA32_APIC_BASE = 0
+held += [vm, vcpu]
+# A vCPU without an in-kernel irqchip.
+vm2 = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+held += [vm2, fcntl.ioctl(vm2, KVM_CREATE_VCPU, 0)]
+print("hwkvm-vm: keeper VMs up", flush=True)
+while True:
+    time.sleep(3600)
+KEEPER
 : > "$root/env.sh"
 while IFS='=' read -r k _; do
   case "$k" in SIDECORE_*|RUST_*|CI) printf 'export %s=%q\n' "$k" "${!k}" >> "$root/env.sh" ;; esac
@@ -115,7 +145,10 @@ P=$(cat /project.path)
 mkdir -p "$H$P" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 project "$H$P" || fail "cannot mount the project tree over 9p"
 ip link set lo up
-cp /cmd.sh /env.sh $H/tmp/
+cp /cmd.sh /env.sh /keeper.py $H/tmp/
+echo never > /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
+chroot $H /usr/bin/python3 /tmp/keeper.py > /dev/null 2>&1 &
+sleep 1
 echo "hwkvm-vm: kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt), $(grep -c ^processor /proc/cpuinfo) CPUs, kernel $(cat /proc/sys/kernel/osrelease)"
 echo "hwkvm-vm: begin"
 chroot $H /bin/sh -c '. /tmp/env.sh; export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp; cd "$1" 2>/dev/null || cd /tmp; sh /tmp/cmd.sh' sh "$(cat /cwd.path)"
@@ -144,6 +177,7 @@ timeout "$limit" qemu-system-x86_64 -machine q35 -accel "${HWKVM_ACCEL:-tcg,thre
   }
 qemu=${PIPESTATUS[0]}
 set -e
+[ -n "$keep_log" ] && cp "$log" "$keep_log"
 status=$(sed -n 's/^hwkvm-vm: status \([0-9]*\)$/\1/p' "$log" | tail -n 1)
 if [ -n "$status" ]; then exit "$status"; fi
 if [ "$qemu" = 124 ]; then say "timed out after $limit s"; exit 124; fi

@@ -317,6 +317,8 @@ impl BenchCollector {
             vcpu_cpu: header.vcpu_cpu,
             vcpu_cpus: header.vcpu_cpus,
             sidecore_cpu: header.sidecore_cpu,
+            timing_representative: header.timing_representative,
+            execution: header.execution,
             floor_level: if floor.samples > 0 { floor_level(floor.p50_ns).into() } else { "none".into() },
             floor_blocks_by_level: levels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             floor,
@@ -398,6 +400,10 @@ pub struct ReportHeader {
     pub vcpu_cpus: Vec<usize>,
     /// Sidecore CPU.
     pub sidecore_cpu: usize,
+    /// Whether guests ran natively, so that the figures mean something.
+    pub timing_representative: bool,
+    /// How guests executed ([`crate::info::Execution::describe`]).
+    pub execution: String,
 }
 
 /// The whole report (the JSON file).
@@ -413,6 +419,12 @@ pub struct BenchReport {
     pub vcpu_cpus: Vec<usize>,
     /// Sidecore CPU.
     pub sidecore_cpu: usize,
+    /// False when guests did not run natively (an emulated host such as
+    /// the AMD-V bed, or KVM emulating every instruction): then no figure
+    /// of the run is representative of anything.
+    pub timing_representative: bool,
+    /// How guests executed, in words.
+    pub execution: String,
     /// The floor.
     pub floor: Stat,
     /// The floor's level in this run (by its p50).
@@ -490,6 +502,12 @@ impl BenchReport {
             self.vcpu_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             self.sidecore_cpu
         );
+        if !self.timing_representative {
+            s += &format!(
+                "NOT REPRESENTATIVE: guests did not run natively ({}); use these figures for nothing but correctness\n",
+                self.execution
+            );
+        }
         if self.floor.samples > 0 {
             let levels: Vec<String> = self.floor_blocks_by_level.iter().map(|(l, n)| format!("{l} {n}")).collect();
             s += &format!(
@@ -589,7 +607,14 @@ mod tests {
             mem.write_obj(*v, GuestAddress(gpa + 64 + 8 * i as u64)).unwrap();
         }
         c.on_block(0, &mem, gpa, None).unwrap();
-        let rep = c.report(ReportHeader { backend: "pvm".into(), vcpu_cpu: 1, vcpu_cpus: vec![1], sidecore_cpu: 0 });
+        let rep = c.report(ReportHeader {
+            backend: "pvm".into(),
+            vcpu_cpu: 1,
+            vcpu_cpus: vec![1],
+            sidecore_cpu: 0,
+            timing_representative: true,
+            execution: "yes".into(),
+        });
         assert_eq!(rep.results.len(), 1);
         assert_eq!(rep.results[0].op, "null");
         assert_eq!(rep.results[0].path, "sidecall");

@@ -184,6 +184,9 @@ pub struct Daemon {
     next_id: AtomicU64,
     started: Instant,
     stop: Arc<AtomicBool>,
+    /// The TSC rate in GHz, read once at start: reading it takes a VM and a
+    /// vCPU, which status requests and scrapes must not create.
+    tsc_ghz: f64,
 }
 
 fn reply_err(stream: &mut UnixStream, msg: &str) {
@@ -310,6 +313,10 @@ impl Daemon {
                 Vec::new(),
             )?);
         }
+        let tsc_ghz = crate::host::open_kvm()
+            .ok()
+            .and_then(|k| crate::host::tsc_khz(&k).ok())
+            .map_or(1.0, |t| tsc_f64(t.khz) / 1e6);
         Ok(Arc::new(Daemon {
             cores,
             cpus: cfg.cores.clone(),
@@ -317,6 +324,7 @@ impl Daemon {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
+            tsc_ghz,
         }))
     }
 
@@ -443,10 +451,7 @@ impl Daemon {
 
     /// Plain numbers for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
-        let tsc_ghz = crate::host::open_kvm()
-            .ok()
-            .and_then(|k| crate::host::tsc_khz(&k).ok())
-            .map_or(1.0, |t| tsc_f64(t.khz) / 1e6);
+        let tsc_ghz = self.tsc_ghz;
         let cores = self
             .cores
             .iter()
@@ -504,10 +509,7 @@ impl Daemon {
 
     /// The status report.
     pub fn status(&self) -> serde_json::Value {
-        let tsc_ghz = crate::host::open_kvm()
-            .ok()
-            .and_then(|k| crate::host::tsc_khz(&k).ok())
-            .map_or(1.0, |t| tsc_f64(t.khz) / 1e6);
+        let tsc_ghz = self.tsc_ghz;
         let cores: Vec<_> = self
             .cores
             .iter()

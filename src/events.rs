@@ -85,6 +85,12 @@ pub fn free_ram_window(vm: &Vm) -> Option<GuestWindow> {
     Some(unsafe { GuestWindow::new(base, gpa, len, vm.mem.clone()) })
 }
 
+/// How long the closed loop waits for one packet's echo before it counts the
+/// packet lost: far past any round trip (a missed wake-up never recovers by
+/// itself, so it still shows as a loss), but long enough for a stall of the
+/// host; the emulated AMD-V bed has shown single round trips over 500 ms.
+const ECHO_WAIT: Duration = Duration::from_secs(5);
+
 /// The exit-path packet device: a thread that blocks on the socket and
 /// interrupts the vCPU for each packet; the vCPU thread sends tx on PIO.
 pub struct ExitPathDevice {
@@ -586,7 +592,7 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
                     return Ok(None);
                 }
                 Ok(Some(match cfg2.rate {
-                    None => lg2.closed_loop(cfg2.count, cfg2.size, Duration::from_millis(500), |_| {
+                    None => lg2.closed_loop(cfg2.count, cfg2.size, ECHO_WAIT, |_| {
                         let _ = ptx.send(1000);
                     }),
                     Some(r) => lg2

@@ -125,6 +125,32 @@ pub enum HostError {
     },
 }
 
+/// The hypervisor signature this host's CPU reports at CPUID 0x4000_0000
+/// (12 bytes, e.g. `KVMKVMKVM` under an outer KVM), if it reports one.
+pub fn hypervisor_signature() -> Option<String> {
+    let hv = core::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0;
+    if !hv {
+        return None;
+    }
+    // Leaf 0x4000_0000 is defined whenever the hypervisor bit is set.
+    let r = core::arch::x86_64::__cpuid(0x4000_0000);
+    let mut sig = Vec::with_capacity(12);
+    for w in [r.ebx, r.ecx, r.edx] {
+        sig.extend_from_slice(&w.to_le_bytes());
+    }
+    Some(String::from_utf8_lossy(&sig).trim_end_matches('\0').to_string())
+}
+
+/// The emulator that translates this host's own instructions, if the host is
+/// one (then no guest of it runs natively, whatever KVM does), from the
+/// hypervisor signature.
+pub fn cpu_emulator(signature: Option<&str>) -> Option<&'static str> {
+    match signature {
+        Some("TCGTCGTCGTCG") => Some("QEMU TCG"),
+        _ => None,
+    }
+}
+
 /// Which KVM backend is loaded, from `sys_module` (normally `/sys/module`):
 /// `kvm_pvm`, `kvm_intel`, `kvm_amd`, in that order (pvm wins if present).
 pub fn detect_backend_module(sys_module: &Path) -> Option<Backend> {
@@ -475,6 +501,14 @@ mod tests {
             Err(HostError::CpuList { token, reason }) => (token, reason),
             other => panic!("{s:?}: expected a CpuList error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_tcg_counts_as_an_emulated_host_cpu() {
+        assert_eq!(cpu_emulator(Some("TCGTCGTCGTCG")), Some("QEMU TCG"));
+        assert_eq!(cpu_emulator(Some("KVMKVMKVM")), None);
+        assert_eq!(cpu_emulator(Some("Microsoft Hv")), None);
+        assert_eq!(cpu_emulator(None), None);
     }
 
     #[test]

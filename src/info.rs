@@ -33,12 +33,66 @@ pub struct HostInfo {
     pub tsc_khz: u64,
     /// Where the TSC frequency came from.
     pub tsc_source: String,
-    /// Whether a probe guest ran natively.
+    /// Whether guests run natively.
     pub guest_native: bool,
     /// The probe's ns per loop iteration.
     pub probe_ns_per_iteration: Option<f64>,
+    /// How guests execute, and why not natively.
+    pub execution: Execution,
     /// Warnings and tuning advice.
     pub notes: Vec<String>,
+}
+
+/// How guests execute on this host, decided once from the host's CPU and a
+/// probe guest.
+#[derive(Clone, Debug, Serialize)]
+pub struct Execution {
+    /// Whether guests run natively (timings mean something).
+    pub native: bool,
+    /// The probe guest's ns per loop iteration, if it ran.
+    pub probe_ns_per_iteration: Option<f64>,
+    /// What translates this host's own instructions (`QEMU TCG`), if any.
+    pub host_emulator: Option<String>,
+    /// Why guests are not native, or why the probe could not tell.
+    pub why_not: Option<String>,
+}
+
+impl Execution {
+    /// One line for `info` and for bench headers.
+    pub fn describe(&self) -> String {
+        let ns = self.probe_ns_per_iteration.map(|ns| format!(" ({ns:.2} ns per loop iteration)")).unwrap_or_default();
+        match (&self.why_not, self.native) {
+            (None, true) => format!("yes{ns}"),
+            (Some(why), _) => format!("no{ns}: {why}"),
+            (None, false) => format!("no{ns}"),
+        }
+    }
+}
+
+/// Decides [`Execution`]: native only if the probe guest ran at native speed
+/// and nothing translates the host's own instructions (under QEMU TCG a
+/// guest's loop runs at a few ns per iteration: far slower than native, far
+/// faster than KVM's instruction emulator, so the probe alone cannot tell).
+pub fn probe_execution() -> Execution {
+    let host_emulator = host::cpu_emulator(host::hypervisor_signature().as_deref());
+    let probe = native_probe();
+    let ns = probe.as_ref().ok().copied();
+    let why_not = match (host_emulator, &probe) {
+        (Some(e), _) => Some(format!(
+            "this host's CPU is emulated by {e} (every instruction, the guest's included, is translated): timings here are not representative"
+        )),
+        (None, Err(e)) => Some(format!("the native-execution probe failed: {e}")),
+        (None, Ok(ns)) if *ns >= NATIVE_NS => {
+            Some("every guest instruction is emulated by KVM (~2 µs each): timings here are not representative".into())
+        }
+        (None, Ok(_)) => None,
+    };
+    Execution {
+        native: why_not.is_none(),
+        probe_ns_per_iteration: ns,
+        host_emulator: host_emulator.map(Into::into),
+        why_not,
+    }
 }
 
 /// Runs the spin workload briefly and returns its ns per iteration.
@@ -70,23 +124,14 @@ pub fn gather() -> Result<HostInfo, Box<dyn std::error::Error>> {
     let online = host::online_cpus()?;
     let isolated = host::isolated_cpus().unwrap_or_default();
     let mut notes = b.warnings.clone();
-    let probe = native_probe();
-    let (native, ns) = match probe {
-        Ok(ns) => (ns < NATIVE_NS, Some(ns)),
-        Err(e) => {
-            notes.push(format!("native-execution probe failed: {e}"));
-            (false, None)
-        }
-    };
+    let execution = probe_execution();
     if isolated.is_empty() {
         notes.push("no isolated CPUs: for stable latency boot with isolcpus=/nohz_full= on the sidecore CPU".into());
     }
     if online.len() < 2 {
         notes.push("one online CPU: the sidecore and the vCPU will share it and sidecalls will time out".into());
     }
-    if !native {
-        notes.push("guests do not run natively here: every guest instruction is emulated (~2 µs each)".into());
-    }
+
     Ok(HostInfo {
         backend: b.backend.name().into(),
         pvm_signature_ok: (b.backend == shm_proto::boot::Backend::Pvm).then_some(b.pvm_signature_ok),
@@ -95,8 +140,9 @@ pub fn gather() -> Result<HostInfo, Box<dyn std::error::Error>> {
         isolated_cpus: isolated,
         tsc_khz: tsc.khz,
         tsc_source: tsc.source.into(),
-        guest_native: native,
-        probe_ns_per_iteration: ns,
+        guest_native: execution.native,
+        probe_ns_per_iteration: execution.probe_ns_per_iteration,
+        execution,
         notes,
     })
 }
@@ -124,12 +170,7 @@ pub fn cmd_info(json: bool) -> Result<(), Box<dyn std::error::Error>> {
         if i.isolated_cpus.is_empty() { "none".into() } else { host::format_cpu_list(&i.isolated_cpus) }
     );
     println!("TSC              {} kHz (from {})", i.tsc_khz, i.tsc_source);
-    match i.probe_ns_per_iteration {
-        Some(ns) => {
-            println!("guest native     {} ({ns:.2} ns per loop iteration)", if i.guest_native { "yes" } else { "NO" })
-        }
-        None => println!("guest native     unknown"),
-    }
+    println!("guest native     {}", i.execution.describe());
     for n in &i.notes {
         println!("note: {n}");
     }
@@ -140,6 +181,19 @@ pub fn cmd_info(json: bool) -> Result<(), Box<dyn std::error::Error>> {
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn execution_says_why_not() {
+        let e = Execution { native: true, probe_ns_per_iteration: Some(0.31), host_emulator: None, why_not: None };
+        assert_eq!(e.describe(), "yes (0.31 ns per loop iteration)");
+        let e = Execution {
+            native: false,
+            probe_ns_per_iteration: Some(2.46),
+            host_emulator: Some("QEMU TCG".into()),
+            why_not: Some("emulated".into()),
+        };
+        assert_eq!(e.describe(), "no (2.46 ns per loop iteration): emulated");
+    }
 
     #[test]
     fn spin_line_parses() {

@@ -460,6 +460,10 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     let tsc = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?;
     let backend = sidecore_vmm::host::detect_backend(&kvm).map_err(|e| error_chain(&e))?;
     drop(kvm);
+    let execution = sidecore_vmm::info::probe_execution();
+    if !execution.native {
+        eprintln!("sidecore: warning: guests do not run natively here: {}", execution.describe());
+    }
     let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::with_options(
         tsc.khz,
         true,
@@ -504,6 +508,8 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         vcpu_cpu,
         vcpu_cpus: vcpu_list.iter().copied().cycle().take(a.vcpus.max(1) as usize).collect(),
         sidecore_cpu: side_cpu,
+        timing_representative: execution.native,
+        execution: execution.describe(),
     });
     print!("{}", rep.table());
     if let Some(path) = &a.json {
@@ -660,8 +666,10 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         latency_phases: a.latency_phases,
         device: None,
     };
+    // Decided before the run: the probe boots a VM of its own.
+    let execution = bench.as_ref().map(|_| sidecore_vmm::info::probe_execution());
     let report = run::run(opts).map_err(|e| error_chain(&e))?;
-    if let Some(b) = bench {
+    if let (Some(b), Some(execution)) = (bench, execution) {
         let backend = sidecore_vmm::host::open_kvm()
             .ok()
             .and_then(|k| sidecore_vmm::host::detect_backend(&k).ok())
@@ -671,6 +679,8 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
             vcpu_cpu: vcpu_cpu0,
             vcpu_cpus: vec![vcpu_cpu0],
             sidecore_cpu: sidecore_cpu0,
+            timing_representative: execution.native,
+            execution: execution.describe(),
         });
         eprintln!();
         print!("{}", rep.table());
