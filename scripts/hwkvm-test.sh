@@ -37,7 +37,12 @@ if [ "${1:-}" = --inner ]; then
     if [ $rc != 0 ]; then
       [ "${f:-0}" = 0 ] && failed=$((failed + 1))
       bad_bins="$bad_bins $name(exit $rc)"
-      echo "hwkvm: $name exited $rc; its output:"; tail -n 60 "$out"
+      echo "hwkvm: $name exited $rc; its failures:"
+      if grep -q '^failures:$' "$out"; then
+        sed -n '/^failures:$/,/^test result:/p' "$out" | grep -v '^ *at /rustc/\|^ *[0-9]*: \(core\|std\)::' | head -n 400
+      else
+        tail -n 60 "$out"
+      fi
     fi
   done < "$list"
   skipped=$(grep -c . "$SIDECORE_TEST_SKIPS" || true)

@@ -3,6 +3,7 @@
 //! benchmark's poster, and the UDP load generator (`sidecore echo`,
 //! `sidecore bench --ops irq,echo`).
 
+use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -294,6 +295,8 @@ pub struct EchoStats {
     pub out_of_order: u64,
     /// Packets with no echo (closed loop: within the timeout).
     pub lost: u64,
+    /// Receive errors other than a timeout, retried (closed loop).
+    pub recv_errors: u64,
     /// Seconds the measured part took.
     pub seconds: f64,
     /// Round trips (closed loop), TSC cycles.
@@ -309,6 +312,7 @@ impl EchoStats {
         self.corrupted += o.corrupted;
         self.out_of_order += o.out_of_order;
         self.lost += o.lost;
+        self.recv_errors += o.recv_errors;
         self.seconds = self.seconds.max(o.seconds);
         self.rtt_cycles.extend_from_slice(&o.rtt_cycles);
     }
@@ -394,6 +398,10 @@ impl LoadGen {
                 continue;
             }
             st.sent += 1;
+            // Only a timeout is a loss: any other error (an ICMP error queued
+            // on the socket, an interrupted call) is retried until the
+            // packet's own deadline.
+            let deadline = Instant::now() + timeout;
             loop {
                 match self.socket.recv(&mut buf) {
                     Ok(k) => {
@@ -414,12 +422,22 @@ impl LoadGen {
                         }
                         break;
                     }
+                    Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        st.recv_errors += 1;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            st.lost += 1;
+                            break;
+                        }
+                        let _ = self.socket.set_read_timeout(Some(left));
+                    }
                     Err(_) => {
                         st.lost += 1;
                         break;
                     }
                 }
             }
+            let _ = self.socket.set_read_timeout(Some(timeout));
             if seq % 1000 == 999 {
                 progress(seq + 1);
             }

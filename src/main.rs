@@ -379,6 +379,9 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
         st.lost,
         st.sent as f64 / st.seconds.max(1e-9)
     );
+    if st.recv_errors > 0 {
+        println!("echo: {} receive errors other than a time-out, retried", st.recv_errors);
+    }
     if !st.rtt_cycles.is_empty() {
         let mut v = st.rtt_cycles.clone();
         v.sort_unstable();

@@ -893,5 +893,38 @@ mod tests {
         assert_eq!(b.sidecall_timeout[1], 2_000_000);
         assert_eq!(b.sidecalls, 1);
         assert_eq!(b.nr_vcpus, 2);
+        assert_eq!(b.pt_trap_gpa, PT_TRAP_GPA);
+    }
+
+    /// VT-x has no test bed: its choices are checked here. On both hardware
+    /// backends the guest's tables live in ordinary memory it maps read-only
+    /// and the trap path goes through the read-only alias (EPT with A/D bits
+    /// treats every guest paging-structure access as a write); on PVM the
+    /// pool is its own trap path.
+    #[test]
+    fn hardware_backends_walk_tables_in_writable_memory_and_trap_through_the_alias() {
+        let l = compute_layout(64 << 20, 0x21_0000, 1).unwrap();
+        let image = crate::elf::LoadedImage {
+            entry: 0x20_0000,
+            image_end: 0x21_0000,
+            segments: vec![crate::elf::Segment {
+                gpa: 0x20_0000,
+                mem_size: 0x1_0000,
+                writable: false,
+                executable: true,
+            }],
+        };
+        let pool_page = PT_POOL_GPA + 0x3000;
+        for hw in [Backend::Vmx, Backend::Svm] {
+            let trap = pt_trap_gpa(hw);
+            assert_eq!(trap, PT_TRAP_GPA, "{hw:?}");
+            let f = identity_flags(pool_page, 1, &image, &l, trap).unwrap();
+            assert_eq!(f & PTE_RW, 0, "{hw:?}: the pool must be read-only in the guest's tables");
+        }
+        assert_eq!(pt_trap_gpa(Backend::Pvm), 0);
+        let f = identity_flags(pool_page, 1, &image, &l, 0).unwrap();
+        assert_ne!(f & PTE_RW, 0, "PVM: a store into the pool is the trap path");
+        // The alias is past RAM: PTE_UPDATE can never map it.
+        assert!(PT_TRAP_GPA >= l.ram_size);
     }
 }
