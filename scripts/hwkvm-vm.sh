@@ -168,7 +168,7 @@ timeout "$limit" qemu-system-x86_64 -machine q35 -accel "${HWKVM_ACCEL:-tcg,thre
   -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$work/initrd.gz" -append "$append" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$project",mount_tag=project,security_model=none,readonly=on \
-  </dev/null 2>&1 | tr -d '\r' | grep --line-buffered -v "TCG doesn't support requested feature" | tee "$log" | {
+  </dev/null 2>&1 | stdbuf -oL tr -d '\r' | grep --line-buffered -v "TCG doesn't support requested feature" | tee "$log" | {
     if [ $quiet = 1 ]; then
       sed -n '/^hwkvm-vm: begin$/,/^hwkvm-vm: status [0-9]*$/{/^hwkvm-vm: begin$/d;/^hwkvm-vm: status [0-9]*$/d;p}'
     else
