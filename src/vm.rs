@@ -468,29 +468,12 @@ impl Vm {
         let pool_end = PT_POOL_GPA + PT_POOL_SIZE;
         let trap_gpa = pt_trap_gpa(backend.backend);
         add_memslot(&fd, &mem, 0, 0, 0, PT_POOL_GPA, 0, "low memory")?;
-        if trap_gpa == 0 {
-            add_memslot(
-                &fd,
-                &mem,
-                1,
-                PT_POOL_GPA,
-                PT_POOL_GPA,
-                PT_POOL_SIZE,
-                KVM_MEM_READONLY,
-                "page-table pool, read-only",
-            )?;
-        } else {
-            add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_GPA, PT_POOL_SIZE, 0, "page-table pool")?;
-            add_memslot(
-                &fd,
-                &mem,
-                3,
-                trap_gpa,
-                PT_POOL_GPA,
-                PT_POOL_SIZE,
-                KVM_MEM_READONLY,
-                "page-table pool's trap view",
-            )?;
+        // The pool is its own trap path (read-only) unless a trap view is.
+        let pool_flags = if trap_gpa == 0 { KVM_MEM_READONLY } else { 0 };
+        add_memslot(&fd, &mem, 1, PT_POOL_GPA, PT_POOL_GPA, PT_POOL_SIZE, pool_flags, "page-table pool")?;
+        if trap_gpa != 0 {
+            let what = "page-table pool's trap view";
+            add_memslot(&fd, &mem, 3, trap_gpa, PT_POOL_GPA, PT_POOL_SIZE, KVM_MEM_READONLY, what)?;
         }
         add_memslot(&fd, &mem, 2, pool_end, pool_end, ram - pool_end, 0, "image, shared region and free RAM")?;
 
