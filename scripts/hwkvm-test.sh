@@ -12,6 +12,8 @@
 #   `hwkvm: N passed, N failed, N skipped`
 # (skipped: tests that recorded through tests/common's skip() why they cannot
 # run there). Exit status 0 only if nothing failed and the bed held.
+# A bed gives up after HWKVM_TEST_TIMEOUT seconds (default 900; the suite
+# takes about 3 minutes), each test binary in it after 600.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 project=$(pwd -P)
@@ -27,7 +29,7 @@ if [ "${1:-}" = --inner ]; then
     echo "hwkvm: == $name"
     out=/tmp/hwkvm-out
     set +e
-    (cd "$dir" && timeout 900 "$bin" --test-threads=1 ${filter:+"$filter"}) > "$out" 2>&1
+    (cd "$dir" && timeout 600 "$bin" --test-threads=1 ${filter:+"$filter"}) > "$out" 2>&1
     rc=$?
     set -e
     grep -E "^test |^test result|panicked|^---- |^failures:|skipping " "$out" | grep -v "^test result: ok. 0 passed" || true
@@ -83,7 +85,7 @@ for run in $(seq 1 "$runs"); do
   [ "$runs" -gt 1 ] && echo "hwkvm-test: run $run of $runs" >&2
   t0=$(date +%s)
   set +e
-  scripts/hwkvm-vm.sh --quiet --timeout 2400 -- "scripts/hwkvm-test.sh --inner $project/$list '$filter'"
+  scripts/hwkvm-vm.sh --quiet --timeout "${HWKVM_TEST_TIMEOUT:-900}" -- "scripts/hwkvm-test.sh --inner $project/$list '$filter'"
   rc=$?
   set -e
   echo "hwkvm-test: run $run: exit $rc after $(( $(date +%s) - t0 )) s" >&2

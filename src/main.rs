@@ -138,7 +138,7 @@ struct BenchArgs {
     vcpus: u32,
     /// CPUs of the vCPUs (vCPU i on the i-th) [default: counting down from
     /// the last online CPU].
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", env = "SIDECORE_VCPU_CPUS")]
     vcpu_cpus: Option<String>,
     /// Add R idle host-side rings to the sidecore's sweep in every other
     /// sidecall block, to measure what idle rings cost a busy one
@@ -554,7 +554,7 @@ struct RunArgs {
     sidecore: Vec<usize>,
     /// Pin vCPU i to the i-th CPU of this list (e.g. 1 or 2-3). Default:
     /// counting down from the last online CPU, skipping sidecore CPUs.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", env = "SIDECORE_VCPU_CPUS")]
     vcpu_cpus: Option<String>,
     /// Workload: hello (prints a computed value), spin (native-execution
     /// check: ns per loop iteration), selftest (every path, every answer).
