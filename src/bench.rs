@@ -13,8 +13,6 @@ use serde::Serialize;
 use shm_proto::bench::{BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::run::SidecoreSet;
-
 /// Reading a block or measuring the floor failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -52,6 +50,18 @@ fn unreachable_hist() -> Histogram<u64> {
 /// A series: op, path label (`sidecall+64idle` for blocks measured with
 /// idle rings in the sweep), vCPU (`None`: all vCPUs together).
 type Key = (BenchOp, String, Option<u32>);
+
+/// What the collector needs of a VM's sidecores to interleave floor blocks
+/// with its sidecall blocks (the VMM's `SidecoreSet` implements it).
+pub trait FloorProbe: Sync {
+    /// CPUs the sidecores run on.
+    fn cpus(&self) -> &[usize];
+    /// Measures `samples.len()` floor round trips with sidecore 0; false if
+    /// none is running.
+    fn floor_block(&self, samples: &mut [u64]) -> bool;
+    /// Sweeps the idle benchmark rings (`on`) or only the VM's own.
+    fn set_idle_rings(&self, on: bool);
+}
 
 pub struct BenchCollector {
     series: Mutex<BTreeMap<Key, Series>>,
@@ -135,7 +145,7 @@ impl BenchCollector {
         vcpu: u32,
         mem: &GuestMemoryMmap,
         gpa: u64,
-        sidecores: Option<&SidecoreSet>,
+        sidecores: Option<&dyn FloorProbe>,
     ) -> Result<(), BenchError> {
         let bad = |what: String| BenchError::BadBlock { vcpu, what };
         let word = |off: u64| mem.read_obj::<u32>(GuestAddress(gpa + off)).map_err(|e| bad(e.to_string()));

@@ -41,6 +41,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::hypercalls::register_vmm_hypercalls;
 use crate::memfd::Mapping;
+use crate::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 
 /// Largest request line.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -746,54 +747,6 @@ pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> 
     Ok((pool_pages, host_len))
 }
 
-/// One sidecore, for the metrics endpoint.
-#[derive(Clone, Debug, Default)]
-pub struct CoreSnapshot {
-    /// Its CPU.
-    pub cpu: usize,
-    /// Rings it sweeps.
-    pub rings: u64,
-    /// Requests served.
-    pub served: u64,
-    /// Sweeps.
-    pub sweeps: u64,
-    /// Sweeps that found work.
-    pub busy_sweeps: u64,
-    /// Parked now.
-    pub parked: bool,
-}
-
-/// One attached VM, for the metrics endpoint.
-#[derive(Clone, Debug, Default)]
-pub struct VmSnapshot {
-    /// Daemon's id.
-    pub vm: u64,
-    /// VMM's pid.
-    pub pid: i32,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Sidecore CPU.
-    pub sidecore_cpu: usize,
-    /// (op, status, count) of every non-zero counter.
-    pub calls: Vec<(String, String, u64)>,
-    /// Service-time histogram: (upper bound in ns, cumulative count), for
-    /// non-empty buckets, ascending.
-    pub service_buckets: Vec<(f64, u64)>,
-    /// Requests timed.
-    pub service_count: u64,
-    /// Approximate sum of service times, ns.
-    pub service_sum_ns: f64,
-}
-
-/// Everything the metrics endpoint exposes.
-#[derive(Clone, Debug, Default)]
-pub struct MetricsSnapshot {
-    /// Sidecores.
-    pub cores: Vec<CoreSnapshot>,
-    /// VMs.
-    pub vms: Vec<VmSnapshot>,
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run_daemon(cfg: &DaemonConfig) -> Result<(), DaemonError> {
     if cfg.socket.exists() {
@@ -825,7 +778,9 @@ pub fn run_daemon(cfg: &DaemonConfig) -> Result<(), DaemonError> {
         signal_hook::flag::register(sig, daemon.stop.clone()).map_err(DaemonError::Signal)?;
     }
     if let Some(addr) = &cfg.metrics {
-        crate::metrics::serve(addr, daemon.clone())?;
+        let d = daemon.clone();
+        crate::metrics::serve(addr, move || d.metrics_snapshot())
+            .map_err(|source| DaemonError::Metrics { addr: addr.clone(), source })?;
     }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
     eprintln!(

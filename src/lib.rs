@@ -4,8 +4,8 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod devices;
 pub mod elf;
-pub mod events;
 pub mod host;
 pub mod hypercalls;
 pub mod info;
@@ -16,6 +16,7 @@ pub mod pagetable;
 pub mod phases;
 pub mod plot;
 pub mod run;
+pub mod scenarios;
 pub mod vcpu;
 pub mod vm;
 

@@ -298,13 +298,13 @@ fn bench_host_ops(
                 eprintln!("bench: {label} / {} ...", path.name());
                 floor(&label)?;
                 let samples = if op == "irq" {
-                    let (s, lost, _) = sidecore_vmm::events::run_irq(exit_path, n, side, vcpu)?;
+                    let (s, lost, _) = sidecore_vmm::scenarios::run_irq(exit_path, n, side, vcpu)?;
                     if lost > 0 {
                         eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
                     }
                     s
                 } else {
-                    let cfg = sidecore_vmm::events::EchoConfig {
+                    let cfg = sidecore_vmm::scenarios::EchoConfig {
                         exit_path,
                         count: n as u64,
                         size: 64,
@@ -315,7 +315,7 @@ fn bench_host_ops(
                         vms,
                         attach: None,
                     };
-                    let r = sidecore_vmm::events::run_echo(&cfg, |_| {})?;
+                    let r = sidecore_vmm::scenarios::run_echo(&cfg, |_| {})?;
                     if !r.stats.perfect() {
                         return Err(format!(
                             "{label} / {}: not every packet came back intact and in order: {:?}",
@@ -346,7 +346,7 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     run::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| error_chain(&e))?;
     let khz =
         sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
-    let cfg = sidecore_vmm::events::EchoConfig {
+    let cfg = sidecore_vmm::scenarios::EchoConfig {
         exit_path,
         count: a.count,
         size: a.size,
@@ -359,7 +359,7 @@ fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     };
 
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let r = sidecore_vmm::events::run_echo(&cfg, |n| {
+    let r = sidecore_vmm::scenarios::run_echo(&cfg, |n| {
         if tty {
             eprint!("\r\x1b[2Kecho: {n} / {} packets", a.count * cfg.vms as u64);
         }

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -18,8 +17,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
-
-use crate::daemon::{Daemon, DaemonError, MetricsSnapshot};
 
 /// Content type of a scrape answer.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -130,6 +127,54 @@ impl EncodeMetric for ConstHistogram {
     }
 }
 
+/// One sidecore, for the metrics endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct CoreSnapshot {
+    /// Its CPU.
+    pub cpu: usize,
+    /// Rings it sweeps.
+    pub rings: u64,
+    /// Requests served.
+    pub served: u64,
+    /// Sweeps.
+    pub sweeps: u64,
+    /// Sweeps that found work.
+    pub busy_sweeps: u64,
+    /// Parked now.
+    pub parked: bool,
+}
+
+/// One attached VM, for the metrics endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct VmSnapshot {
+    /// Daemon's id.
+    pub vm: u64,
+    /// VMM's pid.
+    pub pid: i32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Sidecore CPU.
+    pub sidecore_cpu: usize,
+    /// (op, status, count) of every non-zero counter.
+    pub calls: Vec<(String, String, u64)>,
+    /// Service-time histogram: (upper bound in ns, cumulative count), for
+    /// non-empty buckets, ascending.
+    pub service_buckets: Vec<(f64, u64)>,
+    /// Requests timed.
+    pub service_count: u64,
+    /// Approximate sum of service times, ns.
+    pub service_sum_ns: f64,
+}
+
+/// Everything the metrics endpoint exposes.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    /// Sidecores.
+    pub cores: Vec<CoreSnapshot>,
+    /// VMs.
+    pub vms: Vec<VmSnapshot>,
+}
+
 /// Renders a snapshot as Prometheus text exposition (OpenMetrics text, via
 /// `prometheus_client::encoding::text::encode`, so it ends with `# EOF`).
 ///
@@ -157,7 +202,7 @@ pub fn render(snap: &MetricsSnapshot) -> Result<String, fmt::Error> {
     let vcpus = snap.vms.iter().map(|v| (VmPidLabels { vm: v.vm, pid: v.pid }, ConstGauge::new(v.vcpus))).collect();
     reg.register("sidecore_vm_vcpus", "vCPUs of an attached VM", ConstFamily(vcpus));
 
-    let per_core = |f: fn(&crate::daemon::CoreSnapshot) -> u64| {
+    let per_core = |f: fn(&CoreSnapshot) -> u64| {
         ConstFamily(snap.cores.iter().map(|c| (CpuLabels { cpu: c.cpu }, ConstCounter::new(f(c)))).collect())
     };
     reg.register("sidecore_served_requests", "Requests a sidecore served", per_core(|c| c.served));
@@ -193,7 +238,7 @@ pub fn render(snap: &MetricsSnapshot) -> Result<String, fmt::Error> {
 /// operator chooses) and serves `GET /metrics` and `GET /` from a
 /// background thread named `sidecore-metrics`, one connection at a time.
 ///
-/// Each scrape calls [`Daemon::metrics_snapshot`] and answers `200` with
+/// Each scrape calls `snapshot` and answers `200` with
 /// content type `application/openmetrics-text; version=1.0.0;
 /// charset=utf-8` (`HEAD` gets the headers only). Other paths get `404`,
 /// other methods `405`, and anything malformed, incomplete after 2 s or
@@ -201,25 +246,24 @@ pub fn render(snap: &MetricsSnapshot) -> Result<String, fmt::Error> {
 ///
 /// # Errors
 ///
-/// [`DaemonError::Metrics`] if `addr` cannot be bound or the thread cannot
-/// be started.
-pub fn serve(addr: &str, daemon: Arc<Daemon>) -> Result<(), DaemonError> {
-    let fail = |source| DaemonError::Metrics { addr: addr.to_owned(), source };
-    let listener = TcpListener::bind(addr).map_err(fail)?;
+/// The bind's or the thread's error if `addr` cannot be bound or the thread
+/// cannot be started.
+pub fn serve<F>(addr: &str, snapshot: F) -> io::Result<()>
+where
+    F: Fn() -> MetricsSnapshot + Send + 'static,
+{
+    let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr().map_or_else(|_| addr.to_owned(), |a| a.to_string());
-    std::thread::Builder::new()
-        .name("sidecore-metrics".to_owned())
-        .spawn(move || accept_loop(&listener, &daemon))
-        .map_err(fail)?;
+    std::thread::Builder::new().name("sidecore-metrics".to_owned()).spawn(move || accept_loop(&listener, &snapshot))?;
     tracing::info!(addr = %bound, "serving metrics");
     Ok(())
 }
 
-fn accept_loop(listener: &TcpListener, daemon: &Daemon) {
+fn accept_loop(listener: &TcpListener, snapshot: &dyn Fn() -> MetricsSnapshot) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                if let Err(e) = handle(stream, || render(&daemon.metrics_snapshot())) {
+                if let Err(e) = handle(stream, || render(&snapshot())) {
                     tracing::debug!(error = %e, "metrics connection failed");
                 }
             }
@@ -409,7 +453,6 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::{CoreSnapshot, VmSnapshot};
 
     fn snapshot() -> MetricsSnapshot {
         MetricsSnapshot {

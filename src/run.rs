@@ -16,6 +16,8 @@ use sidecore_core::service::Services;
 use sidecore_core::stats::VmStats;
 use sidecore_core::{Sidecore, SidecoreConfig};
 
+use crate::bench::FloorProbe;
+use crate::devices::DeviceHost;
 use crate::hypercalls::register_vmm_hypercalls;
 use crate::kvm_stats::{StatsSample, VcpuStats};
 use crate::vcpu::{describe_registers, Action, Exit, ExitHandler};
@@ -61,6 +63,9 @@ pub enum RunError {
     /// The packet device or event poster could not be set up.
     #[error("device: {0}")]
     Device(String),
+    /// The VM's device could not be wired in.
+    #[error("wiring the VM's device")]
+    Wire(#[from] crate::devices::WireError),
     /// The idle benchmark rings could not be made.
     #[error("cannot allocate the idle rings: {0}")]
     IdleRings(String),
@@ -118,8 +123,8 @@ pub struct RunOptions {
     /// and print them at the end ([`crate::phases`]).
     pub latency_phases: bool,
     /// A device to wire up: the packet device, or the irq benchmark's
-    /// poster ([`crate::events`]).
-    pub device: Option<crate::events::EventDevice>,
+    /// poster ([`crate::devices`]).
+    pub device: Option<crate::devices::EventDevice>,
 }
 
 impl RunOptions {
@@ -217,6 +222,24 @@ enum SetState {
     Stopped(Vec<RingRef>),
 }
 
+impl DeviceHost for SidecoreSet {
+    fn add_device(&self, dev: Box<dyn sidecore_core::device::Device>) -> Result<(), String> {
+        SidecoreSet::add_device(self, dev).map_err(|e| crate::error_chain(&e))
+    }
+}
+
+impl FloorProbe for SidecoreSet {
+    fn cpus(&self) -> &[usize] {
+        SidecoreSet::cpus(self)
+    }
+    fn floor_block(&self, samples: &mut [u64]) -> bool {
+        SidecoreSet::floor_block(self, samples)
+    }
+    fn set_idle_rings(&self, on: bool) {
+        SidecoreSet::set_idle_rings(self, on);
+    }
+}
+
 impl SidecoreSet {
     /// Starts one sidecore per CPU; ring i goes to sidecore i mod n.
     pub fn start(cpus: Vec<usize>, rings: Vec<RingRef>) -> Result<SidecoreSet, RunError> {
@@ -268,7 +291,7 @@ impl SidecoreSet {
     }
 
     /// Adds a device to sidecore 0 (polled every sweep after its rings).
-    pub fn add_device(&self, dev: Box<dyn sidecore_core::poll::Device>) -> Result<(), RunError> {
+    pub fn add_device(&self, dev: Box<dyn sidecore_core::device::Device>) -> Result<(), RunError> {
         let Ok(st) = self.state.lock() else { return Err(RunError::Device("sidecore set poisoned".into())) };
         match &*st {
             SetState::Running(cores) if !cores.is_empty() => Ok(cores[0].add_device(dev)?),
@@ -327,7 +350,7 @@ fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>, park: Option<Duration>) ->
 }
 
 struct Shared {
-    exit_device: Option<crate::events::ExitPathDevice>,
+    exit_device: Option<crate::devices::ExitPathDevice>,
     services: Arc<Services>,
     exit_stats: Arc<VmStats>,
     sidecores: Option<Arc<SidecoreSet>>,
@@ -384,7 +407,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     // A daemon serves the packet device's posted path too: its socket and
     // vCPU 0's irqfd go along with the attach.
     let (daemon_device, device) = match (opts.attach.is_some(), opts.device) {
-        (true, Some(crate::events::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
+        (true, Some(crate::devices::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
         (_, d) => (None, d),
     };
     let run_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -437,7 +460,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         )?))
     };
     let exit_device = match device {
-        Some(d) => crate::events::wire(d, &vm, sidecores.as_deref())?,
+        Some(d) => crate::devices::wire(d, &vm, sidecores.as_deref().map(|s| s as &dyn DeviceHost))?,
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -585,7 +608,9 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
             Action::Bench => {
                 let gpa = shm_proto::layout::guest_bench_block(vm.layout.free_gpa, vm.boot.nr_vcpus, i);
                 if let Some(b) = &shared.bench {
-                    if let Err(e) = b.on_block(i, &vm.mem, gpa, shared.sidecores.as_deref()) {
+                    if let Err(e) =
+                        b.on_block(i, &vm.mem, gpa, shared.sidecores.as_deref().map(|s| s as &dyn FloorProbe))
+                    {
                         return (VcpuEnd::Fault(e.to_string()), phase_exits);
                     }
                 }

@@ -21,12 +21,12 @@ fn main() {
         std::process::exit(1);
     }
     let t0 = std::time::Instant::now();
-    let c0 = sidecore_core::poll::rdtsc();
+    let c0 = sidecore_core::tsc::rdtsc();
     let mut samples = vec![0u64; n];
     for chunk in samples.chunks_mut(1000) {
         sc.floor_block(chunk);
     }
-    let cycles_per_ns = (sidecore_core::poll::rdtsc() - c0) as f64 / t0.elapsed().as_nanos() as f64;
+    let cycles_per_ns = (sidecore_core::tsc::rdtsc() - c0) as f64 / t0.elapsed().as_nanos() as f64;
     samples.sort_unstable();
     let p50 = samples[n / 2] as f64 / cycles_per_ns;
     let p99 = samples[n * 99 / 100] as f64 / cycles_per_ns;

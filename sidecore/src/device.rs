@@ -6,7 +6,7 @@
 //! one of two modes:
 //!
 //! * [`Delivery::Posted`] — the sidecore calls [`PacketDevice::poll`] every
-//!   sweep (it is a [`crate::poll::Device`]): it sends whatever the guest
+//!   sweep (it is a [`Device`]): it sends whatever the guest
 //!   queued on tx, receives from the socket without blocking, and posts
 //!   [`EV_RX`]; an interrupt only if the vCPU is halted.
 //! * [`Delivery::Interrupt`] — the classic path: a VMM thread blocks on the
@@ -47,6 +47,22 @@ impl Kick {
         // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold
         // open; an eventfd write has no other effect.
         let _ = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Work a sidecore does each sweep besides its rings: a virtual device's
+/// queues. It must not block, log or allocate in `poll`.
+pub trait Device: Send {
+    /// Does what is ready; returns how many items it moved (0 = idle).
+    fn poll(&mut self) -> usize;
+    /// A descriptor that becomes readable when the device has work, for a
+    /// parked sidecore to wait on (beside the guests' doorbells).
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// True once the device's VM is gone: the sidecore drops it.
+    fn done(&self) -> bool {
+        false
     }
 }
 
@@ -137,7 +153,7 @@ pub enum RxOutcome {
     BadDesc,
 }
 
-/// Sweeps [`crate::poll::Device::poll`] leaves the socket alone after
+/// Sweeps [`Device::poll`] leaves the socket alone after
 /// finding it empty: a receive is a system call, while a sweep of the rings
 /// takes tens of nanoseconds, and the rings of every VM on the sidecore
 /// wait for it.
@@ -298,7 +314,7 @@ impl PacketDevice {
     }
 }
 
-impl crate::poll::Device for PacketDevice {
+impl Device for PacketDevice {
     fn poll(&mut self) -> usize {
         if self.control.as_ref().is_some_and(|c| c.paused.load(Ordering::Relaxed)) {
             return 0;

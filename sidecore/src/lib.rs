@@ -3,8 +3,9 @@
 //!
 //! * [`service`]: the service handlers (null, CPUID, the hypercall registry)
 //!   that both the sidecore and the VMM's exit path call.
-//! * [`device`]: posted events (the host half of the halt/wake protocol)
-//!   and the packet device.
+//! * [`device`]: the [`device::Device`] a sidecore polls besides its rings,
+//!   posted events (the host half of the halt/wake protocol) and the packet
+//!   device.
 //! * [`pte`]: validated page-table updates.
 //! * [`cpuid`]: KVM's rules for answering CPUID from a KVM_SET_CPUID2 table.
 //! * [`ring`]: the host side of one vCPU's ring: poll, claim, validate,
@@ -15,6 +16,7 @@
 //! * [`throughput`]: calls per second with synthetic producers, and the
 //!   capacity model.
 //! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
+//! * [`tsc`]: the time-stamp counter the fast path times itself with.
 
 pub mod cpuid;
 pub mod device;
@@ -26,6 +28,7 @@ pub mod ring;
 pub mod service;
 pub mod stats;
 pub mod throughput;
+pub mod tsc;
 
 pub use crate::poll::{Sidecore, SidecoreConfig, SidecoreError};
 pub use crate::ring::{RingRef, SharedRegion, VmControl};

@@ -9,8 +9,10 @@ use std::thread::JoinHandle;
 
 use crossbeam::channel::{self, Receiver, Sender};
 
+use crate::device::Device;
 use crate::pin::{pin_current_thread, PinError};
 use crate::ring::RingRef;
+use crate::tsc::rdtsc;
 
 /// Sweeps between heartbeat stores and command checks.
 pub const HEARTBEAT_SWEEPS: u64 = 1024;
@@ -84,22 +86,6 @@ enum Command {
     AddDevice(Box<dyn Device>),
 }
 
-/// Work a sidecore does each sweep besides its rings: a virtual device's
-/// queues. It must not block, log or allocate in `poll`.
-pub trait Device: Send {
-    /// Does what is ready; returns how many items it moved (0 = idle).
-    fn poll(&mut self) -> usize;
-    /// A descriptor that becomes readable when the device has work, for a
-    /// parked sidecore to wait on (beside the guests' doorbells).
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-    /// True once the device's VM is gone: the sidecore drops it.
-    fn done(&self) -> bool {
-        false
-    }
-}
-
 /// Serve the rings.
 const MODE_SERVE: u8 = 0;
 /// Leave the loop.
@@ -114,16 +100,6 @@ const MODE_PONG: u8 = 2;
 #[derive(Default)]
 pub struct PongLine {
     value: AtomicU64,
-}
-
-/// Reads the TSC, ordered after earlier loads (lfence; rdtsc).
-#[inline(always)]
-pub fn rdtsc() -> u64 {
-    // SAFETY: lfence and rdtsc have no preconditions on x86-64.
-    unsafe {
-        std::arch::x86_64::_mm_lfence();
-        std::arch::x86_64::_rdtsc()
-    }
 }
 
 /// A running sidecore.

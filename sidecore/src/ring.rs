@@ -300,10 +300,10 @@ impl RingRef {
                     slot.publish_reply(ticket, &Body { head: op::encode_status(Status::BadSequence), words: [0; 6] });
                     return true;
                 }
-                let t0 = if self.timed { crate::poll::rdtsc() } else { 0 };
+                let t0 = if self.timed { crate::tsc::rdtsc() } else { 0 };
                 let (status, words) = self.services.dispatch(&self.ctx, req.head, &req.words);
                 if self.timed {
-                    self.stats.record_service(crate::poll::rdtsc().wrapping_sub(t0));
+                    self.stats.record_service(crate::tsc::rdtsc().wrapping_sub(t0));
                 }
                 self.stats.count(op::op_class((req.head & 0xffff) as u16), status);
                 slot.publish_reply(ticket, &Body { head: op::encode_status(status), words });
