@@ -5,7 +5,6 @@
 //! blocks, and reports percentiles and ratios measured in the same run.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
@@ -79,18 +78,38 @@ pub struct BenchCollector {
     /// The floor measured beside each host-timed op.
     host_floor: Mutex<BTreeMap<String, Series>>,
     tsc_khz: u64,
-    progress: bool,
+    progress: Option<ProgressFn>,
 }
 
+/// One block taken, for a progress display: vCPU, op, path label (with
+/// `+Ridle` for blocks with idle rings), samples in the series so far, and
+/// samples in this block.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockProgress<'a> {
+    /// The vCPU that timed it.
+    pub vcpu: u32,
+    /// Its op.
+    pub op: BenchOp,
+    /// Its path's label.
+    pub label: &'a str,
+    /// Samples of the series so far.
+    pub total: u64,
+    /// Samples of this block.
+    pub block: u64,
+}
+
+/// Called after each block (on the vCPU's thread).
+pub type ProgressFn = Box<dyn Fn(BlockProgress<'_>) + Send + Sync>;
+
 impl BenchCollector {
-    /// A collector; `progress` prints a line on stderr per block.
-    pub fn new(tsc_khz: u64, progress: bool) -> BenchCollector {
+    /// A collector; `progress` is told of every block.
+    pub fn new(tsc_khz: u64, progress: Option<ProgressFn>) -> BenchCollector {
         BenchCollector::with_options(tsc_khz, progress, false, 0)
     }
 
     /// A collector that also keeps per-vCPU series, and alternates sidecall
     /// blocks with and without `idle_rings` idle rings in the sweep.
-    pub fn with_options(tsc_khz: u64, progress: bool, per_vcpu: bool, idle_rings: u32) -> BenchCollector {
+    pub fn with_options(tsc_khz: u64, progress: Option<ProgressFn>, per_vcpu: bool, idle_rings: u32) -> BenchCollector {
         BenchCollector {
             series: Mutex::new(BTreeMap::new()),
             per_vcpu,
@@ -223,15 +242,8 @@ impl BenchCollector {
                 }
             }
         }
-        if self.progress {
-            let mut e = std::io::stderr().lock();
-            if e.is_terminal() {
-                let _ = write!(e, "\r\x1b[2Kbench: vCPU {vcpu}: {} / {label}: {total} samples", op.name());
-            } else if total == n as u64 {
-                // Not a terminal (a log): one line per series, not per block.
-                let _ = writeln!(e, "bench: vCPU {vcpu}: {} / {label} ...", op.name());
-            }
-            let _ = e.flush();
+        if let Some(p) = &self.progress {
+            p(BlockProgress { vcpu, op, label: &label, total, block: n as u64 });
         }
         Ok(())
     }
@@ -608,7 +620,7 @@ mod tests {
     #[test]
     fn collector_reads_blocks_and_refuses_bad_ones() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let c = BenchCollector::new(1_000_000, false); // 1 GHz: 1 cycle = 1 ns
+        let c = BenchCollector::new(1_000_000, None); // 1 GHz: 1 cycle = 1 ns
         let gpa = 0x1_0000;
         for (off, v) in [(0u64, 0u32), (4, 2), (8, 3), (12, 1)] {
             mem.write_obj(v, GuestAddress(gpa + off)).unwrap();

@@ -747,8 +747,9 @@ pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> 
     Ok((pool_pages, host_len))
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run_daemon(cfg: &DaemonConfig) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGTERM or SIGINT; `listening` is called once the
+/// socket accepts connections.
+pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
     if cfg.socket.exists() {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(DaemonError::InUse(cfg.socket.clone()));
@@ -783,11 +784,7 @@ pub fn run_daemon(cfg: &DaemonConfig) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Metrics { addr: addr.clone(), source })?;
     }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
-    eprintln!(
-        "sidecore daemon: listening on {} with sidecores on CPU {}",
-        cfg.socket.display(),
-        crate::host::format_cpu_list(&cfg.cores)
-    );
+    listening(cfg);
     while !daemon.stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -808,7 +805,6 @@ pub fn run_daemon(cfg: &DaemonConfig) -> Result<(), DaemonError> {
         daemon.detach(id);
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    eprintln!("sidecore daemon: stopped");
     Ok(())
 }
 

@@ -147,15 +147,10 @@ pub fn gather() -> Result<HostInfo, Box<dyn std::error::Error>> {
     })
 }
 
-/// `sidecore info [--json]`.
-pub fn cmd_info(json: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let i = gather()?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&i)?);
-        return Ok(());
-    }
-    println!(
-        "backend          {}{}",
+/// The report as `sidecore info` prints it, one fact per line.
+pub fn text(i: &HostInfo) -> String {
+    let mut s = format!(
+        "backend          {}{}\n",
         i.backend,
         match i.pvm_signature_ok {
             Some(true) => " (PVM signature MSR confirmed)",
@@ -163,18 +158,18 @@ pub fn cmd_info(json: bool) -> Result<(), Box<dyn std::error::Error>> {
             None => "",
         }
     );
-    println!("KVM API version  {}", i.kvm_api_version);
-    println!("online CPUs      {}", host::format_cpu_list(&i.online_cpus));
-    println!(
-        "isolated CPUs    {}",
+    s += &format!("KVM API version  {}\n", i.kvm_api_version);
+    s += &format!("online CPUs      {}\n", host::format_cpu_list(&i.online_cpus));
+    s += &format!(
+        "isolated CPUs    {}\n",
         if i.isolated_cpus.is_empty() { "none".into() } else { host::format_cpu_list(&i.isolated_cpus) }
     );
-    println!("TSC              {} kHz (from {})", i.tsc_khz, i.tsc_source);
-    println!("guest native     {}", i.execution.describe());
+    s += &format!("TSC              {} kHz (from {})\n", i.tsc_khz, i.tsc_source);
+    s += &format!("guest native     {}\n", i.execution.describe());
     for n in &i.notes {
-        println!("note: {n}");
+        s += &format!("note: {n}\n");
     }
-    Ok(())
+    s
 }
 
 #[cfg(test)]

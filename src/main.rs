@@ -167,6 +167,32 @@ struct BenchArgs {
     throughput: bool,
 }
 
+/// The bench's progress on stderr: one updating line on a terminal, one
+/// line per series in a log.
+fn bench_progress() -> sidecore_vmm::bench::ProgressFn {
+    use std::io::{IsTerminal, Write};
+    Box::new(|p: sidecore_vmm::bench::BlockProgress<'_>| {
+        let mut e = std::io::stderr().lock();
+        let (vcpu, op, label, total) = (p.vcpu, p.op.name(), p.label, p.total);
+        if e.is_terminal() {
+            let _ = write!(e, "\r\x1b[2Kbench: vCPU {vcpu}: {op} / {label}: {total} samples");
+        } else if total == p.block {
+            let _ = writeln!(e, "bench: vCPU {vcpu}: {op} / {label} ...");
+        }
+        let _ = e.flush();
+    })
+}
+
+fn cmd_info(json: bool) -> Result<ExitCode, String> {
+    let i = sidecore_vmm::info::gather().map_err(|e| error_chain(&*e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&i).map_err(|e| format!("writing the JSON: {e}"))?);
+    } else {
+        print!("{}", sidecore_vmm::info::text(&i));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     use sidecore_core::throughput::{capacity, measure, sweep_cost_per_ring};
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
@@ -260,7 +286,15 @@ fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
         group: a.group,
         metrics: a.metrics,
     };
-    sidecore_vmm::daemon::run_daemon(&cfg).map_err(|e| error_chain(&e))?;
+    let listening = |cfg: &sidecore_vmm::daemon::DaemonConfig| {
+        eprintln!(
+            "sidecore daemon: listening on {} with sidecores on CPU {}",
+            cfg.socket.display(),
+            sidecore_vmm::host::format_cpu_list(&cfg.cores)
+        );
+    };
+    sidecore_vmm::daemon::run_daemon(&cfg, listening).map_err(|e| error_chain(&e))?;
+    eprintln!("sidecore daemon: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -469,7 +503,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     }
     let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::with_options(
         tsc.khz,
-        true,
+        Some(bench_progress()),
         a.vcpus > 1,
         a.idle_rings,
     ));
@@ -644,7 +678,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     let bench = matches!(workload, Workload::Bench | Workload::Pagefault).then(|| {
         let khz =
             sidecore_vmm::host::open_kvm().ok().and_then(|k| sidecore_vmm::host::tsc_khz(&k).ok()).map_or(1, |t| t.khz);
-        std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::new(khz, true))
+        std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::new(khz, Some(bench_progress())))
     });
     let opts = RunOptions {
         spec: VmSpec {
@@ -729,9 +763,7 @@ fn main() -> ExitCode {
         Command::Daemon(a) => cmd_daemon(a),
         Command::Status(a) => cmd_status(a),
         Command::Echo(a) => cmd_echo(a),
-        Command::Info(a) => {
-            sidecore_vmm::info::cmd_info(a.json).map(|()| ExitCode::SUCCESS).map_err(|e| error_chain(&*e))
-        }
+        Command::Info(a) => cmd_info(a.json),
     };
     match r {
         Ok(c) => c,
