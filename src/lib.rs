@@ -1,24 +1,21 @@
-//! The Sidecore VMM: command line, VM construction, vCPU loop and exit
-//! handling, backend detection. The service core itself is the
-//! `sidecore-core` crate; the ABI is `shm-proto`.
+//! The Sidecore VMM. Each folder uses only those listed after it:
+//!
+//! * [`scenarios`]: whole-VM runs (echo, irq, the native-execution probe).
+//! * [`vmm`]: one VM's life: construction, the vCPU loop and its exit
+//!   path, its devices and its sidecores; the loader of the guest image.
+//! * [`daemon`]: one process whose sidecores serve many VMs, its client
+//!   (`run --attach`) and its metrics endpoint.
+//! * [`bench`]: measuring: the block collector, the floor, reports, plots.
+//! * [`host`]: facts about the host: backend, CPUs, TSC; memfd mappings.
+//!
+//! The service core is the `sidecore-core` crate (folder `sidecore/`), the
+//! ABI `shm-proto`; the command line is `main.rs` and `cli/`.
 
 pub mod bench;
 pub mod daemon;
-pub mod devices;
-pub mod elf;
 pub mod host;
-pub mod hypercalls;
-pub mod info;
-pub mod kvm_stats;
-pub mod memfd;
-pub mod metrics;
-pub mod pagetable;
-pub mod phases;
-pub mod plot;
-pub mod run;
 pub mod scenarios;
-pub mod vcpu;
-pub mod vm;
+pub mod vmm;
 
 /// The bundled guest-agent ELF, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(env!("SIDECORE_GUEST_ELF"));

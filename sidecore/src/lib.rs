@@ -7,6 +7,8 @@
 //!   posted events (the host half of the halt/wake protocol) and the packet
 //!   device.
 //! * [`pte`]: validated page-table updates.
+//! * [`hypercalls`]: the hypercalls every VMM registers (the VMM and the
+//!   daemon both serve them).
 //! * [`cpuid`]: KVM's rules for answering CPUID from a KVM_SET_CPUID2 table.
 //! * [`ring`]: the host side of one vCPU's ring: poll, claim, validate,
 //!   dispatch, reply.
@@ -21,6 +23,7 @@
 pub mod cpuid;
 pub mod device;
 pub mod hostmem;
+pub mod hypercalls;
 pub mod pin;
 pub mod poll;
 pub mod pte;

@@ -6,8 +6,8 @@ use serde::Serialize;
 use shm_proto::boot::Workload;
 
 use crate::host;
-use crate::run::{self, ConsoleSink, RunOptions};
-use crate::vm::VmSpec;
+use crate::vmm::vm::VmSpec;
+use crate::vmm::{self, ConsoleSink, RunOptions};
 
 /// Iterations of the native-execution probe: ~30 µs when native, ~0.2 s
 /// when every instruction is emulated.
@@ -100,7 +100,7 @@ pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let mut args = [0u64; 8];
     args[0] = PROBE_ITERS;
-    let report = run::run(RunOptions {
+    let report = vmm::run(RunOptions {
         console: ConsoleSink::Capture(buf.clone()),
         ..RunOptions::new(VmSpec { sidecall_timeout_us: 1000, ..VmSpec::bundled(Workload::Spin, 1, 16, args) })
     })?;

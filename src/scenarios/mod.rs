@@ -2,6 +2,8 @@
 //! echo run (`sidecore echo`, `sidecore bench --ops echo`), and the `irq`
 //! benchmark's run (`sidecore bench --ops irq`).
 
+pub mod info;
+
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use shm_proto::event::PKT_STOP;
 use sidecore_core::tsc::rdtsc;
 
-use crate::devices::{xorshift, EventDevice, IrqBenchState};
+use crate::vmm::devices::{xorshift, EventDevice, IrqBenchState};
 
 /// How long the closed loop waits for one packet's echo before it counts the
 /// packet lost: far past any round trip (a missed wake-up never recovers by
@@ -305,17 +307,17 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
             .map_err(|e| format!("cannot bind the device's UDP socket on 127.0.0.1: {e}"))?;
         let target = socket.local_addr().map_err(|e| format!("device socket: {e}"))?;
         let buf = Arc::new(Mutex::new(Vec::new()));
-        let opts = crate::run::RunOptions {
+        let opts = crate::vmm::RunOptions {
             vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
             sidecore_cpus: if cfg.exit_path || attach.is_some() { Vec::new() } else { vec![cfg.sidecore_cpu] },
-            console: crate::run::ConsoleSink::Capture(buf.clone()),
+            console: crate::vmm::ConsoleSink::Capture(buf.clone()),
             attach: attach.clone(),
             device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
-            ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
+            ..crate::vmm::RunOptions::new(crate::vmm::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
         };
         let vm = std::thread::Builder::new()
             .name(format!("echo-vm{i}"))
-            .spawn(move || crate::run::run(opts))
+            .spawn(move || crate::vmm::run(opts))
             .map_err(|e| format!("cannot start the VM thread: {e}"))?;
         let lg = Arc::new(LoadGen::new(target).map_err(|e| format!("load generator socket: {e}"))?);
         guests.push((vm, buf, lg));
@@ -442,14 +444,14 @@ pub fn run_irq(
     args[0] = n as u64;
     args[1] = 10_000;
     args[2] = u64::from(exit_path);
-    let opts = crate::run::RunOptions {
+    let opts = crate::vmm::RunOptions {
         vcpu_cpus: Some(vec![vcpu_cpu]),
         sidecore_cpus: vec![sidecore_cpu],
-        console: crate::run::ConsoleSink::Capture(buf.clone()),
+        console: crate::vmm::ConsoleSink::Capture(buf.clone()),
         device: Some(EventDevice::IrqBench { state: state.clone(), exit_path }),
-        ..crate::run::RunOptions::new(crate::vm::VmSpec::bundled(shm_proto::boot::Workload::Irq, 1, 64, args))
+        ..crate::vmm::RunOptions::new(crate::vmm::vm::VmSpec::bundled(shm_proto::boot::Workload::Irq, 1, 64, args))
     };
-    let report = crate::run::run(opts).map_err(|e| crate::error_chain(&e))?;
+    let report = crate::vmm::run(opts).map_err(|e| crate::error_chain(&e))?;
     let out = String::from_utf8_lossy(&buf.lock().map(|g| g.clone()).unwrap_or_default()).into_owned();
     if report.exit_code() != 0 {
         return Err(format!("the irq guest failed ({:?}); its console:\n{out}", report.ends));

@@ -23,9 +23,9 @@ use sidecore_core::hostmem::HostShared;
 use sidecore_core::ring::SharedRegion;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::elf::{self, ElfLimits, LoadedImage};
 use crate::host::{self, BackendInfo};
-use crate::pagetable::{PageTables, PtPool, PTE_NX, PTE_RW};
+use crate::vmm::loader::elf::{self, ElfLimits, LoadedImage};
+use crate::vmm::loader::pagetable::{PageTables, PtPool, PTE_NX, PTE_RW};
 
 /// PVM: the VIF area MSR (this fork).
 pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
@@ -108,7 +108,7 @@ pub enum VmError {
     },
     /// Building the page tables failed.
     #[error("cannot build the guest's page tables")]
-    PageTables(#[source] crate::pagetable::PageTableError),
+    PageTables(#[source] crate::vmm::loader::pagetable::PageTableError),
     /// Writing guest memory failed.
     #[error("cannot write the {0} into guest memory")]
     GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
@@ -146,7 +146,7 @@ pub enum VmError {
     Doorbell(#[source] std::io::Error),
     /// A memfd could not be made.
     #[error(transparent)]
-    Memfd(crate::memfd::MemfdError),
+    Memfd(crate::host::memfd::MemfdError),
     /// The host-shared block could not be made.
     #[error("host-shared state")]
     HostShared(#[source] sidecore_core::hostmem::HostSharedError),
@@ -279,7 +279,7 @@ pub struct Vm {
 fn guest_memory(ram: u64) -> Result<(GuestMemoryMmap, File), VmError> {
     let size = usize::try_from(ram)
         .map_err(|_| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let file = crate::memfd::create(c"sidecore-guest", ram).map_err(VmError::Memfd)?;
+    let file = crate::host::memfd::create(c"sidecore-guest", ram).map_err(VmError::Memfd)?;
     let keep = file.try_clone().map_err(|e| VmError::Memory(ram, e))?;
     let region = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(VmError::MemoryMap)?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
@@ -294,8 +294,8 @@ fn host_shared(pool_pages: usize, shareable: bool) -> Result<(Arc<HostShared>, O
         return Ok((HostShared::alloc(pool_pages).map_err(VmError::HostShared)?, None));
     }
     let size = HostShared::size(pool_pages);
-    let file = crate::memfd::create(c"sidecore-host", size as u64).map_err(VmError::Memfd)?;
-    let map = crate::memfd::Mapping::new(&file, 0, size).map_err(VmError::Memfd)?;
+    let file = crate::host::memfd::create(c"sidecore-host", size as u64).map_err(VmError::Memfd)?;
+    let map = crate::host::memfd::Mapping::new(&file, 0, size).map_err(VmError::Memfd)?;
     let ptr = map.ptr();
     // SAFETY: the mapping is `size` bytes, page aligned, and stays mapped as
     // long as its owner (the Mapping) lives inside the HostShared.
@@ -887,10 +887,10 @@ mod tests {
     #[test]
     fn hardware_backends_walk_tables_in_writable_memory_and_trap_through_the_alias() {
         let l = compute_layout(64 << 20, 0x21_0000, 1).unwrap();
-        let image = crate::elf::LoadedImage {
+        let image = crate::vmm::loader::elf::LoadedImage {
             entry: 0x20_0000,
             image_end: 0x21_0000,
-            segments: vec![crate::elf::Segment {
+            segments: vec![crate::vmm::loader::elf::Segment {
                 gpa: 0x20_0000,
                 mem_size: 0x1_0000,
                 writable: false,

@@ -3,6 +3,8 @@
 //! frequency. Everything that can be decided without KVM is a pure function
 //! so that the hardware-KVM paths are unit-tested on the PVM machines too.
 
+pub mod memfd;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,9 @@
 //! threads on the same two CPUs) in blocks interleaved with the sidecall
 //! blocks, and reports percentiles and ratios measured in the same run.
 
+pub mod phases;
+pub mod plot;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -424,7 +427,7 @@ pub struct ReportHeader {
     pub sidecore_cpu: usize,
     /// Whether guests ran natively, so that the figures mean something.
     pub timing_representative: bool,
-    /// How guests executed ([`crate::info::Execution::describe`]).
+    /// How guests executed ([`crate::scenarios::info::Execution::describe`]).
     pub execution: String,
 }
 

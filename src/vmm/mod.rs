@@ -2,6 +2,12 @@
 //! thread per vCPU, prints the guest's console, and collects each vCPU's
 //! exit status.
 
+pub mod devices;
+pub mod kvm_stats;
+pub mod loader;
+pub mod vcpu;
+pub mod vm;
+
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -17,11 +23,11 @@ use sidecore_core::stats::VmStats;
 use sidecore_core::{Sidecore, SidecoreConfig};
 
 use crate::bench::FloorProbe;
-use crate::devices::DeviceHost;
-use crate::hypercalls::register_vmm_hypercalls;
-use crate::kvm_stats::{StatsSample, VcpuStats};
-use crate::vcpu::{describe_registers, Action, Exit, ExitHandler};
-use crate::vm::{Vm, VmError, VmSpec};
+use crate::vmm::devices::DeviceHost;
+use crate::vmm::kvm_stats::{StatsSample, VcpuStats};
+use crate::vmm::vcpu::{describe_registers, Action, Exit, ExitHandler};
+use crate::vmm::vm::{Vm, VmError, VmSpec};
+use sidecore_core::hypercalls::register_vmm_hypercalls;
 
 /// Running the VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +71,7 @@ pub enum RunError {
     Device(String),
     /// The VM's device could not be wired in.
     #[error("wiring the VM's device")]
-    Wire(#[from] crate::devices::WireError),
+    Wire(#[from] crate::vmm::devices::WireError),
     /// The idle benchmark rings could not be made.
     #[error("cannot allocate the idle rings: {0}")]
     IdleRings(String),
@@ -120,11 +126,11 @@ pub struct RunOptions {
     /// Park this VM's own sidecores after this long idle (`None`: spin).
     pub idle_park: Option<Duration>,
     /// Split the guest's call latencies into conditions A/B at each SIGUSR1
-    /// and print them at the end ([`crate::phases`]).
+    /// and print them at the end ([`crate::bench::phases`]).
     pub latency_phases: bool,
     /// A device to wire up: the packet device, or the irq benchmark's
-    /// poster ([`crate::devices`]).
-    pub device: Option<crate::devices::EventDevice>,
+    /// poster ([`crate::vmm::devices`]).
+    pub device: Option<crate::vmm::devices::EventDevice>,
 }
 
 impl RunOptions {
@@ -350,7 +356,7 @@ fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>, park: Option<Duration>) ->
 }
 
 struct Shared {
-    exit_device: Option<crate::devices::ExitPathDevice>,
+    exit_device: Option<crate::vmm::devices::ExitPathDevice>,
     services: Arc<Services>,
     exit_stats: Arc<VmStats>,
     sidecores: Option<Arc<SidecoreSet>>,
@@ -400,14 +406,14 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     // Before attaching: a script that waits for the attachment may signal
     // as soon as it sees it.
     let phases = if opts.latency_phases {
-        Some(crate::phases::PhaseSignal::install(vm.region.clone()).map_err(RunError::PhaseSignal)?)
+        Some(crate::bench::phases::PhaseSignal::install(vm.region.clone()).map_err(RunError::PhaseSignal)?)
     } else {
         None
     };
     // A daemon serves the packet device's posted path too: its socket and
     // vCPU 0's irqfd go along with the attach.
     let (daemon_device, device) = match (opts.attach.is_some(), opts.device) {
-        (true, Some(crate::devices::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
+        (true, Some(crate::vmm::devices::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
         (_, d) => (None, d),
     };
     let run_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -460,7 +466,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         )?))
     };
     let exit_device = match device {
-        Some(d) => crate::devices::wire(d, &vm, sidecores.as_deref().map(|s| s as &dyn DeviceHost))?,
+        Some(d) => crate::vmm::devices::wire(d, &vm, sidecores.as_deref().map(|s| s as &dyn DeviceHost))?,
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -510,7 +516,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     }
     if let Some(p) = phases {
         let mut c = shared.console.clone();
-        let _ = c.write_all(crate::phases::report(&p.finish(), vm.tsc_khz).as_bytes());
+        let _ = c.write_all(crate::bench::phases::report(&p.finish(), vm.tsc_khz).as_bytes());
     }
     Ok(RunReport {
         ends,

@@ -12,7 +12,7 @@ use sidecore_core::device::{post, Delivery, Device, GuestWindow, Kick, PacketDev
 use sidecore_core::tsc::rdtsc;
 use sidecore_core::SharedRegion;
 
-use crate::vm::Vm;
+use crate::vmm::vm::Vm;
 
 /// Where a device that a sidecore polls is handed over (the VMM's set of
 /// sidecores).

@@ -4,9 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::hostmem::HostShared;
+use crate::service::{RegistryError, Services};
 use shm_proto::op::{Status, HC_COUNTER_ADD, HC_MIX, HC_MONOTONIC_NS, WORDS};
-use sidecore_core::hostmem::HostShared;
-use sidecore_core::service::{RegistryError, Services};
 
 /// Host CLOCK_MONOTONIC in ns.
 pub fn monotonic_ns() -> u64 {
@@ -43,8 +43,8 @@ pub fn register_vmm_hypercalls(s: &mut Services, host: Arc<HostShared>) -> Resul
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
+    use crate::service::CallCtx;
     use shm_proto::op::encode_head;
-    use sidecore_core::service::CallCtx;
 
     #[test]
     fn vmm_hypercalls_answer() {

@@ -18,6 +18,8 @@
 //! Errors are `{"ok":false,"error":"..."}`, after which the connection is
 //! closed; the daemon lives on.
 
+pub mod metrics;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,9 +41,9 @@ use sidecore_core::stats::VmStats;
 use sidecore_core::{RingRef, Services, SharedRegion, Sidecore, SidecoreConfig, VmControl};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::hypercalls::register_vmm_hypercalls;
-use crate::memfd::Mapping;
-use crate::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
+use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
+use crate::host::memfd::Mapping;
+use sidecore_core::hypercalls::register_vmm_hypercalls;
 
 /// Largest request line.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -780,7 +782,7 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     }
     if let Some(addr) = &cfg.metrics {
         let d = daemon.clone();
-        crate::metrics::serve(addr, move || d.metrics_snapshot())
+        crate::daemon::metrics::serve(addr, move || d.metrics_snapshot())
             .map_err(|source| DaemonError::Metrics { addr: addr.clone(), source })?;
     }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;

@@ -1,0 +1,44 @@
+//! `sidecore daemon` and `sidecore status`.
+
+use std::process::ExitCode;
+
+use sidecore_vmm::error_chain;
+use sidecore_vmm::vmm;
+
+use crate::{DaemonArgs, StatusArgs};
+
+pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
+    let cores = sidecore_vmm::host::parse_cpu_list(&a.cores).map_err(|e| format!("--cores: {e}"))?;
+    if cores.is_empty() {
+        return Err("--cores: the list is empty".into());
+    }
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    vmm::check_online("--cores", &cores, &online).map_err(|e| error_chain(&e))?;
+    let cfg = sidecore_vmm::daemon::DaemonConfig {
+        socket: a.socket,
+        cores,
+        idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
+        group: a.group,
+        metrics: a.metrics,
+    };
+    let listening = |cfg: &sidecore_vmm::daemon::DaemonConfig| {
+        eprintln!(
+            "sidecore daemon: listening on {} with sidecores on CPU {}",
+            cfg.socket.display(),
+            sidecore_vmm::host::format_cpu_list(&cfg.cores)
+        );
+    };
+    sidecore_vmm::daemon::run_daemon(&cfg, listening).map_err(|e| error_chain(&e))?;
+    eprintln!("sidecore daemon: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
+    let v = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", sidecore_vmm::daemon::format_status(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
