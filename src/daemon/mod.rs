@@ -18,7 +18,17 @@
 //! Errors are `{"ok":false,"error":"..."}`, after which the connection is
 //! closed; the daemon lives on.
 
+mod attach;
+pub mod client;
 pub mod metrics;
+pub mod protocol;
+mod transport;
+
+pub use attach::validate_attach;
+use attach::*;
+pub use client::{format_status, query_status, Attachment};
+pub use protocol::{AttachRequest, Request, MAX_MESSAGE};
+use transport::*;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -44,9 +54,6 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 use crate::host::memfd::Mapping;
 use sidecore_core::hypercalls::register_vmm_hypercalls;
-
-/// Largest request line.
-pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Starting the daemon or talking to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,53 +111,6 @@ pub enum DaemonError {
     },
 }
 
-/// A request on the control socket.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Attach a VM (two fds come with it).
-    Attach(AttachRequest),
-    /// Stop serving this connection's VM.
-    Pause,
-    /// Serve it again.
-    Resume,
-    /// Report.
-    Status,
-}
-
-/// What a VMM tells the daemon about its VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AttachRequest {
-    /// vCPUs (rings).
-    pub vcpus: u32,
-    /// `pvm`, `vmx` or `svm`.
-    pub backend: String,
-    /// Guest RAM size (the guest memfd's size).
-    pub ram_size: u64,
-    /// Shared region GPA (= offset in the guest memfd).
-    pub shared_gpa: u64,
-    /// Shared region size.
-    pub shared_size: u64,
-    /// Page-table pool GPA.
-    pub pool_gpa: u64,
-    /// Page-table pool size.
-    pub pool_size: u64,
-    /// Image start.
-    pub image_gpa: u64,
-    /// Image end.
-    pub image_end: u64,
-    /// First byte of free RAM.
-    pub free_gpa: u64,
-    /// Per vCPU: its CPUID table as `[function, index, flags, eax, ebx, ecx, edx]`.
-    pub cpuid: Vec<Vec<[u32; 7]>>,
-    /// Serve vCPU 0's packet device too: the message then carries two more
-    /// fds, the device's UDP socket and vCPU 0's irqfd (an eventfd), and the
-    /// daemon maps the free RAM (`free_gpa` ..`ram_size`) for its buffers.
-    #[serde(default)]
-    pub packet_device: bool,
-}
-
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -190,120 +150,6 @@ pub struct Daemon {
     /// The TSC rate in GHz, read once at start: reading it takes a VM and a
     /// vCPU, which status requests and scrapes must not create.
     tsc_ghz: f64,
-}
-
-fn reply_err(stream: &mut UnixStream, msg: &str) {
-    let _ = writeln!(stream, "{}", serde_json::json!({"ok": false, "error": msg}));
-}
-
-fn peer_cred(stream: &UnixStream) -> Option<libc::ucred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(cred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred)
-}
-
-fn group_gid(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam takes a NUL-terminated name and returns a pointer to
-    // static storage or null; we read one field right away.
-    let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null g points at a valid group struct.
-    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
-}
-
-/// Reads one line of at most [`MAX_MESSAGE`] bytes; `Ok(None)` at EOF.
-fn read_line(r: &mut BufReader<UnixStream>) -> Result<Option<String>, String> {
-    let mut buf = Vec::new();
-    let n = r.by_ref().take(MAX_MESSAGE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| e.to_string())?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.len() > MAX_MESSAGE {
-        return Err(format!("message longer than {MAX_MESSAGE} bytes"));
-    }
-    String::from_utf8(buf).map(Some).map_err(|_| "message is not UTF-8".into())
-}
-
-/// The packet device of an attaching VM: its UDP socket (checked to be
-/// one), vCPU 0's irqfd (checked to be an eventfd), and a mapping of the
-/// guest's free RAM for the buffers.
-fn packet_device(
-    req: &AttachRequest,
-    guest: &File,
-    guest_size: u64,
-    sock: &File,
-    irq: &File,
-    region: Arc<SharedRegion>,
-    control: Arc<VmControl>,
-) -> Result<sidecore_core::device::PacketDevice, String> {
-    use std::os::fd::OwnedFd;
-    let is_eventfd = std::fs::read_link(format!("/proc/self/fd/{}", irq.as_raw_fd()))
-        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]");
-    if !is_eventfd {
-        return Err("packet_device: the fifth fd is not an eventfd (vCPU 0's irqfd)".into());
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || ty != libc::SOCK_DGRAM {
-        return Err("packet_device: the fourth fd is not a datagram socket".into());
-    }
-    if !req.free_gpa.is_multiple_of(4096) || req.free_gpa >= req.ram_size.min(guest_size) {
-        return Err("packet_device: free RAM is empty or misaligned".into());
-    }
-    let len = req.ram_size.min(guest_size) - req.free_gpa;
-    let map = Mapping::new(guest, req.free_gpa, usize::try_from(len).map_err(|_| "free RAM too large")?)
-        .map_err(|e| e.to_string())?;
-    let base = map.ptr();
-    // SAFETY: the mapping is `len` bytes of the guest memfd from free_gpa and
-    // lives as long as its owner, which the window holds.
-    let window = unsafe { sidecore_core::device::GuestWindow::new(base, req.free_gpa, len, Arc::new(map)) };
-    let socket = std::net::UdpSocket::from(OwnedFd::from(sock.try_clone().map_err(|e| format!("socket fd: {e}"))?));
-    let kick =
-        sidecore_core::device::Kick::new(Arc::new(OwnedFd::from(irq.try_clone().map_err(|e| format!("irqfd: {e}"))?)));
-    let mut dev = sidecore_core::device::PacketDevice::new(
-        region,
-        0,
-        window,
-        socket,
-        sidecore_core::device::Delivery::Posted(Some(kick)),
-    )
-    .map_err(|e| format!("packet_device: {e}"))?;
-    dev.set_control(control);
-    Ok(dev)
-}
-
-/// Receives the first message of a connection, with any fds passed along.
-fn recv_first(stream: &UnixStream) -> Result<(Vec<u8>, Vec<File>), String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut fds: [RawFd; 5] = [-1; 5];
-    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-    // SAFETY: the iovec points at `buf`, which lives across the call and may
-    // take any bytes.
-    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| format!("recvmsg: {e}"))?;
-    // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
-    let files = fds[..nfds.min(5)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }).collect();
-    buf.truncate(n);
-    Ok((buf, files))
 }
 
 impl Daemon {
@@ -709,46 +555,6 @@ fn tsc_f64(v: u64) -> f64 {
     f
 }
 
-/// Checks an attach request against the sizes of the two memfds that came
-/// with it; returns the pool's page count and the host block's length.
-/// Everything here comes from another process and is treated as hostile.
-pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> Result<(usize, usize), String> {
-    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(format!("vcpus {} out of range 1..={MAX_VCPUS}", req.vcpus));
-    }
-    if req.cpuid.len() != req.vcpus as usize {
-        return Err(format!("{} CPUID tables for {} vCPUs", req.cpuid.len(), req.vcpus));
-    }
-    if req.cpuid.iter().any(|t| t.len() > 4096) {
-        return Err("a CPUID table has more than 4096 entries".into());
-    }
-    let inside = |gpa: u64, len: u64| {
-        gpa.checked_add(len).is_some_and(|e| e <= req.ram_size) && gpa.is_multiple_of(4096) && len > 0
-    };
-    if req.ram_size > guest_size {
-        return Err(format!("ram_size {:#x} exceeds the guest memfd ({guest_size:#x} bytes)", req.ram_size));
-    }
-    if !inside(req.shared_gpa, req.shared_size) || req.shared_size < region_size(req.vcpus) {
-        return Err("shared region outside RAM, misaligned or too small".into());
-    }
-    if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
-        return Err("page-table pool outside RAM or misaligned".into());
-    }
-    let overlap = req.shared_gpa < req.pool_gpa + req.pool_size && req.pool_gpa < req.shared_gpa + req.shared_size;
-    if overlap {
-        return Err("shared region overlaps the page-table pool".into());
-    }
-    if req.image_gpa > req.image_end || req.image_end > req.ram_size || req.free_gpa > req.ram_size {
-        return Err("image or free RAM range outside RAM".into());
-    }
-    let pool_pages = usize::try_from(req.pool_size / 4096).map_err(|_| "pool too large")?;
-    let host_len = HostShared::size(pool_pages);
-    if host_size < host_len as u64 {
-        return Err("host-state memfd too small".into());
-    }
-    Ok((pool_pages, host_len))
-}
-
 /// Runs the daemon until SIGTERM or SIGINT; `listening` is called once the
 /// socket accepts connections.
 pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
@@ -808,183 +614,6 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
-}
-
-/// A VMM's connection to the daemon, kept open while its VM runs.
-pub struct Attachment {
-    stream: Mutex<UnixStream>,
-    reader: Mutex<BufReader<UnixStream>>,
-    /// The daemon's id for the VM.
-    pub vm: u64,
-    /// The CPU of the sidecore serving it.
-    pub sidecore_cpu: Option<usize>,
-}
-
-fn call(
-    stream: &mut UnixStream,
-    reader: &mut BufReader<UnixStream>,
-    req: &Request,
-) -> Result<serde_json::Value, DaemonError> {
-    let line = serde_json::to_string(req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
-    writeln!(stream, "{line}").map_err(|e| DaemonError::Protocol(e.to_string()))?;
-    let reply = read_line(reader)
-        .map_err(DaemonError::Protocol)?
-        .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("error").to_string()));
-    }
-    Ok(v)
-}
-
-impl Attachment {
-    /// Attaches a VM: sends the layout and CPUID tables with the two memfds,
-    /// the doorbell, and `extra` fds (the packet device's socket and irqfd
-    /// when the request asks for it).
-    pub fn attach(
-        socket: &Path,
-        req: AttachRequest,
-        guest: &File,
-        host: &File,
-        doorbell: &std::os::fd::OwnedFd,
-        extra: &[RawFd],
-    ) -> Result<Attachment, DaemonError> {
-        let stream = UnixStream::connect(socket)
-            .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
-        let mut line = serde_json::to_vec(&Request::Attach(req)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
-        line.push(b'\n');
-        stream
-            .send_with_fds(
-                &[&line[..]],
-                &[&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat(),
-            )
-            .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
-        let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-        let reply = read_line(&mut reader)
-            .map_err(DaemonError::Protocol)?
-            .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
-        if v["ok"] != serde_json::Value::Bool(true) {
-            return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("attach refused").to_string()));
-        }
-        Ok(Attachment {
-            stream: Mutex::new(stream),
-            reader: Mutex::new(reader),
-            vm: v["vm"].as_u64().unwrap_or(0),
-            sidecore_cpu: v["sidecore_cpu"].as_u64().and_then(|c| usize::try_from(c).ok()),
-        })
-    }
-
-    /// One request and its reply on this VM's connection.
-    fn request(&self, req: &Request) -> Result<serde_json::Value, DaemonError> {
-        let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        call(&mut s, &mut r, req)
-    }
-
-    /// The number of requests the daemon has answered for this VM.
-    pub fn served(&self) -> Result<u64, DaemonError> {
-        let v = self.request(&Request::Status)?;
-        v["vms"]
-            .as_array()
-            .and_then(|vms| vms.iter().find(|vm| vm["vm"].as_u64() == Some(self.vm)))
-            .and_then(|vm| vm["total"].as_u64())
-            .ok_or_else(|| DaemonError::Protocol("the daemon does not list this VM".into()))
-    }
-
-    /// Calls `on_lost` once, from a thread of its own, when the daemon
-    /// closes this VM's connection: it died or shut down, and a call its
-    /// sidecore had claimed will never be answered. The thread only polls
-    /// for the hang-up (never reads), so it does not race [`Self::request`].
-    pub fn watch(&self, on_lost: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
-        let stream = self
-            .stream
-            .lock()
-            .map_err(|_| DaemonError::Protocol("poisoned".into()))?
-            .try_clone()
-            .map_err(|e| DaemonError::Protocol(format!("cannot watch the daemon connection: {e}")))?;
-        std::thread::Builder::new()
-            .name("daemon-watch".into())
-            .spawn(move || {
-                let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
-                loop {
-                    // SAFETY: one valid pollfd, the count given is 1; the fd
-                    // stays open while `stream` lives in this thread.
-                    let r = unsafe { libc::poll(&mut p, 1, -1) };
-                    if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    if r < 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                        on_lost();
-                        return;
-                    }
-                }
-            })
-            .map(|_| ())
-            .map_err(|e| DaemonError::Protocol(format!("cannot start the daemon watch thread: {e}")))
-    }
-
-    /// Asks the daemon to stop (`true`) or resume serving this VM.
-    pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
-        self.request(if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())
-    }
-}
-
-/// `sidecore status`: asks the daemon for its report.
-pub fn query_status(socket: &Path) -> Result<serde_json::Value, DaemonError> {
-    let mut stream =
-        UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-    call(&mut stream, &mut reader, &Request::Status)
-}
-
-/// The status report as text.
-pub fn format_status(v: &serde_json::Value) -> String {
-    let mut s = format!("sidecore daemon, up {:.0} s\n", v["uptime_s"].as_f64().unwrap_or(0.0));
-    for c in v["sidecores"].as_array().into_iter().flatten() {
-        s += &format!(
-            "  sidecore on CPU {}: {} rings, {} served, busy {:.1}%{}\n",
-            c["cpu"],
-            c["rings"],
-            c["served"],
-            c["busy_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-            if c["parked"] == serde_json::Value::Bool(true) { ", parked" } else { "" }
-        );
-    }
-    let vms = v["vms"].as_array().cloned().unwrap_or_default();
-    s += &format!("{} VM(s) attached\n", vms.len());
-    for vm in vms {
-        s += &format!(
-            "  vm {} pid {} vCPUs {} on CPU {}: {} calls, {} rejected, {} sent to the exit path; service p50 {} ns p99 {} ns\n",
-            vm["vm"],
-            vm["pid"],
-            vm["vcpus"],
-            vm["sidecore_cpu"],
-            vm["total"],
-            vm["rejected"],
-            vm["use_exit_path"],
-            vm["service_ns"]["p50"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
-            vm["service_ns"]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
-        );
-        for c in vm["calls"].as_array().into_iter().flatten() {
-            s += &format!(
-                "      {:<10} {:<14} {}\n",
-                c["op"].as_str().unwrap_or("?"),
-                c["status"].as_str().unwrap_or("?"),
-                c["count"]
-            );
-        }
-        let d = &vm["device"];
-        if d.is_object() {
-            s += &format!(
-                "      packet device: {} rx, {} tx, {} dropped (no buffer), {} bad descriptors, {} wake-up interrupts\n",
-                d["rx"], d["tx"], d["rx_no_buffer"], d["bad_desc"], d["interrupts"]
-            );
-        }
-    }
-    s
 }
 
 #[cfg(test)]

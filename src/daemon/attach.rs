@@ -1,0 +1,103 @@
+//! Checking an attach request against the memory a VMM sent, and the
+//! packet device the daemon builds for an attached VM.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// The packet device of an attaching VM: its UDP socket (checked to be
+/// one), vCPU 0's irqfd (checked to be an eventfd), and a mapping of the
+/// guest's free RAM for the buffers.
+pub(super) fn packet_device(
+    req: &AttachRequest,
+    guest: &File,
+    guest_size: u64,
+    sock: &File,
+    irq: &File,
+    region: Arc<SharedRegion>,
+    control: Arc<VmControl>,
+) -> Result<sidecore_core::device::PacketDevice, String> {
+    use std::os::fd::OwnedFd;
+    let is_eventfd = std::fs::read_link(format!("/proc/self/fd/{}", irq.as_raw_fd()))
+        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]");
+    if !is_eventfd {
+        return Err("packet_device: the fifth fd is not an eventfd (vCPU 0's irqfd)".into());
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || ty != libc::SOCK_DGRAM {
+        return Err("packet_device: the fourth fd is not a datagram socket".into());
+    }
+    if !req.free_gpa.is_multiple_of(4096) || req.free_gpa >= req.ram_size.min(guest_size) {
+        return Err("packet_device: free RAM is empty or misaligned".into());
+    }
+    let len = req.ram_size.min(guest_size) - req.free_gpa;
+    let map = Mapping::new(guest, req.free_gpa, usize::try_from(len).map_err(|_| "free RAM too large")?)
+        .map_err(|e| e.to_string())?;
+    let base = map.ptr();
+    // SAFETY: the mapping is `len` bytes of the guest memfd from free_gpa and
+    // lives as long as its owner, which the window holds.
+    let window = unsafe { sidecore_core::device::GuestWindow::new(base, req.free_gpa, len, Arc::new(map)) };
+    let socket = std::net::UdpSocket::from(OwnedFd::from(sock.try_clone().map_err(|e| format!("socket fd: {e}"))?));
+    let kick =
+        sidecore_core::device::Kick::new(Arc::new(OwnedFd::from(irq.try_clone().map_err(|e| format!("irqfd: {e}"))?)));
+    let mut dev = sidecore_core::device::PacketDevice::new(
+        region,
+        0,
+        window,
+        socket,
+        sidecore_core::device::Delivery::Posted(Some(kick)),
+    )
+    .map_err(|e| format!("packet_device: {e}"))?;
+    dev.set_control(control);
+    Ok(dev)
+}
+
+/// Checks an attach request against the sizes of the two memfds that came
+/// with it; returns the pool's page count and the host block's length.
+/// Everything here comes from another process and is treated as hostile.
+pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> Result<(usize, usize), String> {
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(format!("vcpus {} out of range 1..={MAX_VCPUS}", req.vcpus));
+    }
+    if req.cpuid.len() != req.vcpus as usize {
+        return Err(format!("{} CPUID tables for {} vCPUs", req.cpuid.len(), req.vcpus));
+    }
+    if req.cpuid.iter().any(|t| t.len() > 4096) {
+        return Err("a CPUID table has more than 4096 entries".into());
+    }
+    let inside = |gpa: u64, len: u64| {
+        gpa.checked_add(len).is_some_and(|e| e <= req.ram_size) && gpa.is_multiple_of(4096) && len > 0
+    };
+    if req.ram_size > guest_size {
+        return Err(format!("ram_size {:#x} exceeds the guest memfd ({guest_size:#x} bytes)", req.ram_size));
+    }
+    if !inside(req.shared_gpa, req.shared_size) || req.shared_size < region_size(req.vcpus) {
+        return Err("shared region outside RAM, misaligned or too small".into());
+    }
+    if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
+        return Err("page-table pool outside RAM or misaligned".into());
+    }
+    let overlap = req.shared_gpa < req.pool_gpa + req.pool_size && req.pool_gpa < req.shared_gpa + req.shared_size;
+    if overlap {
+        return Err("shared region overlaps the page-table pool".into());
+    }
+    if req.image_gpa > req.image_end || req.image_end > req.ram_size || req.free_gpa > req.ram_size {
+        return Err("image or free RAM range outside RAM".into());
+    }
+    let pool_pages = usize::try_from(req.pool_size / 4096).map_err(|_| "pool too large")?;
+    let host_len = HostShared::size(pool_pages);
+    if host_size < host_len as u64 {
+        return Err("host-state memfd too small".into());
+    }
+    Ok((pool_pages, host_len))
+}

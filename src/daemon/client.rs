@@ -1,0 +1,182 @@
+//! The VMM's side: [`Attachment`] (`run --attach`), the calls it makes,
+//! and `sidecore status`'s query and rendering.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// A VMM's connection to the daemon, kept open while its VM runs.
+pub struct Attachment {
+    stream: Mutex<UnixStream>,
+    reader: Mutex<BufReader<UnixStream>>,
+    /// The daemon's id for the VM.
+    pub vm: u64,
+    /// The CPU of the sidecore serving it.
+    pub sidecore_cpu: Option<usize>,
+}
+
+pub(super) fn call(
+    stream: &mut UnixStream,
+    reader: &mut BufReader<UnixStream>,
+    req: &Request,
+) -> Result<serde_json::Value, DaemonError> {
+    let line = serde_json::to_string(req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
+    writeln!(stream, "{line}").map_err(|e| DaemonError::Protocol(e.to_string()))?;
+    let reply = read_line(reader)
+        .map_err(DaemonError::Protocol)?
+        .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
+    if v["ok"] != serde_json::Value::Bool(true) {
+        return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("error").to_string()));
+    }
+    Ok(v)
+}
+
+impl Attachment {
+    /// Attaches a VM: sends the layout and CPUID tables with the two memfds,
+    /// the doorbell, and `extra` fds (the packet device's socket and irqfd
+    /// when the request asks for it).
+    pub fn attach(
+        socket: &Path,
+        req: AttachRequest,
+        guest: &File,
+        host: &File,
+        doorbell: &std::os::fd::OwnedFd,
+        extra: &[RawFd],
+    ) -> Result<Attachment, DaemonError> {
+        let stream = UnixStream::connect(socket)
+            .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
+        let mut line = serde_json::to_vec(&Request::Attach(req)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        stream
+            .send_with_fds(
+                &[&line[..]],
+                &[&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat(),
+            )
+            .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
+        let reply = read_line(&mut reader)
+            .map_err(DaemonError::Protocol)?
+            .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
+        if v["ok"] != serde_json::Value::Bool(true) {
+            return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("attach refused").to_string()));
+        }
+        Ok(Attachment {
+            stream: Mutex::new(stream),
+            reader: Mutex::new(reader),
+            vm: v["vm"].as_u64().unwrap_or(0),
+            sidecore_cpu: v["sidecore_cpu"].as_u64().and_then(|c| usize::try_from(c).ok()),
+        })
+    }
+
+    /// One request and its reply on this VM's connection.
+    fn request(&self, req: &Request) -> Result<serde_json::Value, DaemonError> {
+        let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
+        let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
+        call(&mut s, &mut r, req)
+    }
+
+    /// The number of requests the daemon has answered for this VM.
+    pub fn served(&self) -> Result<u64, DaemonError> {
+        let v = self.request(&Request::Status)?;
+        v["vms"]
+            .as_array()
+            .and_then(|vms| vms.iter().find(|vm| vm["vm"].as_u64() == Some(self.vm)))
+            .and_then(|vm| vm["total"].as_u64())
+            .ok_or_else(|| DaemonError::Protocol("the daemon does not list this VM".into()))
+    }
+
+    /// Calls `on_lost` once, from a thread of its own, when the daemon
+    /// closes this VM's connection: it died or shut down, and a call its
+    /// sidecore had claimed will never be answered. The thread only polls
+    /// for the hang-up (never reads), so it does not race [`Self::request`].
+    pub fn watch(&self, on_lost: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
+        let stream = self
+            .stream
+            .lock()
+            .map_err(|_| DaemonError::Protocol("poisoned".into()))?
+            .try_clone()
+            .map_err(|e| DaemonError::Protocol(format!("cannot watch the daemon connection: {e}")))?;
+        std::thread::Builder::new()
+            .name("daemon-watch".into())
+            .spawn(move || {
+                let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+                loop {
+                    // SAFETY: one valid pollfd, the count given is 1; the fd
+                    // stays open while `stream` lives in this thread.
+                    let r = unsafe { libc::poll(&mut p, 1, -1) };
+                    if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if r < 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                        on_lost();
+                        return;
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| DaemonError::Protocol(format!("cannot start the daemon watch thread: {e}")))
+    }
+
+    /// Asks the daemon to stop (`true`) or resume serving this VM.
+    pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
+        self.request(if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())
+    }
+}
+
+/// `sidecore status`: asks the daemon for its report.
+pub fn query_status(socket: &Path) -> Result<serde_json::Value, DaemonError> {
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
+    call(&mut stream, &mut reader, &Request::Status)
+}
+
+/// The status report as text.
+pub fn format_status(v: &serde_json::Value) -> String {
+    let mut s = format!("sidecore daemon, up {:.0} s\n", v["uptime_s"].as_f64().unwrap_or(0.0));
+    for c in v["sidecores"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  sidecore on CPU {}: {} rings, {} served, busy {:.1}%{}\n",
+            c["cpu"],
+            c["rings"],
+            c["served"],
+            c["busy_fraction"].as_f64().unwrap_or(0.0) * 100.0,
+            if c["parked"] == serde_json::Value::Bool(true) { ", parked" } else { "" }
+        );
+    }
+    let vms = v["vms"].as_array().cloned().unwrap_or_default();
+    s += &format!("{} VM(s) attached\n", vms.len());
+    for vm in vms {
+        s += &format!(
+            "  vm {} pid {} vCPUs {} on CPU {}: {} calls, {} rejected, {} sent to the exit path; service p50 {} ns p99 {} ns\n",
+            vm["vm"],
+            vm["pid"],
+            vm["vcpus"],
+            vm["sidecore_cpu"],
+            vm["total"],
+            vm["rejected"],
+            vm["use_exit_path"],
+            vm["service_ns"]["p50"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
+            vm["service_ns"]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
+        );
+        for c in vm["calls"].as_array().into_iter().flatten() {
+            s += &format!(
+                "      {:<10} {:<14} {}\n",
+                c["op"].as_str().unwrap_or("?"),
+                c["status"].as_str().unwrap_or("?"),
+                c["count"]
+            );
+        }
+        let d = &vm["device"];
+        if d.is_object() {
+            s += &format!(
+                "      packet device: {} rx, {} tx, {} dropped (no buffer), {} bad descriptors, {} wake-up interrupts\n",
+                d["rx"], d["tx"], d["rx_no_buffer"], d["bad_desc"], d["interrupts"]
+            );
+        }
+    }
+    s
+}
