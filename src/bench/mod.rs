@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use shm_proto::bench::{BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
+use sidecore_core::tsc::TscRate;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Reading a block or measuring the floor failed.
@@ -252,10 +253,7 @@ impl BenchCollector {
     }
 
     fn ns(&self, cycles: u64) -> f64 {
-        // Precision loss is irrelevant at these magnitudes.
-        #[allow(clippy::cast_precision_loss)]
-        let v = cycles as f64 * 1e6 / self.tsc_khz.max(1) as f64;
-        v
+        TscRate::from_khz(self.tsc_khz).ns(cycles)
     }
 
     fn stat(&self, h: &Histogram<u64>) -> Stat {
@@ -522,7 +520,7 @@ impl BenchReport {
             "sidecore bench — backend {}, TSC {} kHz ({:.3} GHz), vCPU{} on CPU {}, sidecore on CPU {}\n",
             self.backend,
             self.tsc_khz,
-            tsc_ghz(self.tsc_khz),
+            TscRate::from_khz(self.tsc_khz).ghz(),
             if self.vcpu_cpus.len() > 1 { "s" } else { "" },
             self.vcpu_cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             self.sidecore_cpu
@@ -573,12 +571,6 @@ impl BenchReport {
         }
         s
     }
-}
-
-fn tsc_ghz(khz: u64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let v = khz as f64 / 1e6;
-    v
 }
 
 #[cfg(test)]

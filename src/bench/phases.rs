@@ -95,7 +95,7 @@ pub fn snapshot(region: &SharedRegion) -> Buckets {
 pub fn report(split: &PhaseSplit, tsc_khz: u64) -> String {
     let ns = |c: Option<u64>| match c {
         Some(u64::MAX) => "overflow".to_string(),
-        Some(c) => format!("{} ns", c.saturating_mul(1_000_000) / tsc_khz.max(1)),
+        Some(c) => format!("{} ns", sidecore_core::tsc::TscRate::from_khz(tsc_khz).whole_ns(c)),
         None => "-".to_string(),
     };
     let mut s = String::new();

@@ -44,8 +44,8 @@ pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     let ring_ns = sweep_cost_per_ring(side_cpu, 64, d).map_err(|e| error_chain(&e))?;
     let kvm = sidecore_vmm::host::open_kvm().map_err(|e| error_chain(&e))?;
     let khz = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?.khz;
-    #[allow(clippy::cast_precision_loss)]
-    let cyc_ns = |c: u64| c as f64 * 1e6 / khz.max(1) as f64;
+    let rate = sidecore_core::tsc::TscRate::from_khz(khz);
+    let cyc_ns = |c: u64| rate.ns(c);
     // The floor, host to host, on the same two CPUs.
     let floor_ns = {
         let mut samples = sidecore_vmm::bench::measure_floor(side_cpu, prod_cpu, 20_000)?;

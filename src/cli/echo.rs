@@ -59,7 +59,8 @@ pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     if !st.rtt_cycles.is_empty() {
         let mut v = st.rtt_cycles.clone();
         v.sort_unstable();
-        let ns = |c: u64| c as f64 * 1e6 / khz.max(1) as f64;
+        let rate = sidecore_core::tsc::TscRate::from_khz(khz);
+        let ns = |c: u64| rate.ns(c);
         // Per mille.
         let q = |pm: usize| ns(v[(v.len() - 1) * pm / 1000]);
         println!(

@@ -147,9 +147,9 @@ pub struct Daemon {
     next_id: AtomicU64,
     started: Instant,
     stop: Arc<AtomicBool>,
-    /// The TSC rate in GHz, read once at start: reading it takes a VM and a
+    /// The TSC rate, read once at start: reading it takes a VM and a
     /// vCPU, which status requests and scrapes must not create.
-    tsc_ghz: f64,
+    tsc: sidecore_core::tsc::TscRate,
 }
 
 impl Daemon {
@@ -162,10 +162,9 @@ impl Daemon {
                 Vec::new(),
             )?);
         }
-        let tsc_ghz = crate::host::open_kvm()
-            .ok()
-            .and_then(|k| crate::host::tsc_khz(&k).ok())
-            .map_or(1.0, |t| tsc_f64(t.khz) / 1e6);
+        let tsc = sidecore_core::tsc::TscRate::from_khz(
+            crate::host::open_kvm().ok().and_then(|k| crate::host::tsc_khz(&k).ok()).map_or(1_000_000, |t| t.khz),
+        );
         Ok(Arc::new(Daemon {
             cores,
             cpus: cfg.cores.clone(),
@@ -173,7 +172,7 @@ impl Daemon {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
-            tsc_ghz,
+            tsc,
         }))
     }
 
@@ -300,7 +299,7 @@ impl Daemon {
 
     /// Plain numbers for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
-        let tsc_ghz = self.tsc_ghz;
+        let tsc = self.tsc;
         let cores = self
             .cores
             .iter()
@@ -329,8 +328,8 @@ impl Daemon {
                         let mut sum_ns = 0.0;
                         for (b, n) in snap.service.iter().enumerate() {
                             cumulative += n;
-                            let upper_ns = tsc_f64(sidecore_core::stats::bucket_floor(b + 1)) / tsc_ghz;
-                            sum_ns += tsc_f64(*n) * tsc_f64(sidecore_core::stats::bucket_floor(b)) / tsc_ghz;
+                            let upper_ns = tsc.ns(sidecore_core::stats::bucket_floor(b + 1));
+                            sum_ns += tsc_f64(*n) * tsc.ns(sidecore_core::stats::bucket_floor(b));
                             if *n > 0 {
                                 buckets.push((upper_ns, cumulative));
                             }
@@ -358,7 +357,7 @@ impl Daemon {
 
     /// The status report.
     pub fn status(&self) -> serde_json::Value {
-        let tsc_ghz = self.tsc_ghz;
+        let tsc = self.tsc;
         let cores: Vec<_> = self
             .cores
             .iter()
@@ -390,7 +389,7 @@ impl Daemon {
                             .into_iter()
                             .map(|(op, st, n)| serde_json::json!({"op": op, "status": st, "count": n}))
                             .collect();
-                        let q = |p: f64| snap.service_quantile(p).map(|c| tsc_f64(c) / tsc_ghz);
+                        let q = |p: f64| snap.service_quantile(p).map(|c| tsc.ns(c));
                         let pte = vm.services.pte().map(|p| {
                             serde_json::json!({
                                 "maps": p.counters.maps.load(Ordering::Relaxed),
