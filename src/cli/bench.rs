@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use shm_proto::boot::Workload;
 use sidecore_vmm::error_chain;
+use sidecore_vmm::scenarios::EventPath;
 use sidecore_vmm::vmm::vm::VmSpec;
 use sidecore_vmm::vmm::{self, ConsoleSink, RunOptions};
 
@@ -128,26 +129,26 @@ pub(crate) fn bench_host_ops(
         Ok(())
     };
     for op in ops {
-        let variants: Vec<(BenchPath, bool)> = match op.as_str() {
-            "irq" => vec![(BenchPath::Sidecall, false), (BenchPath::Kernel, true)],
-            _ => vec![(BenchPath::Sidecall, false), (BenchPath::User, true)],
+        let variants: Vec<(BenchPath, EventPath)> = match op.as_str() {
+            "irq" => vec![(BenchPath::Sidecall, EventPath::Posted), (BenchPath::Kernel, EventPath::Interrupt)],
+            _ => vec![(BenchPath::Sidecall, EventPath::Posted), (BenchPath::User, EventPath::Interrupt)],
         };
         // echo also with several VMs at once, attached to a daemon.
         let vm_counts: Vec<usize> = if op == "echo" && a.echo_vms > 1 { vec![1, a.echo_vms] } else { vec![1] };
         for vms in vm_counts {
             let label = if vms > 1 { format!("{op}-{vms}vm") } else { op.clone() };
-            for (path, exit_path) in variants.iter().copied().filter(|(p, _)| want(*p)) {
+            for (path, events) in variants.iter().copied().filter(|(p, _)| want(*p)) {
                 eprintln!("bench: {label} / {} ...", path.name());
                 floor(&label)?;
                 let samples = if op == "irq" {
-                    let (s, lost, _) = sidecore_vmm::scenarios::run_irq(exit_path, n, side, vcpu)?;
+                    let (s, lost, _) = sidecore_vmm::scenarios::run_irq(events, n, side, vcpu)?;
                     if lost > 0 {
                         eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
                     }
                     s
                 } else {
                     let cfg = sidecore_vmm::scenarios::EchoConfig {
-                        exit_path,
+                        path: events,
                         count: n as u64,
                         size: 64,
                         rate: None,

@@ -3,14 +3,15 @@
 use std::process::ExitCode;
 
 use sidecore_vmm::error_chain;
+use sidecore_vmm::scenarios::EventPath;
 use sidecore_vmm::vmm;
 
 use crate::EchoArgs;
 
 pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
-    let exit_path = match a.path.as_str() {
-        "sidecall" => false,
-        "exit" => true,
+    let path = match a.path.as_str() {
+        "sidecall" => EventPath::Posted,
+        "exit" => EventPath::Interrupt,
         p => return Err(format!("--path: unknown '{p}' — choose sidecall or exit")),
     };
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
@@ -21,7 +22,7 @@ pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     let khz =
         sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
     let cfg = sidecore_vmm::scenarios::EchoConfig {
-        exit_path,
+        path,
         count: a.count,
         size: a.size,
         rate: a.rate,

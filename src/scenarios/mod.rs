@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use shm_proto::event::PKT_STOP;
 use sidecore_core::tsc::rdtsc;
 
+pub use crate::vmm::devices::EventPath;
 use crate::vmm::devices::{xorshift, EventDevice, IrqBenchState};
 
 /// How long the closed loop waits for one packet's echo before it counts the
@@ -247,8 +248,8 @@ impl LoadGen {
 /// and the load generator.
 #[derive(Clone, Debug)]
 pub struct EchoConfig {
-    /// The exit path (interrupt + PIO) instead of the sidecore.
-    pub exit_path: bool,
+    /// The sidecore's posted events, or the exit path (interrupt + PIO).
+    pub path: EventPath,
     /// Packets to send.
     pub count: u64,
     /// Bytes per packet (8..=2048).
@@ -290,7 +291,8 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     // Several VMs on the sidecall path share a daemon's sidecore: start one
     // for the run unless the caller named theirs.
     let mut daemon = None;
-    let attach = match (&cfg.attach, cfg.exit_path) {
+    let exit_path = cfg.path == EventPath::Interrupt;
+    let attach = match (&cfg.attach, exit_path) {
         (_, true) => None,
         (Some(sock), false) => Some(sock.clone()),
         (None, false) if vms > 1 => Some(daemon.insert(DaemonChild::start(cfg.sidecore_cpu)?).socket.clone()),
@@ -299,7 +301,7 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     let mut args = [0u64; 8];
     // Idle deadline, ms; a halted guest only checks it when a packet wakes it.
     args[1] = 30_000;
-    args[2] = u64::from(cfg.exit_path);
+    args[2] = u64::from(exit_path);
     args[3] = cfg.spin_us;
     let mut guests = Vec::new();
     for i in 0..vms {
@@ -309,10 +311,10 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
         let buf = Arc::new(Mutex::new(Vec::new()));
         let opts = crate::vmm::RunOptions {
             vcpu_cpus: Some(vec![cfg.vcpu_cpu]),
-            sidecore_cpus: if cfg.exit_path || attach.is_some() { Vec::new() } else { vec![cfg.sidecore_cpu] },
+            sidecore_cpus: if exit_path || attach.is_some() { Vec::new() } else { vec![cfg.sidecore_cpu] },
             console: crate::vmm::ConsoleSink::Capture(buf.clone()),
             attach: attach.clone(),
-            device: Some(EventDevice::Packet { socket, exit_path: cfg.exit_path, host_cpu: Some(cfg.sidecore_cpu) }),
+            device: Some(EventDevice::Packet { socket, path: cfg.path, host_cpu: Some(cfg.sidecore_cpu) }),
             ..crate::vmm::RunOptions::new(crate::vmm::vm::VmSpec::bundled(shm_proto::boot::Workload::Echo, 1, 64, args))
         };
         let vm = std::thread::Builder::new()
@@ -433,7 +435,7 @@ impl Drop for DaemonChild {
 
 /// One `irq` benchmark run: the responder guest and the sidecore's poster.
 pub fn run_irq(
-    exit_path: bool,
+    path: EventPath,
     n: usize,
     sidecore_cpu: usize,
     vcpu_cpu: usize,
@@ -443,12 +445,12 @@ pub fn run_irq(
     let mut args = [0u64; 8];
     args[0] = n as u64;
     args[1] = 10_000;
-    args[2] = u64::from(exit_path);
+    args[2] = u64::from(path == EventPath::Interrupt);
     let opts = crate::vmm::RunOptions {
         vcpu_cpus: Some(vec![vcpu_cpu]),
         sidecore_cpus: vec![sidecore_cpu],
         console: crate::vmm::ConsoleSink::Capture(buf.clone()),
-        device: Some(EventDevice::IrqBench { state: state.clone(), exit_path }),
+        device: Some(EventDevice::IrqBench { state: state.clone(), path }),
         ..crate::vmm::RunOptions::new(crate::vmm::vm::VmSpec::bundled(shm_proto::boot::Workload::Irq, 1, 64, args))
     };
     let report = crate::vmm::run(opts).map_err(|e| crate::error_chain(&e))?;

@@ -41,16 +41,28 @@ pub enum WireError {
     Host(String),
 }
 
+/// Which way a device's events reach the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventPath {
+    /// The sidecore posts them in shared memory; an interrupt only wakes a
+    /// halted guest.
+    Posted,
+    /// The classic exit path: a VMM thread interrupts the vCPU for each one
+    /// (and the guest's tx is a PIO exit).
+    Interrupt,
+}
+
 /// Which device a run wires up, and how.
 pub enum EventDevice {
-    /// The packet device on this socket. `exit_path`: rx by interrupt from a
-    /// VMM thread, tx by the guest's PIO doorbell; else the sidecore polls
-    /// the socket and the queues and posts events.
+    /// The packet device on this socket. [`EventPath::Interrupt`]: rx by
+    /// interrupt from a VMM thread, tx by the guest's PIO doorbell;
+    /// [`EventPath::Posted`]: the sidecore polls the socket and the queues
+    /// and posts events.
     Packet {
         /// The device's end (bound; the load generator sends to it).
         socket: UdpSocket,
-        /// Exit path instead of the sidecore.
-        exit_path: bool,
+        /// The way its events go.
+        path: EventPath,
         /// Pin the exit path's receiver thread here (the CPU a sidecore
         /// would have), so that both paths do their host work on one CPU.
         host_cpu: Option<usize>,
@@ -60,8 +72,8 @@ pub enum EventDevice {
     IrqBench {
         /// Where the samples go.
         state: Arc<IrqBenchState>,
-        /// Interrupt every event (the exit path) instead of posting it.
-        exit_path: bool,
+        /// Post the events, or interrupt for every one (the exit path).
+        path: EventPath,
     },
 }
 
@@ -74,17 +86,17 @@ pub fn wire(d: EventDevice, vm: &Vm, sidecores: Option<&dyn DeviceHost>) -> Resu
     let window = || free_ram_window(vm).ok_or(WireError::NoWindow);
     let dev_err = WireError::Packet;
     match d {
-        EventDevice::Packet { socket, exit_path: true, host_cpu } => {
+        EventDevice::Packet { socket, path: EventPath::Interrupt, host_cpu } => {
             Ok(Some(ExitPathDevice::start(vm.region.clone(), window()?, socket, kick, host_cpu).map_err(dev_err)?))
         }
-        EventDevice::Packet { socket, exit_path: false, .. } => {
+        EventDevice::Packet { socket, path: EventPath::Posted, .. } => {
             let dev = PacketDevice::new(vm.region.clone(), 0, window()?, socket, Delivery::Posted(Some(kick)))
                 .map_err(dev_err)?;
             sidecore()?.add_device(Box::new(dev)).map_err(WireError::Host)?;
             Ok(None)
         }
-        EventDevice::IrqBench { state, exit_path } => {
-            let dev = IrqBenchDevice::new(state, vm.region.clone(), kick, exit_path, vm.tsc_khz);
+        EventDevice::IrqBench { state, path } => {
+            let dev = IrqBenchDevice::new(state, vm.region.clone(), kick, path, vm.tsc_khz);
             sidecore()?.add_device(Box::new(dev)).map_err(WireError::Host)?;
             Ok(None)
         }
@@ -204,7 +216,7 @@ pub struct IrqBenchDevice {
     state: Arc<IrqBenchState>,
     region: Arc<SharedRegion>,
     kick: Kick,
-    exit_path: bool,
+    path: EventPath,
     seq: u64,
     t0: u64,
     waiting: bool,
@@ -222,14 +234,14 @@ impl IrqBenchDevice {
         state: Arc<IrqBenchState>,
         region: Arc<SharedRegion>,
         kick: Kick,
-        exit_path: bool,
+        path: EventPath,
         tsc_khz: u64,
     ) -> Self {
         IrqBenchDevice {
             state,
             region,
             kick,
-            exit_path,
+            path,
             seq: 0,
             t0: 0,
             waiting: false,
@@ -284,7 +296,7 @@ impl Device for IrqBenchDevice {
         self.seq += 1;
         v.events.payload.store(self.seq, Ordering::Release);
         self.t0 = rdtsc();
-        if self.exit_path {
+        if self.path == EventPath::Interrupt {
             post(v, EV_TEST, None);
             self.kick.kick();
         } else {

@@ -23,7 +23,7 @@ use sidecore_core::stats::VmStats;
 use sidecore_core::{Sidecore, SidecoreConfig};
 
 use crate::bench::FloorProbe;
-use crate::vmm::devices::DeviceHost;
+use crate::vmm::devices::{DeviceHost, EventDevice, EventPath};
 use crate::vmm::kvm_stats::{StatsSample, VcpuStats};
 use crate::vmm::vcpu::{describe_registers, Action, Exit, ExitHandler};
 use crate::vmm::vm::{Vm, VmError, VmSpec};
@@ -413,7 +413,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     // A daemon serves the packet device's posted path too: its socket and
     // vCPU 0's irqfd go along with the attach.
     let (daemon_device, device) = match (opts.attach.is_some(), opts.device) {
-        (true, Some(crate::vmm::devices::EventDevice::Packet { socket, exit_path: false, .. })) => (Some(socket), None),
+        (true, Some(EventDevice::Packet { socket, path: EventPath::Posted, .. })) => (Some(socket), None),
         (_, d) => (None, d),
     };
     let run_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
