@@ -132,8 +132,8 @@ fn bad_input_gets_clear_errors() {
     let p = not_elf.display().to_string();
     assert_clean_failure(&["run", "--guest", &p], &p);
     let _ = std::fs::remove_file(&not_elf);
-    assert_clean_failure(&["run", "--mem", "2"], "--mem 2 MiB");
-    assert_clean_failure(&["run", "--vcpus", "0"], "--vcpus 0");
+    assert_clean_failure(&["run", "--mem", "2"], "--mem: 2 MiB");
+    assert_clean_failure(&["run", "--vcpus", "0"], "--vcpus: 0 vCPUs");
     if kvm_available() {
         assert_clean_failure(&["run", "--vcpu-cpus", "4095"], "--vcpu-cpus CPU 4095 is not online");
         assert_clean_failure(&["run", "--sidecore", "4095"], "--sidecore CPU 4095 is not online");

@@ -249,7 +249,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         device: None,
     };
     if ops != 0 {
-        let report = vmm::run(opts).map_err(|e| error_chain(&e))?;
+        let report = vmm::run(opts).map_err(|e| super::run_error(&e))?;
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprintln!();
         }

@@ -28,7 +28,7 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
             sidecore_vmm::host::format_cpu_list(&cfg.cores)
         );
     };
-    sidecore_vmm::daemon::run_daemon(&cfg, listening).map_err(|e| error_chain(&e))?;
+    sidecore_vmm::daemon::run_daemon(&cfg, listening).map_err(|e| super::daemon_error(&e))?;
     eprintln!("sidecore daemon: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use shm_proto::boot::Workload;
-use sidecore_vmm::error_chain;
 use sidecore_vmm::vmm::vm::VmSpec;
 use sidecore_vmm::vmm::{self, ConsoleSink, RunOptions, VcpuEnd};
 
@@ -93,7 +92,7 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     };
     // Decided before the run: the probe boots a VM of its own.
     let execution = bench.as_ref().map(|_| sidecore_vmm::scenarios::info::probe_execution());
-    let report = vmm::run(opts).map_err(|e| error_chain(&e))?;
+    let report = vmm::run(opts).map_err(|e| super::run_error(&e))?;
     if let (Some(b), Some(execution)) = (bench, execution) {
         let backend = sidecore_vmm::host::open_kvm()
             .ok()

@@ -68,13 +68,13 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// Another daemon answers on that socket.
-    #[error("a daemon is already listening on {0} — stop it first or pick another --socket")]
+    #[error("a daemon is already listening on {0} — stop it first or pick another socket path")]
     InUse(PathBuf),
     /// A sidecore could not start.
     #[error(transparent)]
     Sidecore(#[from] sidecore_core::SidecoreError),
-    /// --group names no group.
-    #[error("--group {0}: no such group")]
+    /// The socket's group does not exist.
+    #[error("group {0}: no such group")]
     Group(String),
     /// Setting socket permissions failed.
     #[error("cannot set permissions of {path}")]

@@ -61,10 +61,10 @@ pub enum RunError {
     #[error("vCPU thread {0} died")]
     VcpuDied(u32),
     /// Attaching to the daemon failed.
-    #[error("--attach: {0}")]
+    #[error("attaching to the daemon: {0}")]
     Attach(String),
     /// `--latency-phases` could not install its signal handler.
-    #[error("--latency-phases: cannot install the SIGUSR1 handler")]
+    #[error("cannot install the SIGUSR1 handler that splits the latency phases")]
     PhaseSignal(#[source] std::io::Error),
     /// The packet device or event poster could not be set up.
     #[error("device: {0}")]

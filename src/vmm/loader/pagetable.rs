@@ -19,7 +19,7 @@ pub const LEAF_BASE: u64 = PTE_P | PTE_US | PTE_A | PTE_D;
 #[derive(Debug, thiserror::Error)]
 pub enum PageTableError {
     /// The pool has no free page left.
-    #[error("the page-table pool ({pages} pages) is full — use less --mem")]
+    #[error("the page-table pool ({pages} pages) is full — give the guest less memory")]
     PoolFull {
         /// Pool size in pages.
         pages: u64,

@@ -60,11 +60,11 @@ pub enum VmError {
     /// KVM_SET_TSS_ADDR failed.
     #[error("cannot set the TSS address (KVM_SET_TSS_ADDR)")]
     SetTss(#[source] kvm_ioctls::Error),
-    /// --vcpus out of range.
-    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    /// The vCPU count is out of range.
+    #[error("{0} vCPUs: must be between 1 and {MAX_VCPUS}")]
     VcpuCount(u32),
-    /// --mem out of range.
-    #[error("--mem {mib} MiB: must be between {min} and {max} MiB")]
+    /// The RAM size is out of range.
+    #[error("{mib} MiB of guest RAM: must be between {min} and {max} MiB")]
     MemSize {
         /// Asked for.
         mib: u64,
@@ -74,7 +74,7 @@ pub enum VmError {
         max: u64,
     },
     /// Not enough RAM for image + shared region + free RAM.
-    #[error("--mem {mib} MiB is too small for this guest: it needs at least {need_mib} MiB (image ends at {image_end:#x}, shared region and {vcpus} vCPUs' scratch follow)")]
+    #[error("{mib} MiB of guest RAM is too small for this guest: it needs at least {need_mib} MiB (image ends at {image_end:#x}, shared region and {vcpus} vCPUs' scratch follow)")]
     MemTooSmall {
         /// Asked for.
         mib: u64,

@@ -221,8 +221,8 @@ pub enum ElfError {
     /// A segment ends beyond guest RAM.
     #[error(
         "PT_LOAD segment {index} [{start:#x}, {end:#x}) does not fit in guest \
-         RAM ({ram_size:#x} bytes) — give the guest more memory with a larger \
-         --mem, or make the guest-agent smaller"
+         RAM ({ram_size:#x} bytes) — give the guest more memory, or make the \
+         guest-agent smaller"
     )]
     SegmentPastRam {
         /// Index of the program header.

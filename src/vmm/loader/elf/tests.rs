@@ -276,7 +276,7 @@ fn segment_past_ram() {
     let r = check_elf(&v, &limits());
     assert!(matches!(r, Err(ElfError::SegmentPastRam { index: 0, .. })), "{r:?}");
     let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(msg.contains("--mem"), "{msg}");
+    assert!(msg.contains("more memory"), "{msg}");
 }
 
 #[test]
