@@ -12,6 +12,7 @@
 
 use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
+use shm_proto::args;
 
 use shm_proto::op::{self, encode_head, Opcode, Status, HC_MIX, WORDS};
 use shm_proto::ring::{next_ticket, slot_index, Body, SlotState, RING_SLOTS, TICKET_MASK};
@@ -34,7 +35,7 @@ struct Tally {
 
 /// Runs the chaos workload; 0 when every reply was right or an error.
 pub fn run(env: &Env) -> u32 {
-    let ms = if env.boot.args[1] == 0 { 10_000 } else { env.boot.args[1] };
+    let ms = if env.boot.args[args::chaos::MS] == 0 { 10_000 } else { env.boot.args[args::chaos::MS] };
     let end = env.boot.tsc_khz.saturating_mul(ms);
     let bound = env.boot.tsc_khz.saturating_mul(2); // 2 ms per wait
     let t0 = arch::rdtsc();

@@ -3,6 +3,7 @@
 
 use core::sync::atomic::Ordering;
 
+use shm_proto::args;
 use shm_proto::event::{PktDesc, DESC_AVAIL, DESC_ERROR, DESC_USED, EV_TEST, PKT_MAX, PKT_QUEUE, PKT_STOP};
 
 use crate::{arch, events, gprintln, Env};
@@ -31,10 +32,11 @@ pub fn echo(env: &Env) -> u32 {
         return 0;
     }
     let a = &env.boot.args;
-    let count = a[0];
-    let idle_ms = if a[1] == 0 { DEFAULT_IDLE_MS } else { a[1] };
-    let exit_path = a[2] == 1;
-    let spin = env.boot.tsc_khz.saturating_mul(if a[3] == 0 { 200 } else { a[3] }) / 1000;
+    let count = a[args::echo::COUNT];
+    let idle_ms = if a[args::echo::IDLE_MS] == 0 { DEFAULT_IDLE_MS } else { a[args::echo::IDLE_MS] };
+    let exit_path = a[args::echo::EXIT_PATH] == 1;
+    let spin_us = if a[args::echo::SPIN_US] == 0 { 200 } else { a[args::echo::SPIN_US] };
+    let spin = env.boot.tsc_khz.saturating_mul(spin_us) / 1000;
     let idle_limit = env.boot.tsc_khz.saturating_mul(idle_ms);
     let q = &env.shared.pkt;
     for (i, d) in q.rx.desc.iter().enumerate() {
@@ -130,9 +132,10 @@ pub fn irq(env: &Env) -> u32 {
         return 0;
     }
     let a = &env.boot.args;
-    let n = if a[0] == 0 { 10_000 } else { a[0] };
-    let by_interrupt = a[2] == 1;
-    let limit = env.boot.tsc_khz.saturating_mul(if a[1] == 0 { DEFAULT_IDLE_MS } else { a[1] });
+    let n = if a[args::irq::EVENTS] == 0 { 10_000 } else { a[args::irq::EVENTS] };
+    let by_interrupt = a[args::irq::BY_INTERRUPT] == 1;
+    let idle_ms = if a[args::irq::IDLE_MS] == 0 { DEFAULT_IDLE_MS } else { a[args::irq::IDLE_MS] };
+    let limit = env.boot.tsc_khz.saturating_mul(idle_ms);
     let g = &env.shared.guest_events;
     let ev = &env.shared.events;
     let mut seen = events::interrupts(env);

@@ -90,10 +90,10 @@ pub fn run(env: &Env, c: &mut Client, path: PtPath, slot: u64, fail: &mut dyn Fn
         }
     }
 
-    // Invalid updates (not in polite mode, `args[2]` = 1, where only the
+    // Invalid updates (not in polite mode, `args[selftest::POLITE]` = 1, where only the
     // trap path tries them: a well-behaved VM beside a hostile one must show
     // no rejected sidecalls)...
-    if path == PtPath::Sidecall && b.args[2] == 1 {
+    if path == PtPath::Sidecall && b.args[shm_proto::args::selftest::POLITE] == 1 {
         return rec;
     }
     let spare = va(PAGES);

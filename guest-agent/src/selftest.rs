@@ -13,6 +13,7 @@
 use core::fmt::{self, Write as _};
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use shm_proto::args;
 use shm_proto::boot::{
     HypercallInsn, CONTROL_START_SIDECORE, CONTROL_STOP_SIDECORE, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF,
     MARKER_SIDECALL_BEGIN, MARKER_SIDECALL_END,
@@ -146,7 +147,11 @@ pub fn run(env: &Env) -> u32 {
     }
 
     // 4. CPUID: KVM's answer against the VMM handler's, pseudo-random leaves.
-    let pairs = if boot.args[0] == 0 { DEFAULT_CPUID_PAIRS } else { boot.args[0] };
+    let pairs = if boot.args[args::selftest::CPUID_PAIRS] == 0 {
+        DEFAULT_CPUID_PAIRS
+    } else {
+        boot.args[args::selftest::CPUID_PAIRS]
+    };
     let scratch = shm_proto::layout::guest_scratch(boot.free_gpa, boot.nr_vcpus, v);
     let pairs = pairs.min(SCRATCH_PER_VCPU / 16);
     if scratch + SCRATCH_PER_VCPU > boot.ram_size {
@@ -182,7 +187,7 @@ pub fn run(env: &Env) -> u32 {
     if trap.leaves != side.leaves {
         ck.fail(format_args!("page tables differ between paths: trap {:x?} sidecall {:x?}", trap.leaves, side.leaves));
     }
-    let polite = boot.args[2] == 1;
+    let polite = boot.args[args::selftest::POLITE] == 1;
     if trap.invalid != side.invalid && !polite {
         ck.fail(format_args!("invalid updates: trap said {:?}, sidecall said {:?}", trap.invalid, side.invalid));
     }
@@ -444,13 +449,13 @@ fn pure_call(env: &Env, c: &mut Client, op: u16, args: [u64; WORDS]) -> Reply {
     }
 }
 
-/// `args[1]` ms of null calls (by sidecall when there is a sidecore), each
+/// `args[selftest::LINGER_MS]` ms of null calls (by sidecall when there is a sidecore), each
 /// answer checked: keeps a VM busy long enough for tests to act on it
 /// mid-run (kill its VMM, kill the daemon serving it). Each call's round
 /// trip goes into the vCPU's shared latency histogram, which the VMM can
 /// split into phases (`sidecore run --latency-phases`, `scripts/soak.sh`).
 fn linger(env: &Env, c: &mut Client, ck: &mut Check) {
-    let ms = env.boot.args[1];
+    let ms = env.boot.args[args::selftest::LINGER_MS];
     if ms == 0 {
         return;
     }

@@ -1,5 +1,6 @@
 //! The small workloads: `hello` and `spin`.
 
+use shm_proto::args::{spin, wake};
 use shm_proto::boot::Backend;
 
 use crate::{arch, gprintln, Env};
@@ -18,13 +19,13 @@ pub fn hello(env: &Env) -> u32 {
     0
 }
 
-/// 10^8 (or `args[0]`) iterations of a register-only loop, timed with the TSC.
+/// 10^8 (or `args[spin::ITERS]`) iterations of a register-only loop, timed with the TSC.
 /// Only vCPU 0 runs it, so the run prints one line.
 pub fn spin(env: &Env) -> u32 {
     if env.vcpu != 0 {
         return 0;
     }
-    let iters = if env.boot.args[0] == 0 { 100_000_000 } else { env.boot.args[0] };
+    let iters = if env.boot.args[spin::ITERS] == 0 { 100_000_000 } else { env.boot.args[spin::ITERS] };
     let t0 = arch::rdtsc();
     arch::spin_loop(iters);
     let cycles = arch::rdtsc().wrapping_sub(t0);
@@ -41,8 +42,10 @@ pub fn spin(env: &Env) -> u32 {
 pub fn wake(env: &Env) -> u32 {
     use crate::client::{Client, Via};
     use shm_proto::op::{Opcode, WORDS};
-    let rounds = usize::try_from(if env.boot.args[0] == 0 { 50 } else { env.boot.args[0] }).unwrap_or(50).min(1000);
-    let idle_us = if env.boot.args[1] == 0 { 5000 } else { env.boot.args[1] };
+    let rounds = usize::try_from(if env.boot.args[wake::ROUNDS] == 0 { 50 } else { env.boot.args[wake::ROUNDS] })
+        .unwrap_or(50)
+        .min(1000);
+    let idle_us = if env.boot.args[wake::IDLE_US] == 0 { 5000 } else { env.boot.args[wake::IDLE_US] };
     let mut c = Client::new(env);
     let mut samples = [0u64; 1000];
     let mut by_side = 0;

@@ -16,6 +16,7 @@
 //! * [`op`]: opcodes, flags, status codes and request/reply encodings.
 #![no_std]
 
+pub mod args;
 pub mod bench;
 pub mod boot;
 pub mod event;

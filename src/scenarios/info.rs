@@ -99,7 +99,7 @@ pub fn probe_execution() -> Execution {
 pub fn native_probe() -> Result<f64, Box<dyn std::error::Error>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let mut args = [0u64; 8];
-    args[0] = PROBE_ITERS;
+    args[shm_proto::args::spin::ITERS] = PROBE_ITERS;
     let report = vmm::run(RunOptions {
         console: ConsoleSink::Capture(buf.clone()),
         ..RunOptions::new(VmSpec { sidecall_timeout_us: 1000, ..VmSpec::bundled(Workload::Spin, 1, 16, args) })

@@ -300,9 +300,9 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     };
     let mut args = [0u64; 8];
     // Idle deadline, ms; a halted guest only checks it when a packet wakes it.
-    args[1] = 30_000;
-    args[2] = u64::from(exit_path);
-    args[3] = cfg.spin_us;
+    args[shm_proto::args::echo::IDLE_MS] = 30_000;
+    args[shm_proto::args::echo::EXIT_PATH] = u64::from(exit_path);
+    args[shm_proto::args::echo::SPIN_US] = cfg.spin_us;
     let mut guests = Vec::new();
     for i in 0..vms {
         let socket = UdpSocket::bind("127.0.0.1:0")
@@ -443,9 +443,9 @@ pub fn run_irq(
     let state = IrqBenchState::new(n);
     let buf = Arc::new(Mutex::new(Vec::new()));
     let mut args = [0u64; 8];
-    args[0] = n as u64;
-    args[1] = 10_000;
-    args[2] = u64::from(path == EventPath::Interrupt);
+    args[shm_proto::args::irq::EVENTS] = n as u64;
+    args[shm_proto::args::irq::IDLE_MS] = 10_000;
+    args[shm_proto::args::irq::BY_INTERRUPT] = u64::from(path == EventPath::Interrupt);
     let opts = crate::vmm::RunOptions {
         vcpu_cpus: Some(vec![vcpu_cpu]),
         sidecore_cpus: vec![sidecore_cpu],
