@@ -39,6 +39,20 @@ pub fn register_vmm_hypercalls(s: &mut Services, host: Arc<HostShared>) -> Resul
     Ok(())
 }
 
+/// The service set of one VM, as its VMM and the daemon both build it:
+/// CPUID from the vCPUs' tables, the page-table service, and the VMM's
+/// hypercalls over the VM's host-private state.
+pub fn vm_services(
+    cpuid: Vec<crate::cpuid::CpuidTable>,
+    pte: crate::pte::PteService,
+    host: Arc<HostShared>,
+) -> Result<Services, RegistryError> {
+    let mut s = Services::new(cpuid);
+    s.set_pte(pte);
+    register_vmm_hypercalls(&mut s, host)?;
+    Ok(s)
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {

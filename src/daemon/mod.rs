@@ -53,7 +53,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 use crate::host::memfd::Mapping;
-use sidecore_core::hypercalls::register_vmm_hypercalls;
+use sidecore_core::hypercalls::vm_services;
 
 /// Starting the daemon or talking to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -231,8 +231,6 @@ impl Daemon {
         let host_state = unsafe { HostShared::from_mapping(hp, host_len, pool_pages, Arc::new(host_map)) }
             .map_err(|e| e.to_string())?;
         let tables = sidecore_core::cpuid::tables_from_words(&req.cpuid);
-        let mut services = Services::new(tables);
-        register_vmm_hypercalls(&mut services, host_state.clone()).map_err(|e| e.to_string())?;
         let layout = PteLayout {
             ram_size: req.ram_size,
             pool_gpa: req.pool_gpa,
@@ -246,10 +244,9 @@ impl Daemon {
         let visibility = if req.backend == "pvm" { Visibility::ExitPath } else { Visibility::GuestFlush };
         let pp = pool_map.ptr();
         // SAFETY: the pool mapping is pool_size bytes and lives as long as its owner.
-        let pte = unsafe { PteService::new(layout, host_state, pp, Arc::new(pool_map), visibility) }
+        let pte = unsafe { PteService::new(layout, host_state.clone(), pp, Arc::new(pool_map), visibility) }
             .map_err(|e| e.to_string())?;
-        services.set_pte(pte);
-        let services = Arc::new(services);
+        let services = Arc::new(vm_services(tables, pte, host_state).map_err(|e| e.to_string())?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(VmControl { id, ..Default::default() });
         let stats = Arc::new(VmStats::default());

@@ -27,7 +27,7 @@ use crate::vmm::devices::{DeviceHost, EventDevice, EventPath};
 use crate::vmm::kvm_stats::{StatsSample, VcpuStats};
 use crate::vmm::vcpu::{describe_registers, Action, Exit, ExitHandler};
 use crate::vmm::vm::{Vm, VmError, VmSpec};
-use sidecore_core::hypercalls::register_vmm_hypercalls;
+use sidecore_core::hypercalls::vm_services;
 
 /// Running the VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -443,10 +443,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let mut services = Services::new(vm.cpuid.clone());
-    services.set_pte(vm.pte_service()?);
-    register_vmm_hypercalls(&mut services, vm.host.clone())?;
-    let services = Arc::new(services);
+    let services = Arc::new(vm_services(vm.cpuid.clone(), vm.pte_service()?, vm.host.clone())?);
     let sidecall_stats = Arc::new(VmStats::default());
     let sidecores = if opts.sidecore_cpus.is_empty() {
         None
