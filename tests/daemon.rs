@@ -151,24 +151,27 @@ fn daemon_serves_three_vmms_survives_a_sigkill_and_goes_idle() {
         assert_eq!(nums[0], nums[1], "{line}");
         assert!(nums[0] > 0, "{line}");
     }
-    // Still serving, nobody attached, and parked: under 5% of a CPU.
+    // Still serving, nobody attached, and parked: a small fraction of a CPU
+    // (spinning is 100%).
     let idle = status(&sock);
     assert_eq!(idle["vms"].as_array().map(Vec::len), Some(0), "{idle}");
     std::thread::sleep(Duration::from_millis(100));
     let t0 = cpu_ticks(d.0.id());
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(3));
     let used = cpu_ticks(d.0.id()) - t0;
     // SAFETY: sysconf has no preconditions.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    // Under 5% of a CPU natively. On an emulated host (the AMD-V bed) every
-    // timed wake-up costs far more: there it must still be parked, not
-    // spinning (a spinning daemon uses ~100%).
+    // Under 10% of a CPU natively, over 3 s (300 ticks: a bound at 5% over
+    // 1 s failed now and then at exactly 5 ticks, the parked daemon's timed
+    // naps cost 3-5% under PVM's nesting). On an emulated host (the AMD-V
+    // bed) every timed wake-up costs far more: there it must still be
+    // parked, not spinning (a spinning daemon uses ~100%).
     let emulated = sidecore_vmm::host::cpu_emulator(sidecore_vmm::host::hypervisor_signature().as_deref());
-    let limit_pct = if emulated.is_some() { 50 } else { 5 };
+    let limit_pct = if emulated.is_some() { 50 } else { 10 };
     if let Some(e) = emulated {
         eprintln!("host CPU emulated by {e}: idle bound relaxed to {limit_pct}% (used {used} ticks of {hz})");
     }
-    assert!(used * 100 < hz * limit_pct, "idle daemon used {used} ticks of {hz} in 1 s (limit {limit_pct}%)");
+    assert!(used * 100 < 3 * hz * limit_pct, "idle daemon used {used} ticks of {hz}/s in 3 s (limit {limit_pct}%)");
     let _ = std::fs::remove_file(&sock);
 }
 
