@@ -107,8 +107,8 @@ printf '%s\n' "$cmd" > "$root/cmd.sh"
 # good, or the inner kernel finds a vCPU thread's kernel stack overwritten.
 # KVM's own walk of the same tables at the same moment finds every entry
 # present, no one was changing them, and KVM injected no fault: the fault is
-# the emulator's. In 93 runs of a two-vCPU selftest with a vCPU on each inner
-# CPU (2026-12-02): 10 such triple faults, 2 vCPUs stuck, 1 kernel panic; with
+# the emulator's. In 97 runs of a two-vCPU selftest with a vCPU on each inner
+# CPU (2026-12-02): 10 such triple faults, 2 vCPUs stuck, 2 kernel panics; with
 # both vCPUs on one inner CPU 0 of 20 failed, with single-threaded TCG 0 of 20. So inside the bed the VMM's default vCPU
 # placement is the last inner CPU only (SIDECORE_VCPU_CPUS, which --vcpu-cpus
 # overrides); HWKVM_PARALLEL_GUESTS=1 turns this off to chase the emulator.
