@@ -34,11 +34,11 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
 }
 
 pub(crate) fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
-    let v = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
+    let r = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| format!("writing the JSON: {e}"))?);
     } else {
-        print!("{}", sidecore_vmm::daemon::format_status(&v));
+        print!("{}", sidecore_vmm::daemon::format_status(&r));
     }
     Ok(ExitCode::SUCCESS)
 }

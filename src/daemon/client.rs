@@ -127,54 +127,49 @@ impl Attachment {
 }
 
 /// `sidecore status`: asks the daemon for its report.
-pub fn query_status(socket: &Path) -> Result<serde_json::Value, DaemonError> {
+pub fn query_status(socket: &Path) -> Result<StatusReport, DaemonError> {
     let mut stream =
         UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-    call(&mut stream, &mut reader, &Request::Status)
+    let v = call(&mut stream, &mut reader, &Request::Status)?;
+    serde_json::from_value(v).map_err(|e| DaemonError::Protocol(format!("bad status report: {e}")))
 }
 
 /// The status report as text.
-pub fn format_status(v: &serde_json::Value) -> String {
-    let mut s = format!("sidecore daemon, up {:.0} s\n", v["uptime_s"].as_f64().unwrap_or(0.0));
-    for c in v["sidecores"].as_array().into_iter().flatten() {
+pub fn format_status(r: &StatusReport) -> String {
+    let mut s = format!("sidecore daemon, up {:.0} s\n", r.uptime_s);
+    for c in &r.sidecores {
         s += &format!(
             "  sidecore on CPU {}: {} rings, {} served, busy {:.1}%{}\n",
-            c["cpu"],
-            c["rings"],
-            c["served"],
-            c["busy_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-            if c["parked"] == serde_json::Value::Bool(true) { ", parked" } else { "" }
+            c.cpu,
+            c.rings,
+            c.served,
+            c.busy_fraction * 100.0,
+            if c.parked { ", parked" } else { "" }
         );
     }
-    let vms = v["vms"].as_array().cloned().unwrap_or_default();
-    s += &format!("{} VM(s) attached\n", vms.len());
-    for vm in vms {
+    s += &format!("{} VM(s) attached\n", r.vms.len());
+    let ns = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
+    for vm in &r.vms {
         s += &format!(
             "  vm {} pid {} vCPUs {} on CPU {}: {} calls, {} rejected, {} sent to the exit path; service p50 {} ns p99 {} ns\n",
-            vm["vm"],
-            vm["pid"],
-            vm["vcpus"],
-            vm["sidecore_cpu"],
-            vm["total"],
-            vm["rejected"],
-            vm["use_exit_path"],
-            vm["service_ns"]["p50"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
-            vm["service_ns"]["p99"].as_f64().map_or("-".into(), |x| format!("{x:.0}")),
+            vm.vm,
+            vm.pid,
+            vm.vcpus,
+            vm.sidecore_cpu.map_or("?".into(), |c| c.to_string()),
+            vm.total,
+            vm.rejected,
+            vm.use_exit_path,
+            ns(vm.service_ns.p50),
+            ns(vm.service_ns.p99),
         );
-        for c in vm["calls"].as_array().into_iter().flatten() {
-            s += &format!(
-                "      {:<10} {:<14} {}\n",
-                c["op"].as_str().unwrap_or("?"),
-                c["status"].as_str().unwrap_or("?"),
-                c["count"]
-            );
+        for c in &vm.calls {
+            s += &format!("      {:<10} {:<14} {}\n", c.op, c.status, c.count);
         }
-        let d = &vm["device"];
-        if d.is_object() {
+        if let Some(d) = &vm.device {
             s += &format!(
                 "      packet device: {} rx, {} tx, {} dropped (no buffer), {} bad descriptors, {} wake-up interrupts\n",
-                d["rx"], d["tx"], d["rx_no_buffer"], d["bad_desc"], d["interrupts"]
+                d.rx, d.tx, d.rx_no_buffer, d.bad_desc, d.interrupts
             );
         }
     }

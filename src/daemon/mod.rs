@@ -22,6 +22,7 @@ mod attach;
 pub mod client;
 pub mod metrics;
 pub mod protocol;
+pub mod status;
 mod transport;
 
 pub use attach::validate_attach;
@@ -54,6 +55,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 use crate::host::memfd::Mapping;
 use sidecore_core::hypercalls::vm_services;
+pub use status::{CallCount, CoreStatus, DeviceStatus, PteStatus, Quantiles, StatusReport, VmStatus};
 
 /// Starting the daemon or talking to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -296,20 +298,35 @@ impl Daemon {
 
     /// Plain numbers for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot::from(&self.status_report())
+    }
+
+    /// The status report, as the control socket sends it.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.status_report())
+            .unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("status report: {e}")}))
+    }
+
+    /// The status report.
+    pub fn status_report(&self) -> StatusReport {
         let tsc = self.tsc;
-        let cores = self
+        let sidecores = self
             .cores
             .iter()
             .zip(&self.cpus)
             .map(|(c, cpu)| {
                 let s = c.stats();
-                CoreSnapshot {
+                let sweeps = s.sweeps.load(Ordering::Relaxed);
+                let busy = s.busy_sweeps.load(Ordering::Relaxed);
+                CoreStatus {
                     cpu: *cpu,
                     rings: s.rings.load(Ordering::Relaxed) as u64,
                     served: s.served.load(Ordering::Relaxed),
-                    sweeps: s.sweeps.load(Ordering::Relaxed),
-                    busy_sweeps: s.busy_sweeps.load(Ordering::Relaxed),
+                    sweeps,
+                    busy_sweeps: busy,
+                    busy_fraction: if sweeps > 0 { tsc_f64(busy) / tsc_f64(sweeps) } else { 0.0 },
                     parked: s.parked.load(Ordering::Relaxed) == 1,
+                    parks: s.parks.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -331,16 +348,38 @@ impl Daemon {
                                 buckets.push((upper_ns, cumulative));
                             }
                         }
-                        VmSnapshot {
+                        let q = |p: f64| snap.service_quantile(p).map(|c| tsc.ns(c));
+                        VmStatus {
                             vm: *id,
                             pid: vm.pid,
+                            uid: vm.uid,
                             vcpus: vm.vcpus,
-                            sidecore_cpu: self.cpus.get(vm.core).copied().unwrap_or(0),
+                            sidecore: vm.core,
+                            sidecore_cpu: self.cpus.get(vm.core).copied(),
+                            attached_s: vm.attached.elapsed().as_secs_f64(),
+                            paused: vm.control.paused.load(Ordering::Relaxed),
+                            total: snap.total(),
+                            rejected: snap.rejected(),
+                            use_exit_path: snap.calls.iter().map(|row| row[Status::UseExitPath as usize]).sum(),
+                            cancelled: snap.cancelled,
                             calls: snap
                                 .nonzero()
                                 .into_iter()
-                                .map(|(o, st, n)| (o.to_string(), st.to_string(), n))
+                                .map(|(op, st, n)| CallCount { op: op.to_string(), status: st.to_string(), count: n })
                                 .collect(),
+                            pte: vm.services.pte().map(|p| PteStatus {
+                                maps: p.counters.maps.load(Ordering::Relaxed),
+                                to_exit_path: p.counters.to_exit_path.load(Ordering::Relaxed),
+                                refused: p.counters.refused.load(Ordering::Relaxed),
+                            }),
+                            device: vm.device.as_ref().map(|d| DeviceStatus {
+                                rx: d.rx.load(Ordering::Relaxed),
+                                tx: d.tx.load(Ordering::Relaxed),
+                                rx_no_buffer: d.rx_no_buffer.load(Ordering::Relaxed),
+                                bad_desc: d.bad_desc.load(Ordering::Relaxed),
+                                interrupts: d.interrupts.load(Ordering::Relaxed),
+                            }),
+                            service_ns: Quantiles { p50: q(0.5), p90: q(0.9), p99: q(0.99), p999: q(0.999) },
                             service_buckets: buckets,
                             service_count: cumulative,
                             service_sum_ns: sum_ns,
@@ -349,89 +388,13 @@ impl Daemon {
                     .collect()
             })
             .unwrap_or_default();
-        MetricsSnapshot { cores, vms }
-    }
-
-    /// The status report.
-    pub fn status(&self) -> serde_json::Value {
-        let tsc = self.tsc;
-        let cores: Vec<_> = self
-            .cores
-            .iter()
-            .zip(&self.cpus)
-            .map(|(c, cpu)| {
-                let s = c.stats();
-                let sweeps = s.sweeps.load(Ordering::Relaxed);
-                let busy = s.busy_sweeps.load(Ordering::Relaxed);
-                serde_json::json!({
-                    "cpu": cpu,
-                    "rings": s.rings.load(Ordering::Relaxed),
-                    "served": s.served.load(Ordering::Relaxed),
-                    "sweeps": sweeps,
-                    "busy_fraction": if sweeps > 0 { tsc_f64(busy) / tsc_f64(sweeps) } else { 0.0 },
-                    "parked": s.parked.load(Ordering::Relaxed) == 1,
-                    "parks": s.parks.load(Ordering::Relaxed),
-                })
-            })
-            .collect();
-        let vms: Vec<_> = self
-            .vms
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(id, vm)| {
-                        let snap = vm.stats.snapshot();
-                        let calls: Vec<_> = snap
-                            .nonzero()
-                            .into_iter()
-                            .map(|(op, st, n)| serde_json::json!({"op": op, "status": st, "count": n}))
-                            .collect();
-                        let q = |p: f64| snap.service_quantile(p).map(|c| tsc.ns(c));
-                        let pte = vm.services.pte().map(|p| {
-                            serde_json::json!({
-                                "maps": p.counters.maps.load(Ordering::Relaxed),
-                                "to_exit_path": p.counters.to_exit_path.load(Ordering::Relaxed),
-                                "refused": p.counters.refused.load(Ordering::Relaxed),
-                            })
-                        });
-                        let device = vm.device.as_ref().map(|d| {
-                            serde_json::json!({
-                                "rx": d.rx.load(Ordering::Relaxed),
-                                "tx": d.tx.load(Ordering::Relaxed),
-                                "rx_no_buffer": d.rx_no_buffer.load(Ordering::Relaxed),
-                                "bad_desc": d.bad_desc.load(Ordering::Relaxed),
-                                "interrupts": d.interrupts.load(Ordering::Relaxed),
-                            })
-                        });
-                        serde_json::json!({
-                            "vm": id,
-                            "pid": vm.pid,
-                            "uid": vm.uid,
-                            "vcpus": vm.vcpus,
-                            "sidecore": vm.core,
-                            "sidecore_cpu": self.cpus.get(vm.core),
-                            "attached_s": vm.attached.elapsed().as_secs_f64(),
-                            "paused": vm.control.paused.load(Ordering::Relaxed),
-                            "total": snap.total(),
-                            "rejected": snap.rejected(),
-                            "use_exit_path": snap.calls.iter().map(|row| row[Status::UseExitPath as usize]).sum::<u64>(),
-                            "cancelled": snap.cancelled,
-                            "calls": calls,
-                            "pte": pte,
-                            "device": device,
-                            "service_ns": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999)},
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        serde_json::json!({
-            "ok": true,
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "ops": OP_CLASS_NAMES,
-            "sidecores": cores,
-            "vms": vms,
-        })
+        StatusReport {
+            ok: true,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            ops: OP_CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+            sidecores,
+            vms,
+        }
     }
 
     fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>) {
@@ -670,17 +633,39 @@ mod tests {
 
     #[test]
     fn status_text_survives_odd_json() {
-        let t = format_status(
-            &serde_json::json!({"uptime_s": 3.0, "sidecores": [{"cpu": 0}], "vms": [{"vm": 1, "calls": [{}]}]}),
-        );
-        assert!(t.contains("1 VM(s) attached"));
-        let t = format_status(&serde_json::json!(null));
-        assert!(t.contains("0 VM(s)"));
-        let t = format_status(&serde_json::json!({"vms": [{"vm": 2, "device": {"rx": 5, "tx": 4, "rx_no_buffer": 1,
-            "bad_desc": 0, "interrupts": 3}}]}));
+        let parse = |v: serde_json::Value| serde_json::from_value::<StatusReport>(v);
+        let r =
+            parse(serde_json::json!({"uptime_s": 3.0, "sidecores": [{"cpu": 0}], "vms": [{"vm": 1, "calls": [{}]}]}))
+                .expect("missing fields take their defaults");
+        assert!(format_status(&r).contains("1 VM(s) attached"));
+        assert!(parse(serde_json::json!(null)).is_err(), "not a report: an error, not a panic");
+        assert!(parse(serde_json::json!({"vms": 3})).is_err());
+        let r = parse(serde_json::json!({"vms": [{"vm": 2, "device": {"rx": 5, "tx": 4, "rx_no_buffer": 1,
+            "bad_desc": 0, "interrupts": 3}}]}))
+        .expect("report");
+        let t = format_status(&r);
         assert!(
             t.contains("packet device: 5 rx, 4 tx, 1 dropped (no buffer), 0 bad descriptors, 3 wake-up interrupts"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_metrics_snapshot_is_read_from_the_status_report() {
+        let r = StatusReport {
+            sidecores: vec![CoreStatus { cpu: 3, served: 7, busy_sweeps: 2, ..CoreStatus::default() }],
+            vms: vec![VmStatus {
+                vm: 9,
+                sidecore_cpu: Some(3),
+                calls: vec![CallCount { op: "null".into(), status: "ok".into(), count: 5 }],
+                service_count: 5,
+                ..VmStatus::default()
+            }],
+            ..StatusReport::default()
+        };
+        let m = MetricsSnapshot::from(&r);
+        assert_eq!((m.cores[0].cpu, m.cores[0].served, m.cores[0].busy_sweeps), (3, 7, 2));
+        assert_eq!((m.vms[0].vm, m.vms[0].sidecore_cpu, m.vms[0].service_count), (9, 3, 5));
+        assert_eq!(m.vms[0].calls, vec![("null".to_string(), "ok".to_string(), 5)]);
     }
 }
