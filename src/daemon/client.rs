@@ -21,13 +21,18 @@ pub(super) fn call(
 ) -> Result<serde_json::Value, DaemonError> {
     let line = serde_json::to_string(req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
     writeln!(stream, "{line}").map_err(|e| DaemonError::Protocol(e.to_string()))?;
+    read_reply(reader, "error")
+}
+
+/// The daemon's reply line: its JSON if `ok`, else its error (or `refused`).
+fn read_reply(reader: &mut BufReader<UnixStream>, refused: &str) -> Result<serde_json::Value, DaemonError> {
     let reply = read_line(reader)
         .map_err(DaemonError::Protocol)?
         .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
     let v: serde_json::Value =
         serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
     if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("error").to_string()));
+        return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or(refused).to_string()));
     }
     Ok(v)
 }
@@ -55,14 +60,7 @@ impl Attachment {
             )
             .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-        let reply = read_line(&mut reader)
-            .map_err(DaemonError::Protocol)?
-            .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
-        if v["ok"] != serde_json::Value::Bool(true) {
-            return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or("attach refused").to_string()));
-        }
+        let v = read_reply(&mut reader, "attach refused")?;
         Ok(Attachment {
             stream: Mutex::new(stream),
             reader: Mutex::new(reader),
