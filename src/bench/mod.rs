@@ -81,7 +81,7 @@ pub struct BenchCollector {
     host_series: Mutex<Vec<(String, String, Series)>>,
     /// The floor measured beside each host-timed op.
     host_floor: Mutex<BTreeMap<String, Series>>,
-    tsc_khz: u64,
+    tsc: TscRate,
     progress: Option<ProgressFn>,
 }
 
@@ -123,7 +123,7 @@ impl BenchCollector {
             floor_by_op: Mutex::new(BTreeMap::new()),
             host_series: Mutex::new(Vec::new()),
             host_floor: Mutex::new(BTreeMap::new()),
-            tsc_khz,
+            tsc: TscRate::from_khz(tsc_khz),
             progress,
         }
     }
@@ -253,7 +253,7 @@ impl BenchCollector {
     }
 
     fn ns(&self, cycles: u64) -> f64 {
-        TscRate::from_khz(self.tsc_khz).ns(cycles)
+        self.tsc.ns(cycles)
     }
 
     fn stat(&self, h: &Histogram<u64>) -> Stat {
@@ -336,7 +336,7 @@ impl BenchCollector {
         let ratios = ratios(&results, &floor_by_op);
         BenchReport {
             backend: header.backend,
-            tsc_khz: self.tsc_khz,
+            tsc_khz: self.tsc.khz(),
             vcpu_cpu: header.vcpu_cpu,
             vcpu_cpus: header.vcpu_cpus,
             sidecore_cpu: header.sidecore_cpu,

@@ -78,11 +78,12 @@ impl Attachment {
 
     /// The number of requests the daemon has answered for this VM.
     pub fn served(&self) -> Result<u64, DaemonError> {
-        let v = self.request(&Request::Status)?;
-        v["vms"]
-            .as_array()
-            .and_then(|vms| vms.iter().find(|vm| vm["vm"].as_u64() == Some(self.vm)))
-            .and_then(|vm| vm["total"].as_u64())
+        let report = status_report(self.request(&Request::Status)?)?;
+        report
+            .vms
+            .iter()
+            .find(|vm| vm.vm == self.vm)
+            .map(|vm| vm.total)
             .ok_or_else(|| DaemonError::Protocol("the daemon does not list this VM".into()))
     }
 
@@ -129,7 +130,11 @@ pub fn query_status(socket: &Path) -> Result<StatusReport, DaemonError> {
     let mut stream =
         UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-    let v = call(&mut stream, &mut reader, &Request::Status)?;
+    status_report(call(&mut stream, &mut reader, &Request::Status)?)
+}
+
+/// A status reply, typed.
+fn status_report(v: serde_json::Value) -> Result<StatusReport, DaemonError> {
     serde_json::from_value(v).map_err(|e| DaemonError::Protocol(format!("bad status report: {e}")))
 }
 

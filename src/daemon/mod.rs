@@ -301,10 +301,10 @@ impl Daemon {
         MetricsSnapshot::from(&self.status_report())
     }
 
-    /// The status report, as the control socket sends it.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::to_value(self.status_report())
-            .unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("status report: {e}")}))
+    /// The status report as the control socket sends it: one JSON line.
+    pub fn status(&self) -> String {
+        serde_json::to_string(&self.status_report())
+            .unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("status report: {e}")}).to_string())
     }
 
     /// The status report.
