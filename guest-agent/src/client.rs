@@ -6,7 +6,8 @@ use core::sync::atomic::Ordering;
 
 use shm_proto::boot::{CpuidInsn, HypercallInsn};
 use shm_proto::op::{self, encode_head, Opcode, Status, WORDS};
-use shm_proto::ring::{next_ticket, slot_index, Body};
+use shm_proto::ring::Body;
+use shm_proto::sidecall::{ticket_add, GuestRing, Poll, Withdraw};
 
 use crate::arch;
 use crate::Env;
@@ -37,7 +38,7 @@ pub struct Client<'a> {
     env: &'a Env,
     hypercall_insn: HypercallInsn,
     cpuid_insn: CpuidInsn,
-    ticket: u64,
+    ring: GuestRing,
     /// The sidecore is used at all (boot-info `sidecalls`).
     enabled: bool,
     /// Marked absent after a fallback: use the exit path until the back-off
@@ -45,6 +46,8 @@ pub struct Client<'a> {
     absent: bool,
     absent_since: u64,
     heartbeat_at_absent: u64,
+    /// A batch is in flight (see [`Client::replied`]).
+    in_batch: bool,
 }
 
 impl<'a> Client<'a> {
@@ -54,17 +57,17 @@ impl<'a> Client<'a> {
         // check() has validated both enums.
         let hypercall_insn = HypercallInsn::from_u32(boot.hypercall_insn).unwrap_or(HypercallInsn::PvmInt1b);
         let cpuid_insn = CpuidInsn::from_u32(boot.cpuid_insn).unwrap_or(CpuidInsn::PvmInt1a);
-        // Continue from wherever the ring is (a previous workload may have used it).
-        let ticket = env.shared.producer.value.load(Ordering::Relaxed);
         Client {
             env,
             hypercall_insn,
             cpuid_insn,
-            ticket,
+            // Wherever the sidecore is (a previous workload may have used the ring).
+            ring: GuestRing::resume(env.shared),
             enabled: boot.sidecalls != 0,
             absent: false,
             absent_since: 0,
             heartbeat_at_absent: 0,
+            in_batch: false,
         }
     }
 
@@ -84,8 +87,9 @@ impl<'a> Client<'a> {
         if self.sidecore_usable() {
             match self.sidecall(opcode, args) {
                 // A server that cannot carry this out (a daemon that does not
-                // own the VM fd) sends it to the exit path; it was not applied.
-                Some(r) if r.status == Status::UseExitPath => {}
+                // own the VM fd) sends it to the exit path, as does a refused
+                // sequence; neither was applied.
+                Some(r) if matches!(r.status, Status::UseExitPath | Status::BadSequence) => {}
                 Some(r) => return r,
                 None => {}
             }
@@ -94,8 +98,14 @@ impl<'a> Client<'a> {
     }
 
     fn sidecore_usable(&mut self) -> bool {
+        let host = &self.env.shared.host;
         // A sidecore the VMM knows is gone for good is not probed again.
-        if !self.enabled || self.env.shared.host.sidecore_lost.load(Ordering::Relaxed) != 0 {
+        if !self.enabled || host.sidecore_lost.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        // A paused ring is not probed either: straight to the exit path.
+        if host.paused.load(Ordering::Relaxed) != 0 {
+            bump(&self.env.shared.guest.paused_exits);
             return false;
         }
         if !self.absent {
@@ -110,58 +120,102 @@ impl<'a> Client<'a> {
         !self.absent
     }
 
-    /// One sidecall; `None` if it timed out and was cancelled (the caller then
-    /// takes the exit path).
+    fn mark_absent(&mut self) {
+        self.absent = true;
+        self.absent_since = arch::rdtsc();
+        self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
+    }
+
+    /// One sidecall; `None` if it was not carried out by the sidecore: the
+    /// ring was busy, or the call timed out and was withdrawn, or the
+    /// sidecore stopped answering a NULL or CPUID call it had claimed (the
+    /// caller then takes the exit path).
     pub fn sidecall(&mut self, opcode: u16, args: [u64; WORDS]) -> Option<Reply> {
-        let t = self.ticket;
-        let slot = &self.env.shared.slots[slot_index(t)];
-        slot.post(t, &Body { head: encode_head(opcode, 0), words: args });
-        self.ticket = next_ticket(t);
-        self.env.shared.producer.value.store(self.ticket, Ordering::Relaxed);
+        let vs = self.env.shared;
+        let Some(t) = self.ring.post(vs, &Body { head: encode_head(opcode, 0), words: args }) else {
+            // Both slots busy: the sidecore holds a call it has not answered.
+            bump(&vs.guest.fallbacks);
+            self.mark_absent();
+            return None;
+        };
+        vs.producer.value.store(self.ring.ticket(), Ordering::Relaxed);
         self.ring_doorbell_if_parked();
         let bound = self.env.boot.sidecall_timeout[op::op_class(opcode)];
         let start = arch::rdtsc();
-        let g = &self.env.shared.guest;
         loop {
-            if let Some(body) = slot.poll_reply(t) {
-                bump(&g.sidecalls);
-                return Some(reply_of(&body, Via::Sidecall));
+            if let Poll::Done(body) = GuestRing::poll(vs, t) {
+                return Some(self.replied(&body));
             }
             if arch::rdtsc().wrapping_sub(start) > bound {
                 break;
             }
         }
-        if slot.try_cancel(t) {
-            bump(&g.fallbacks);
-            self.absent = true;
-            self.absent_since = arch::rdtsc();
-            self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
-            return None;
+        match self.ring.withdraw(vs, t) {
+            Withdraw::Withdrawn => {
+                bump(&vs.guest.fallbacks);
+                self.mark_absent();
+                None
+            }
+            Withdraw::Done(body) => Some(self.replied(&body)),
+            // The sidecore claimed the call before the withdrawal: it will
+            // answer, and the call must not be made again.
+            Withdraw::Claimed => {
+                bump(&vs.guest.late_replies);
+                self.wait_claimed(t, opcode)
+            }
+            Withdraw::Gone => self.lost(opcode),
         }
-        // The sidecore claimed the call before the cancel: it will answer, and
-        // the call must not be made again.
-        bump(&g.late_replies);
-        self.wait_claimed(slot, t, opcode)
     }
 
-    /// Waits for the reply to a call the sidecore claimed, until it comes or
-    /// the VMM says the sidecore is gone for good (its daemon died). Then
-    /// nobody will answer and whether the call was carried out is unknown:
-    /// a NULL or CPUID call, which changes nothing, is `None` (the caller
-    /// takes the exit path); any other gets [`Status::HostError`].
-    fn wait_claimed(&self, slot: &shm_proto::ring::Slot, t: u64, opcode: u16) -> Option<Reply> {
-        let g = &self.env.shared.guest;
+    /// A reply that came. A `BadSequence` one (the sidecore followed the
+    /// lap of a ticket the guest should not have used) resynchronises, unless
+    /// a batch is in flight (it does so once the batch is answered).
+    fn replied(&mut self, body: &Body) -> Reply {
+        bump(&self.env.shared.guest.sidecalls);
+        let r = reply_of(body, Via::Sidecall);
+        if r.status == Status::BadSequence && !self.in_batch {
+            self.ring.resync(self.env.shared);
+        }
+        r
+    }
+
+    /// A claimed call nobody will answer: whether it was carried out is
+    /// unknown. A NULL or CPUID call, which changes nothing, is `None` (the
+    /// caller takes the exit path); any other gets [`Status::HostError`].
+    fn lost(&mut self, opcode: u16) -> Option<Reply> {
+        self.ring.resync(self.env.shared);
+        self.mark_absent();
+        if opcode == Opcode::Null as u16 || opcode == Opcode::Cpuid as u16 {
+            None
+        } else {
+            Some(Reply { status: Status::HostError, words: [0; WORDS], via: Via::Sidecall })
+        }
+    }
+
+    /// Waits for the reply to a call the sidecore claimed, until it comes,
+    /// the VMM says the sidecore is gone for good (its daemon died), or the
+    /// heartbeat stands still for the liveness bound (a stopped or hung
+    /// sidecore); in the last two cases the call is [`Client::lost`].
+    fn wait_claimed(&mut self, t: u64, opcode: u16) -> Option<Reply> {
+        let vs = self.env.shared;
+        let hb = &self.env.header.heartbeat.value;
+        let (mut beat, mut since) = (hb.load(Ordering::Relaxed), arch::rdtsc());
         loop {
-            if let Some(body) = slot.poll_reply(t) {
-                bump(&g.sidecalls);
-                return Some(reply_of(&body, Via::Sidecall));
+            match GuestRing::poll(vs, t) {
+                Poll::Done(body) => return Some(self.replied(&body)),
+                Poll::Claimed => {}
+                Poll::Pending | Poll::Gone => return self.lost(opcode),
             }
-            if self.env.shared.host.sidecore_lost.load(Ordering::Acquire) != 0 {
-                return if opcode == Opcode::Null as u16 || opcode == Opcode::Cpuid as u16 {
-                    None
-                } else {
-                    Some(Reply { status: Status::HostError, words: [0; WORDS], via: Via::Sidecall })
-                };
+            if vs.host.sidecore_lost.load(Ordering::Acquire) != 0 {
+                return self.lost(opcode);
+            }
+            let now = arch::rdtsc();
+            let b = hb.load(Ordering::Relaxed);
+            if b != beat {
+                (beat, since) = (b, now);
+            } else if now.wrapping_sub(since) > self.env.boot.sidecore_liveness {
+                bump(&vs.guest.abandoned);
+                return self.lost(opcode);
             }
             core::hint::spin_loop();
         }
@@ -170,61 +224,74 @@ impl<'a> Client<'a> {
     /// Posts every request of `reqs` (at most a ring's worth) in consecutive
     /// slots, then waits for all of them once: the sidecore streams through
     /// them instead of paying a round trip each. Each request keeps the
-    /// at-most-once rule: one that gets no reply in time is cancelled and
-    /// taken by the exit path; one whose cancel loses is waited for.
+    /// at-most-once rule, and the batch keeps its order: when one gets no
+    /// reply in time, the rest are withdrawn from the end
+    /// ([`GuestRing::withdraw_tail`]), the ones the sidecore holds are waited
+    /// for, and the withdrawn ones run by exit path in order.
     pub fn call_batch(&mut self, reqs: &[(u16, [u64; WORDS])], out: &mut [Reply]) {
         let n = reqs.len().min(out.len()).min(shm_proto::ring::RING_SLOTS);
-        if !self.sidecore_usable() {
-            for (r, o) in reqs[..n].iter().zip(out.iter_mut()) {
-                *o = self.exit_call(r.0, r.1);
-            }
-            return;
+        let mut bodies = [Body::default(); shm_proto::ring::RING_SLOTS];
+        for (b, (op, args)) in bodies.iter_mut().zip(&reqs[..n]) {
+            *b = Body { head: encode_head(*op, 0), words: *args };
         }
-        let first = self.ticket;
-        let mut t = first;
-        for (op, args) in &reqs[..n] {
-            self.env.shared.slots[slot_index(t)].post(t, &Body { head: encode_head(*op, 0), words: *args });
-            t = next_ticket(t);
+        let vs = self.env.shared;
+        let (first, posted) = if self.sidecore_usable() { self.ring.post_batch(vs, &bodies[..n]) } else { (0, 0) };
+        if posted > 0 {
+            vs.producer.value.store(self.ring.ticket(), Ordering::Relaxed);
+            self.ring_doorbell_if_parked();
         }
-        self.ticket = t;
-        self.env.shared.producer.value.store(t, Ordering::Relaxed);
-        self.ring_doorbell_if_parked();
-        let g = &self.env.shared.guest;
-        let start = arch::rdtsc();
-        let mut t = first;
-        for (i, (op, args)) in reqs[..n].iter().enumerate() {
-            // The bound covers the whole batch: each call may wait for the
-            // ones before it.
-            let bound = self.env.boot.sidecall_timeout[op::op_class(*op)].saturating_mul(1 + i as u64 / 8);
-            let slot = &self.env.shared.slots[slot_index(t)];
+        // Calls [i, held) are posted and the sidecore's until withdrawn.
+        let mut held = posted;
+        self.in_batch = true;
+        let mut refused = false;
+        let (mut start, mut base) = (arch::rdtsc(), 0usize);
+        let mut i = 0;
+        while i < held {
+            let t = ticket_add(first, i);
+            let (op, args) = reqs[i];
+            // The bound covers the batch: each call may wait for the ones
+            // before it.
+            let bound = self.env.boot.sidecall_timeout[op::op_class(op)].saturating_mul(1 + (i - base) as u64 / 8);
             let mut reply = None;
-            while reply.is_none() && arch::rdtsc().wrapping_sub(start) <= bound {
-                reply = slot.poll_reply(t);
+            loop {
+                if let Poll::Done(body) = GuestRing::poll(vs, t) {
+                    reply = Some(self.replied(&body));
+                    break;
+                }
+                if arch::rdtsc().wrapping_sub(start) > bound {
+                    break;
+                }
+            }
+            if reply.is_none() {
+                // Its bound passed: withdraw the rest of the batch, last
+                // first; what the sidecore already holds is waited for.
+                held = self.ring.withdraw_tail(vs, first, i, held);
+                if held == i {
+                    bump(&vs.guest.fallbacks);
+                    self.mark_absent();
+                    break;
+                }
+                bump(&vs.guest.late_replies);
+                reply = self.wait_claimed(t, op);
+                (start, base) = (arch::rdtsc(), i + 1);
             }
             out[i] = match reply {
-                Some(body) => {
-                    bump(&g.sidecalls);
-                    reply_of(&body, Via::Sidecall)
+                Some(r) if matches!(r.status, Status::UseExitPath | Status::BadSequence) => {
+                    refused |= r.status == Status::BadSequence;
+                    self.exit_call(op, args)
                 }
-                None if slot.try_cancel(t) => {
-                    bump(&g.fallbacks);
-                    self.absent = true;
-                    self.absent_since = arch::rdtsc();
-                    self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
-                    self.exit_call(*op, *args)
-                }
-                None => {
-                    bump(&g.late_replies);
-                    match self.wait_claimed(slot, t, *op) {
-                        Some(r) => r,
-                        None => self.exit_call(*op, *args),
-                    }
-                }
+                Some(r) => r,
+                None => self.exit_call(op, args),
             };
-            if out[i].via == Via::Sidecall && out[i].status == Status::UseExitPath {
-                out[i] = self.exit_call(*op, *args);
-            }
-            t = next_ticket(t);
+            i += 1;
+        }
+        self.in_batch = false;
+        if refused {
+            self.ring.resync(vs);
+        }
+        // What was never posted or was withdrawn, in order.
+        for j in i..n {
+            out[j] = self.exit_call(reqs[j].0, reqs[j].1);
         }
     }
 

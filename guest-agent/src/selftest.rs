@@ -347,7 +347,12 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
         return;
     }
     let mut sum = base.words[0];
-    let fallbacks0 = g.fallbacks.load(Ordering::Relaxed);
+    // A call the stopped sidecore did not answer either fell back after its
+    // bound or went straight to the exit path because the ring said paused.
+    let missed = || g.fallbacks.load(Ordering::Relaxed) + g.paused_exits.load(Ordering::Relaxed);
+    let missed0 = missed();
+    let pause = env.boot.tsc_khz.saturating_mul(env.boot.args[args::selftest::PAUSE_MS]);
+    let paused_at = arch::rdtsc();
     if env.vcpu == 0 {
         arch::outl(control, CONTROL_STOP_SIDECORE);
     }
@@ -373,11 +378,11 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
             Via::Sidecall => by_side += 1,
             Via::Exit => by_exit += 1,
         }
-        if by_exit >= 50 && g.fallbacks.load(Ordering::Relaxed) > fallbacks0 {
+        if by_exit >= 50 && missed() > missed0 && arch::rdtsc().wrapping_sub(paused_at) >= pause {
             break;
         }
     }
-    if g.fallbacks.load(Ordering::Relaxed) == fallbacks0 {
+    if missed() == missed0 {
         ck.fail(format_args!("the sidecore was stopped but no sidecall fell back ({i} calls)"));
     }
     if !barrier(env, 2) {
@@ -422,10 +427,11 @@ fn fallback_phase(env: &Env, c: &mut Client, ck: &mut Check) {
     let mut con = Console::new(env);
     let _ = writeln!(
         con,
-        "selftest: vCPU {}: fallback phase: {i} counter calls, {by_side} by sidecall, {by_exit} by exit, {} cancelled, {} late replies, none lost or doubled",
+        "selftest: vCPU {}: fallback phase: {i} counter calls, {by_side} by sidecall, {by_exit} by exit, {} cancelled or sent straight to the exit path, {} late replies, {} abandoned, none lost or doubled",
         env.vcpu,
-        g.fallbacks.load(Ordering::Relaxed) - fallbacks0,
+        missed().wrapping_sub(missed0),
         g.late_replies.load(Ordering::Relaxed),
+        g.abandoned.load(Ordering::Relaxed),
     );
 }
 

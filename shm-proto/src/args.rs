@@ -17,6 +17,10 @@ pub mod selftest {
     /// 1: polite, no deliberately invalid sidecalls (a good VM beside a
     /// hostile one).
     pub const POLITE: usize = 2;
+    /// Milliseconds, at least, that the fallback phase keeps the sidecore
+    /// stopped (paused under a daemon) while the guest keeps calling
+    /// (default 0: until 50 calls went by exit path).
+    pub const PAUSE_MS: usize = 3;
 }
 
 /// `chaos`: hostile requests on the ring.

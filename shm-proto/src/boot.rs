@@ -309,6 +309,11 @@ pub struct BootInfo {
     /// write access to the guest's tables (EPT A/D bits, AMD's walker), and
     /// the trap view is [`crate::layout::PT_TRAP_GPA`].
     pub pt_trap_gpa: u64,
+    /// How long (TSC cycles) the guest waits for a claimed call while the
+    /// heartbeat stands still before it gives the call up: the sidecore is
+    /// stopped or hung. A NULL or CPUID call then takes the exit path, any
+    /// other reports [`crate::op::Status::HostError`].
+    pub sidecore_liveness: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 4096);
@@ -331,6 +336,7 @@ const _: () = assert!(core::mem::offset_of!(BootInfo, sidecall_backoff) == 216);
 const _: () = assert!(core::mem::offset_of!(BootInfo, pt_root) == 224);
 const _: () = assert!(core::mem::offset_of!(BootInfo, pt_pool_free) == 232);
 const _: () = assert!(core::mem::offset_of!(BootInfo, pt_trap_gpa) == 240);
+const _: () = assert!(core::mem::offset_of!(BootInfo, sidecore_liveness) == 248);
 
 impl BootInfo {
     /// A boot-info page for `backend` with every field but the layout filled
@@ -365,6 +371,7 @@ impl BootInfo {
             pt_root: 0,
             pt_pool_free: 0,
             pt_trap_gpa: 0,
+            sidecore_liveness: 0,
         }
     }
 

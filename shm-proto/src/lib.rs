@@ -10,6 +10,8 @@
 //! * [`boot`]: the boot-info page the VMM writes for the guest.
 //! * [`ring`]: the shared region — header, per-vCPU rings of 64-byte slots,
 //!   the lap-counted slot state word.
+//! * [`sidecall`]: the guest's side of the slot protocol — backpressure,
+//!   resynchronisation, ordered batches.
 //! * [`event`]: posted events, the halt/wake protocol, the packet device's
 //!   queues.
 //! * [`bench`]: how the guest hands benchmark samples to the VMM.
@@ -23,7 +25,8 @@ pub mod event;
 pub mod layout;
 pub mod op;
 pub mod ring;
+pub mod sidecall;
 
 /// Version of the whole ABI (boot-info page and shared region). Bumped on any
 /// incompatible change; both sides refuse a mismatch.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;

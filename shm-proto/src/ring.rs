@@ -19,11 +19,14 @@
 //!   guest, no reply in time: CAS (t, POSTED) -> (t, CANCELLED), then take the
 //!             exit path; if the CAS fails the sidecore has claimed the call
 //!             and the guest waits for its reply.
+//!   sidecore: state == (t, CANCELLED) with t == expected:
+//!             CAS (t, CANCELLED) -> (t, SKIPPED), expect t + 1
 //! ```
 //!
 //! The compare-and-swap on both sides makes every call happen **at most
-//! once**. A slot is written by one side at a time: the guest while it is
-//! EMPTY/DONE/CANCELLED, the sidecore while it is CLAIMED.
+//! once**. A slot is written by one side at a time: the sidecore while it
+//! holds the claim, the guest otherwise. Backpressure, resynchronisation and
+//! batch order (ABI v2) are in [`crate::sidecall`].
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,6 +34,10 @@ use crate::op::WORDS;
 
 /// Slots per vCPU ring (a power of two).
 pub const RING_SLOTS: usize = 64;
+/// [`RING_SLOTS`] in ticket distance: one lap.
+const RING_LAP: i64 = 64;
+const _: () = assert!(RING_LAP.unsigned_abs() == RING_SLOTS as u64);
+
 /// Bits of a state word that hold the ticket.
 pub const TICKET_BITS: u32 = 60;
 /// Mask of a ticket.
@@ -51,6 +58,9 @@ pub enum SlotState {
     /// The guest gave up waiting and withdrew the request before anyone
     /// claimed it.
     Cancelled = 4,
+    /// The sidecore passed a cancelled ticket (ABI v2): a guest that meets
+    /// its own ticket in this state knows the sidecore is past it.
+    Skipped = 5,
 }
 
 impl SlotState {
@@ -63,6 +73,7 @@ impl SlotState {
             2 => Some(SlotState::Claimed),
             3 => Some(SlotState::Done),
             4 => Some(SlotState::Cancelled),
+            5 => Some(SlotState::Skipped),
             _ => None,
         }
     }
@@ -97,6 +108,21 @@ pub const fn ticket_distance(expected: u64, t: u64) -> i64 {
     // Shift into the top bits so the subtraction wraps at 2^60.
     let d = (t.wrapping_sub(expected) << 4).cast_signed();
     d >> 4
+}
+
+/// What [`Slot::try_post`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TryPost {
+    /// The request is published.
+    Posted,
+    /// The sidecore holds the slot.
+    Busy,
+    /// The slot says the sidecore finished with this very ticket: it is
+    /// past it.
+    Passed,
+    /// The slot says the sidecore last finished a lap of it other than the
+    /// previous one: the guest should ask where the sidecore is.
+    Foreign,
 }
 
 /// One 64-byte ring slot.
@@ -148,10 +174,57 @@ impl Slot {
         }
     }
 
-    /// Guest side: publishes `body` as ticket `t`.
+    /// Publishes `body` as ticket `t` unconditionally: for a producer that
+    /// knows it owns the slot (host-side benchmarks and tests). A guest posts
+    /// with [`Slot::try_post`].
     pub fn post(&self, t: u64, body: &Body) {
         self.write_body(body);
         self.state.store(state_word(t, SlotState::Posted), Ordering::Release);
+    }
+
+    /// Guest side: publishes `body` as ticket `t` if the guest owns the slot
+    /// ([`crate::sidecall`]). Nothing is written unless it returns
+    /// [`TryPost::Posted`]. A finished word of `t` itself is
+    /// [`TryPost::Passed`], of another lap than `t - 64` (the sidecore
+    /// followed some other lap here) [`TryPost::Foreign`], unless `trusted`:
+    /// the sidecore said it expects `t`, so the word is the guest's.
+    pub fn try_post(&self, t: u64, body: &Body, trusted: bool) -> TryPost {
+        let mut w = self.state.load(Ordering::Acquire);
+        loop {
+            let x = word_ticket(w);
+            match SlotState::from_bits(w) {
+                Some(SlotState::Claimed) => return TryPost::Busy,
+                Some(SlotState::Skipped | SlotState::Done) if slot_index(x) == slot_index(t) && !trusted => {
+                    let d = ticket_distance(t, x);
+                    if d == 0 {
+                        // The sidecore finished with this very ticket.
+                        return TryPost::Passed;
+                    }
+                    if d != -RING_LAP {
+                        return TryPost::Foreign;
+                    }
+                    break;
+                }
+                // The sidecore may claim a POSTED word or skip a CANCELLED
+                // one at any moment: take it from under it by
+                // compare-and-swap, to EMPTY while the body is written.
+                Some(SlotState::Posted | SlotState::Cancelled) => {
+                    match self.state.compare_exchange(
+                        w,
+                        state_word(t, SlotState::Empty),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => break,
+                        Err(now) => w = now,
+                    }
+                }
+                // Every other word is the guest's: the sidecore never writes it.
+                _ => break,
+            }
+        }
+        self.post(t, body);
+        TryPost::Posted
     }
 
     /// Guest side: `Some(reply)` once ticket `t` is done.
@@ -216,7 +289,14 @@ pub struct GuestCounters {
     pub late_replies: AtomicU64,
     /// Times the guest probed a sidecore it had marked absent.
     pub probes: AtomicU64,
-    _pad: [u64; 12],
+    /// Calls that went straight to the exit path because the host said the
+    /// ring is paused ([`HostStatus::paused`]).
+    pub paused_exits: AtomicU64,
+    /// Claimed calls the guest stopped waiting for because the heartbeat
+    /// stood still for [`crate::boot::BootInfo::sidecore_liveness`] (a
+    /// stopped or hung sidecore).
+    pub abandoned: AtomicU64,
+    _pad: [u64; 10],
 }
 
 const _: () = assert!(core::mem::size_of::<GuestCounters>() == 128);
@@ -232,7 +312,12 @@ pub struct HostStatus {
     /// 1 once the VMM knows the sidecore serving this VM is gone for good
     /// (the daemon died): the guest stops expecting it back.
     pub sidecore_lost: AtomicU64,
-    _pad: [u64; 13],
+    /// 1 while no sidecore serves this ring on purpose (stopped, paused,
+    /// detached): the guest takes the exit path at once, without a probe.
+    /// Written by the sidecore that holds the ring, on the line the guest
+    /// already reads for `sidecore_lost`.
+    pub paused: AtomicU64,
+    _pad: [u64; 12],
 }
 
 const _: () = assert!(core::mem::size_of::<HostStatus>() == 128);
@@ -246,11 +331,12 @@ pub const CONSOLE_BYTES: usize = 256;
 pub struct VcpuShared {
     /// The ring.
     pub slots: [Slot; RING_SLOTS],
-    /// Next ticket the sidecore expects (written by the host only): lets
-    /// the guest see how far the sidecore has got (backpressure).
+    /// Next ticket the sidecore expects (written by the host only, on every
+    /// advance and every heartbeat): where a guest resynchronises
+    /// ([`crate::sidecall`]).
     pub consumer: Line,
     /// Next ticket the guest will use (written by the guest only;
-    /// informational, never trusted by the host).
+    /// informational, never read by the host).
     pub producer: Line,
     /// Mailbox of the exit path: the guest writes a request here in the slot
     /// encoding and exits with PIO to [`crate::boot::BootInfo::call_port`];
@@ -367,8 +453,11 @@ pub struct RegionHeader {
     /// Bytes per vCPU block.
     pub vcpu_stride: u64,
     _pad: [u64; 10],
-    /// Incremented by a running sidecore every so many sweeps; a guest that
-    /// marked the sidecore absent probes it again when this moves.
+    /// Incremented by a running sidecore every so many sweeps for each ring
+    /// it serves and does not hold paused; a guest that marked the sidecore
+    /// absent probes it again when this moves, and a guest waiting for a
+    /// claimed call stops waiting when it stands still for
+    /// [`crate::boot::BootInfo::sidecore_liveness`].
     pub heartbeat: Line,
     /// 1 while the sidecore serving this region is parked: a guest that has
     /// just posted then rings the doorbell ([`crate::boot::PORT_DOORBELL`]).
@@ -434,6 +523,42 @@ mod tests {
         assert!(s.poll_reply(5).is_none());
         s.publish_reply(5, &Body { head: 0, words: [7; WORDS] });
         assert_eq!(s.poll_reply(5).map(|b| b.words[0]), Some(7));
+    }
+
+    fn fresh() -> Slot {
+        Slot { state: AtomicU64::new(0), head: AtomicU64::new(0), words: Default::default() }
+    }
+
+    #[test]
+    fn try_post_never_writes_over_a_claim_and_takes_stale_posts() {
+        let s = fresh();
+        s.state.store(state_word(3, SlotState::Claimed), Ordering::Relaxed);
+        s.head.store(42, Ordering::Relaxed);
+        assert_eq!(s.try_post(3, &Body::default(), true), TryPost::Busy);
+        assert_eq!(s.head.load(Ordering::Relaxed), 42, "nothing written");
+        s.state.store(state_word(9, SlotState::Posted), Ordering::Relaxed);
+        assert_eq!(s.try_post(3, &Body { head: 7, words: [1; WORDS] }, false), TryPost::Posted);
+        assert_eq!(s.state.load(Ordering::Relaxed), state_word(3, SlotState::Posted));
+        assert_eq!(s.head.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn try_post_knows_a_finished_ticket_and_a_foreign_lap() {
+        let s = fresh();
+        let t = 70; // slot 6
+        for st in [SlotState::Done, SlotState::Skipped] {
+            s.state.store(state_word(t, st), Ordering::Relaxed);
+            assert_eq!(s.try_post(t, &Body::default(), false), TryPost::Passed);
+            s.state.store(state_word(t + 64, st), Ordering::Relaxed);
+            assert_eq!(s.try_post(t, &Body::default(), false), TryPost::Foreign);
+            s.state.store(state_word(t - 64, st), Ordering::Relaxed);
+            assert_eq!(s.try_post(t, &Body::default(), false), TryPost::Posted, "the previous lap: free");
+        }
+        // A finished word of another slot is garbage, the guest's.
+        s.state.store(state_word(5, SlotState::Done), Ordering::Relaxed);
+        assert_eq!(s.try_post(t, &Body::default(), false), TryPost::Posted);
+        s.state.store(state_word(t + 64, SlotState::Done), Ordering::Relaxed);
+        assert_eq!(s.try_post(t, &Body::default(), true), TryPost::Posted);
     }
 
     #[test]

@@ -293,7 +293,7 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
         }
         if sweeps.is_multiple_of(HEARTBEAT_SWEEPS) || parked {
             for r in &rings {
-                r.region().header().heartbeat.value.fetch_add(1, Ordering::Relaxed);
+                r.heartbeat();
             }
             stats.sweeps.store(sweeps, Ordering::Relaxed);
             stats.busy_sweeps.store(busy, Ordering::Relaxed);
@@ -313,6 +313,11 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
     stats.sweeps.store(sweeps, Ordering::Relaxed);
     stats.busy_sweeps.store(busy, Ordering::Relaxed);
     stats.served.store(served, Ordering::Relaxed);
+    // Nobody serves them until they are handed to a sidecore again: their
+    // guests go to the exit path without waiting out a bound.
+    for r in &mut rings {
+        r.show_paused(true);
+    }
     rings
 }
 

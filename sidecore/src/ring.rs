@@ -2,9 +2,11 @@
 //! the request out once, validate, dispatch, publish the reply.
 //!
 //! Nothing read from the ring is trusted. The host keeps the expected ticket
-//! in its own memory; a slot whose ticket is not the expected one gets a
-//! `BadSequence` reply and does not move the ring; the work per ring per
-//! sweep is bounded.
+//! in its own memory and looks only at its slot. A request there with another
+//! ticket gets a `BadSequence` reply and the ring then follows the guest's
+//! lap; a CLAIMED word there (never the host's own at rest) is released; the
+//! work per ring per sweep is bounded. The rules are in
+//! [`shm_proto::sidecall`].
 
 use std::any::Any;
 use std::ptr::NonNull;
@@ -13,7 +15,8 @@ use std::sync::Arc;
 
 use shm_proto::op::{self, Status};
 use shm_proto::ring::{
-    next_ticket, region_size, slot_index, vcpu_offset, word_ticket, Body, RegionHeader, SlotState, VcpuShared,
+    next_ticket, region_size, slot_index, ticket_distance, vcpu_offset, word_ticket, Body, RegionHeader, SlotState,
+    VcpuShared,
 };
 
 use crate::service::{CallCtx, Services};
@@ -183,6 +186,8 @@ pub struct RingRef {
     timed: bool,
     /// The VM's doorbell eventfd, which a parked sidecore waits on.
     doorbell: Option<Arc<std::os::fd::OwnedFd>>,
+    /// What the guest was last told in `host.paused`.
+    shown_paused: bool,
 }
 
 // SAFETY: `shared` points into `region`, which is Send + Sync and kept alive
@@ -215,6 +220,7 @@ impl RingRef {
             next: 0,
             timed: false,
             doorbell: None,
+            shown_paused: false,
         })
     }
 
@@ -264,12 +270,16 @@ impl RingRef {
     /// expected slot's state word).
     #[inline]
     pub fn serve(&mut self) -> usize {
-        if self.control.paused.load(Ordering::Relaxed) {
+        let paused = self.control.paused.load(Ordering::Relaxed);
+        if paused != self.shown_paused {
+            self.show_paused(paused);
+        }
+        if paused {
             return 0;
         }
         let mut handled = 0;
         while handled < MAX_PER_SWEEP {
-            if !self.serve_one() {
+            if !self.serve_slot() {
                 break;
             }
             handled += 1;
@@ -277,9 +287,11 @@ impl RingRef {
         handled
     }
 
-    /// Handles the slot of the expected ticket if it holds work. `false` if
-    /// it is idle (nothing posted there).
-    fn serve_one(&mut self) -> bool {
+    /// Handles the slot of the expected ticket if it holds work, paused or
+    /// not. `false` if it is idle (nothing posted there). [`RingRef::serve`]
+    /// is what a sidecore calls; this single step lets tests interleave the
+    /// two sides slot by slot.
+    pub fn serve_slot(&mut self) -> bool {
         // Re-borrow through the pointer so that `self` stays mutable.
         // SAFETY: as in shared().
         let shared = unsafe { self.shared.as_ref() };
@@ -295,9 +307,16 @@ impl RingRef {
                 }
                 let req = slot.read_body();
                 if ticket != self.next {
-                    // Skipped ahead or repeated: refuse, keep expecting `next`.
+                    // Refused. A later lap of this slot (the guest skipped
+                    // ahead): follow the guest's lap, so that its next call
+                    // lands where the host looks. An earlier lap or a ticket
+                    // of another slot is garbage: keep expecting `next`.
                     self.stats.count(op::OP_CLASS_UNKNOWN, Status::BadSequence);
                     slot.publish_reply(ticket, &Body { head: op::encode_status(Status::BadSequence), words: [0; 6] });
+                    if slot_index(ticket) == slot_index(self.next) && ticket_distance(self.next, ticket) > 0 {
+                        self.next = ticket;
+                        self.advance();
+                    }
                     return true;
                 }
                 let t0 = if self.timed { crate::tsc::rdtsc() } else { 0 };
@@ -311,9 +330,25 @@ impl RingRef {
                 true
             }
             Some(SlotState::Cancelled) if ticket == self.next => {
+                // Passed by compare-and-swap: the guest may be taking the
+                // slot back for a new call with this ticket.
+                let skipped = shm_proto::ring::state_word(ticket, SlotState::Skipped);
+                if slot.state.compare_exchange(seen, skipped, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                    return false;
+                }
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.advance();
                 true
+            }
+            Some(SlotState::Claimed) => {
+                // Not ours: the host finishes its claims before it looks
+                // again. The guest wrote it; release it so that the guest may
+                // post here (it never writes over a claim).
+                let released = shm_proto::ring::state_word(ticket, SlotState::Cancelled);
+                if slot.state.compare_exchange(seen, released, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    self.stats.count(op::OP_CLASS_UNKNOWN, Status::BadSequence);
+                }
+                false
             }
             _ => false,
         }
@@ -321,12 +356,41 @@ impl RingRef {
 
     fn advance(&mut self) {
         self.next = next_ticket(self.next);
-        self.shared().consumer.value.store(self.next, Ordering::Relaxed);
+        self.shared().consumer.value.store(self.next, Ordering::Release);
+    }
+
+    /// Tells the guest whether this ring is served (`host.paused`).
+    pub fn show_paused(&mut self, paused: bool) {
+        self.shared().host.paused.store(u64::from(paused), Ordering::Release);
+        self.shown_paused = paused;
+    }
+
+    /// The sidecore's periodic word to the guest: bumps the region's
+    /// heartbeat unless the ring is paused, and publishes the expected ticket
+    /// again (a guest may have scribbled on it). Touches the consumer line
+    /// only when it differs.
+    pub fn heartbeat(&self) {
+        if self.control.paused.load(Ordering::Relaxed) {
+            return;
+        }
+        self.region.header().heartbeat.value.fetch_add(1, Ordering::Relaxed);
+        let c = &self.shared().consumer.value;
+        if c.load(Ordering::Relaxed) != self.next {
+            c.store(self.next, Ordering::Release);
+        }
     }
 
     /// The ticket this ring expects next.
     pub fn expected(&self) -> u64 {
         self.next
+    }
+}
+
+impl Drop for RingRef {
+    /// A ring nobody will serve again (its VM detached, its sidecore gone)
+    /// says so to its guest.
+    fn drop(&mut self) {
+        self.show_paused(true);
     }
 }
 
@@ -402,19 +466,29 @@ mod tests {
     }
 
     #[test]
-    fn skipped_sequence_is_refused_and_does_not_move_the_ring() {
+    fn a_later_lap_is_refused_and_the_ring_follows_it() {
         let (r, mut ring, stats) = setup();
         // Ticket RING_SLOTS lands in slot 0 but is a lap ahead of 0.
         let t = RING_SLOTS as u64;
         slot(&r, t).post(t, &null(1));
         assert_eq!(ring.serve(), 1);
         assert_eq!(status_of(&slot(&r, t).poll_reply(t).unwrap()), Status::BadSequence);
-        assert_eq!(ring.expected(), 0);
         assert_eq!(stats.snapshot().get(op::OP_CLASS_UNKNOWN, Status::BadSequence), 1);
-        // The guest can still go on with the right ticket.
-        slot(&r, 0).post(0, &null(2));
+        // The host follows the guest's lap and says so.
+        assert_eq!(ring.expected(), t + 1);
+        assert_eq!(r.vcpu(0).unwrap().consumer.value.load(Ordering::Relaxed), t + 1);
+        slot(&r, t + 1).post(t + 1, &null(2));
         assert_eq!(ring.serve(), 1);
-        assert_eq!(slot(&r, 0).poll_reply(0).unwrap().words[0], 2);
+        assert_eq!(slot(&r, t + 1).poll_reply(t + 1).unwrap().words[0], 2);
+    }
+
+    #[test]
+    fn a_ticket_of_another_slot_is_refused_and_does_not_move_the_ring() {
+        let (r, mut ring, _stats) = setup();
+        slot(&r, 0).post(5, &null(1));
+        assert_eq!(ring.serve(), 1);
+        assert_eq!(status_of(&slot(&r, 0).poll_reply(5).unwrap()), Status::BadSequence);
+        assert_eq!(ring.expected(), 0);
     }
 
     #[test]
@@ -463,12 +537,54 @@ mod tests {
     fn garbage_state_words_are_ignored() {
         let (r, mut ring, stats) = setup();
         for w in
-            [state_word(0, SlotState::Claimed), state_word(0, SlotState::Done), 0xf, 0xdead_beef_0000_000d, u64::MAX]
+            [state_word(0, SlotState::Done), 0xf, 0xdead_beef_0000_000d, u64::MAX, state_word(0, SlotState::Skipped)]
         {
             slot(&r, 0).state.store(w, Ordering::Release);
             assert_eq!(ring.serve(), 0, "state word {w:#x}");
         }
         assert_eq!(stats.snapshot().total(), 0);
+        assert_eq!(ring.expected(), 0);
+    }
+
+    #[test]
+    fn a_claim_the_host_does_not_hold_is_released() {
+        let (r, mut ring, stats) = setup();
+        slot(&r, 0).state.store(state_word(7, SlotState::Claimed), Ordering::Release);
+        assert_eq!(ring.serve(), 0);
+        assert_eq!(slot(&r, 0).state.load(Ordering::Acquire), state_word(7, SlotState::Cancelled));
+        assert_eq!(stats.snapshot().get(op::OP_CLASS_UNKNOWN, Status::BadSequence), 1);
+        // The guest can post there again.
+        assert_eq!(slot(&r, 0).try_post(0, &null(3), false), shm_proto::ring::TryPost::Posted);
+        assert_eq!(ring.serve(), 1);
+        assert_eq!(slot(&r, 0).poll_reply(0).unwrap().words[0], 3);
+    }
+
+    #[test]
+    fn paused_rings_say_so_and_do_not_beat() {
+        let (r, mut ring, _stats) = setup();
+        let hb = || r.header().heartbeat.value.load(Ordering::Relaxed);
+        ring.heartbeat();
+        assert_eq!(hb(), 1);
+        ring.control().paused.store(true, Ordering::Relaxed);
+        slot(&r, 0).post(0, &null(1));
+        assert_eq!(ring.serve(), 0);
+        assert_eq!(r.vcpu(0).unwrap().host.paused.load(Ordering::Relaxed), 1);
+        ring.heartbeat();
+        assert_eq!(hb(), 1, "a paused ring does not beat");
+        ring.control().paused.store(false, Ordering::Relaxed);
+        assert_eq!(ring.serve(), 1);
+        assert_eq!(r.vcpu(0).unwrap().host.paused.load(Ordering::Relaxed), 0);
+        drop(ring);
+        assert_eq!(r.vcpu(0).unwrap().host.paused.load(Ordering::Relaxed), 1, "a dropped ring is nobody's");
+    }
+
+    #[test]
+    fn the_heartbeat_puts_back_a_scribbled_consumer() {
+        let (r, ring, _stats) = setup();
+        let c = &r.vcpu(0).unwrap().consumer.value;
+        c.store(12345, Ordering::Relaxed);
+        ring.heartbeat();
+        assert_eq!(c.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -6,6 +6,9 @@ use super::*;
 
 /// A VMM's connection to the daemon, kept open while its VM runs.
 pub struct Attachment {
+    /// Set once a request went unanswered in time: the stream may be out of
+    /// step, and the daemon is stopped or hung.
+    broken: std::sync::atomic::AtomicBool,
     stream: Mutex<UnixStream>,
     reader: Mutex<BufReader<UnixStream>>,
     /// The daemon's id for the VM.
@@ -13,6 +16,11 @@ pub struct Attachment {
     /// The CPU of the sidecore serving it.
     pub sidecore_cpu: Option<usize>,
 }
+
+/// How long the VMM and `sidecore status` wait for the daemon's answer to
+/// a request (not the attach, which maps the VM): a stopped or hung daemon
+/// gets this long.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) fn call(
     stream: &mut UnixStream,
@@ -61,7 +69,13 @@ impl Attachment {
             .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
         let v = read_reply(&mut reader, "attach refused")?;
+        // From now on a daemon that stops answering (stopped, hung) costs a
+        // request REQUEST_TIMEOUT, not the VMM's life.
+        for r in [stream.set_read_timeout(Some(REQUEST_TIMEOUT)), stream.set_write_timeout(Some(REQUEST_TIMEOUT))] {
+            r.map_err(|e| DaemonError::Protocol(format!("setting the daemon connection's time-outs: {e}")))?;
+        }
         Ok(Attachment {
+            broken: std::sync::atomic::AtomicBool::new(false),
             stream: Mutex::new(stream),
             reader: Mutex::new(reader),
             vm: v["vm"].as_u64().unwrap_or(0),
@@ -71,9 +85,18 @@ impl Attachment {
 
     /// One request and its reply on this VM's connection.
     fn request(&self, req: &Request) -> Result<serde_json::Value, DaemonError> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(DaemonError::Protocol("the daemon stopped answering earlier".into()));
+        }
         let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
         let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        call(&mut s, &mut r, req)
+        let out = call(&mut s, &mut r, req);
+        if out.is_err() {
+            // A time-out or a torn reply leaves the stream out of step.
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        out
     }
 
     /// The number of requests the daemon has answered for this VM.
@@ -129,6 +152,9 @@ impl Attachment {
 pub fn query_status(socket: &Path) -> Result<StatusReport, DaemonError> {
     let mut stream =
         UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
+    for r in [stream.set_read_timeout(Some(REQUEST_TIMEOUT)), stream.set_write_timeout(Some(REQUEST_TIMEOUT))] {
+        r.map_err(|e| DaemonError::Protocol(format!("setting the connection's time-outs: {e}")))?;
+    }
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
     status_report(call(&mut stream, &mut reader, &Request::Status)?)
 }

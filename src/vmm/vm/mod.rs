@@ -316,6 +316,10 @@ pub fn boot_info(spec: &VmSpec, backend: Backend, layout: &Layout, tsc_khz: u64)
     b.sidecall_timeout = [cycles; TIMEOUT_CLASSES];
     debug_assert_eq!(TIMEOUT_CLASSES, OP_CLASS_COUNT);
     b.sidecall_backoff = cycles.saturating_mul(10);
+    // A claimed call is given up after 100 ms of a still heartbeat (at least
+    // 50 bounds): far past any service's worst case here (a PVM zap is
+    // ~150 µs), short enough that a stopped daemon costs a guest little.
+    b.sidecore_liveness = cycles.saturating_mul(50).max(tsc_khz.saturating_mul(100));
     b
 }
 
