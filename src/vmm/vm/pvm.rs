@@ -133,7 +133,7 @@ mod tests {
     use sidecore_core::pte::ShadowZap;
 
     #[test]
-    fn zap_needs_read_only_memslots_and_costs_one_memslot_change() {
+    fn zap_needs_read_only_memslots_and_leaves_zap_gpa_free() {
         if !std::path::Path::new("/dev/kvm").exists() {
             eprintln!("skipping: /dev/kvm not present (this test makes a VM)");
             return;
