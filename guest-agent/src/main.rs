@@ -15,6 +15,7 @@ mod client;
 mod console;
 mod echo;
 mod events;
+mod gpascan;
 mod idt;
 mod mem;
 mod pagetable;
@@ -102,6 +103,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Wake) => workload::wake(&env),
         Some(Workload::Echo) => echo::echo(&env),
         Some(Workload::Irq) => echo::irq(&env),
+        Some(Workload::Gpascan) => gpascan::run(&env),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

@@ -60,3 +60,11 @@ pub mod irq {
 }
 
 pub use crate::bench::arg as bench;
+
+/// `gpascan`: a hostile guest's own page tables against the shadow zap.
+pub mod gpascan {
+    /// Shadow zaps vCPU 0 triggers (default 1000, at most 10^6).
+    pub const ZAPS: usize = 0;
+    /// 1: map the sweep with 2 MiB pages even where 1 GiB pages exist.
+    pub const SMALL_PAGES: usize = 1;
+}

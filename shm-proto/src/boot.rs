@@ -143,11 +143,16 @@ pub enum Workload {
     /// test event, `args[0]` of them; `args[2]` = 1: only by interrupt (spins
     /// with interrupts on), else by polling the posted events.
     Irq = 9,
+    /// A hostile guest against the GPA space: loads its own CR3 with tables
+    /// mapping every GPA up to 2^40, triggers `args[0]` shadow zaps (default
+    /// 1000) by page-table changes, and checks that every read returns its
+    /// own RAM or an MMIO exit's value, never a marker it wrote outside RAM.
+    Gpascan = 10,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Hello,
         Workload::Spin,
         Workload::Selftest,
@@ -157,6 +162,7 @@ impl Workload {
         Workload::Wake,
         Workload::Echo,
         Workload::Irq,
+        Workload::Gpascan,
     ];
 
     /// Decodes the boot-info value.
@@ -171,6 +177,7 @@ impl Workload {
             7 => Some(Workload::Wake),
             8 => Some(Workload::Echo),
             9 => Some(Workload::Irq),
+            10 => Some(Workload::Gpascan),
             _ => None,
         }
     }
@@ -187,6 +194,7 @@ impl Workload {
             Workload::Wake => "wake",
             Workload::Echo => "echo",
             Workload::Irq => "irq",
+            Workload::Gpascan => "gpascan",
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! | GPA | what | guest access |
 //! |---|---|---|
-//! | `0x0000` | unmapped page (catches null pointers) | none |
+//! | `0x0000` | unmapped page (catches null pointers); also [`ZAP_ALIAS_GPA`] | none |
 //! | [`BOOT_INFO_GPA`] | boot-info page | read |
 //! | [`GDT_GPA`] | GDT (and later IDT, TSS) | read |
 //! | [`VCPU_AREA_GPA`] + i × [`VCPU_AREA_STRIDE`] | vCPU i: VIF page, then its stack | read/write |
@@ -11,6 +11,7 @@
 //! | [`IMAGE_GPA`] | guest-agent image | per segment |
 //! | after the image, 2 MiB aligned | shared region | read/write |
 //! | the rest | free guest RAM | read/write |
+//! | [`ZAP_GPA`], on PVM, for a moment | read-only alias of [`ZAP_ALIAS_GPA`] | read |
 
 /// Size of a page; the only page size the guest's tables use.
 pub const PAGE_SIZE: u64 = 0x1000;
@@ -35,6 +36,16 @@ pub const PT_POOL_SIZE: u64 = 0x10_0000;
 /// [`crate::boot::BootInfo::pt_trap_gpa`]). Past the largest RAM, so
 /// `PTE_UPDATE` refuses to map it.
 pub const PT_TRAP_GPA: u64 = 0xc000_0000;
+/// On PVM: where the VMM adds, then at once deletes, a one-page memslot to
+/// make KVM drop every shadow page after a host-side page-table change.
+/// Past the largest RAM, so `PTE_UPDATE` refuses to map it; a guest that
+/// maps it by tables of its own reads there, while the slot exists, only
+/// [`ZAP_ALIAS_GPA`], read-only (its stores exit to the VMM as MMIO), and
+/// otherwise takes MMIO exits.
+pub const ZAP_GPA: u64 = 0x10_0000_0000;
+/// The guest page that backs the [`ZAP_GPA`] slot: the unmapped null page,
+/// the guest's own memory, which nothing else uses.
+pub const ZAP_ALIAS_GPA: u64 = 0;
 /// Where the guest-agent image is linked.
 pub const IMAGE_GPA: u64 = 0x20_0000;
 /// Alignment of the shared region.
@@ -65,6 +76,7 @@ const _: () = assert!(vcpu_stack_top(MAX_VCPUS - 1) <= PT_POOL_GPA);
 const _: () = assert!(PT_POOL_GPA + PT_POOL_SIZE <= IMAGE_GPA);
 const _: () = assert!(VCPU_AREA_STRIDE.is_multiple_of(PAGE_SIZE));
 const _: () = assert!(PT_TRAP_GPA >= MAX_RAM && PT_TRAP_GPA.is_multiple_of(PT_POOL_SIZE));
+const _: () = assert!(ZAP_GPA >= MAX_RAM && ZAP_GPA >= PT_TRAP_GPA + PT_POOL_SIZE && ZAP_ALIAS_GPA < BOOT_INFO_GPA);
 
 /// Free RAM the guest-agent uses per vCPU, after one shared sync page at
 /// the start of free RAM: first the vCPUs' scratch areas, then their page

@@ -109,8 +109,12 @@ pub struct ExitCounts {
     pub console: u64,
     /// MMIO writes.
     pub mmio_writes: u64,
-    /// Exits of no known purpose (unknown ports, MMIO reads).
+    /// Exits of no known purpose (unknown ports).
     pub unknown: u64,
+    /// MMIO reads and writes at a GPA no device and no trap path serves
+    /// (a guest that maps addresses past its RAM with tables of its own):
+    /// reads get all-ones, writes are dropped.
+    pub stray_mmio: u64,
 }
 
 /// Handles one vCPU's exits.
@@ -151,12 +155,16 @@ impl<W: Write> ExitHandler<'_, W> {
             }
             Exit::MmioWrite { addr, data } => {
                 self.counts.mmio_writes += 1;
-                self.pte_trap(addr, data);
+                if self.in_trap_view(addr) {
+                    self.pte_trap(addr, data);
+                } else {
+                    self.stray_mmio("write", addr);
+                }
                 Action::Resume
             }
-            Exit::MmioRead { data, .. } => {
+            Exit::MmioRead { addr, data } => {
                 data.fill(0xff);
-                self.counts.unknown += 1;
+                self.stray_mmio("read", addr);
                 Action::Resume
             }
             Exit::Interrupted => Action::Resume,
@@ -225,6 +233,28 @@ impl<W: Write> ExitHandler<'_, W> {
 }
 
 impl<W: Write> ExitHandler<'_, W> {
+    /// Whether a store at `addr` lands in the page-table pool's trap view
+    /// (the pool itself on PVM), aligned or not.
+    fn in_trap_view(&self, addr: u64) -> bool {
+        let b = self.boot;
+        let base = if b.pt_trap_gpa == 0 { b.pt_pool_gpa } else { b.pt_trap_gpa };
+        addr >= base && addr - base < b.pt_pool_size
+    }
+
+    /// Counts an MMIO access nothing serves, and says so at the 1st, 2nd,
+    /// 4th, 8th… one: a guest that floods them gets a few log lines, not one
+    /// per exit.
+    fn stray_mmio(&mut self, what: &str, addr: u64) {
+        self.counts.stray_mmio = self.counts.stray_mmio.saturating_add(1);
+        let n = self.counts.stray_mmio;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                "vCPU {}: MMIO {what} at {addr:#x}, where nothing is mapped ({n} so far): reads get all-ones, writes are dropped",
+                self.vcpu
+            );
+        }
+    }
+
     /// The page-table service's trap path: a guest store into the read-only
     /// pool. Decoded into (table, index, entry), applied by the same handler
     /// as the sidecall, the status left in the vCPU's host status word.
@@ -462,7 +492,11 @@ mod tests {
         assert_eq!(h.handle(Exit::MmioWrite { addr: 0x10_3018, data: &[1, 2, 3, 4] }), Action::Resume);
         assert_eq!(sh.host.pte_status.load(Ordering::Acquire), Status::BadArgument as u64);
         assert_eq!(store(&mut h, 0x10_3019, 0).0, Status::BadArgument as u64);
-        assert_eq!(store(&mut h, 0x90_0000, 0).0, Status::BadArgument as u64);
+        // A store outside the pool is no trap-path call: it leaves the status
+        // word alone and is counted as stray.
+        sh.host.pte_status.store(77, Ordering::Relaxed);
+        assert_eq!(store(&mut h, 0x90_0000, 0).0, 77);
+        assert_eq!(h.counts.stray_mmio, 1);
         assert_eq!(st.snapshot().get(op::op_class(Opcode::PteUpdate as u16), Status::Ok), 1);
         assert_eq!(h.counts.mmio_writes, 6);
         // With a trap view (hardware KVM) stores arrive there; a store at the
@@ -471,6 +505,41 @@ mod tests {
         hw.pt_trap_gpa = shm_proto::layout::PT_TRAP_GPA;
         h.boot = &hw;
         assert_eq!(store(&mut h, shm_proto::layout::PT_TRAP_GPA + 0x3020, 0x60_1000 | 1), (Status::Ok as u64, 1));
-        assert_eq!(store(&mut h, 0x10_3028, 0x60_2000 | 1).0, Status::BadArgument as u64);
+        // ... so it is stray: the status word keeps the Ok of the store before.
+        assert_eq!(store(&mut h, 0x10_3028, 0x60_2000 | 1).0, Status::Ok as u64);
+        assert_eq!(h.counts.stray_mmio, 2);
+    }
+
+    #[test]
+    fn stray_mmio_at_any_gpa_is_counted_and_answered() {
+        let sh = shared();
+        let sv = services();
+        let st = VmStats::default();
+        let boot = BootInfo::new(Backend::Pvm);
+        let mut out = Vec::new();
+        let mut h = ExitHandler {
+            vcpu: 0,
+            shared: &sh,
+            services: &sv,
+            stats: &st,
+            boot: &boot,
+            console: &mut out,
+            counts: ExitCounts::default(),
+        };
+        sh.host.pte_status.store(5, Ordering::Relaxed);
+        let gpas =
+            [0, 0xfff, shm_proto::layout::ZAP_GPA, shm_proto::layout::ZAP_GPA + 8, 1 << 40, u64::MAX - 7, u64::MAX];
+        for (i, gpa) in gpas.iter().enumerate() {
+            let mut buf = [0u8; 8];
+            let n = 1 + i % 8;
+            assert_eq!(h.handle(Exit::MmioRead { addr: *gpa, data: &mut buf[..n] }), Action::Resume);
+            assert!(buf[..n].iter().all(|b| *b == 0xff), "{gpa:#x}: {buf:?}");
+            assert_eq!(h.handle(Exit::MmioWrite { addr: *gpa, data: &buf[..n] }), Action::Resume);
+            assert_eq!(h.handle(Exit::MmioWrite { addr: *gpa, data: &[] }), Action::Resume);
+        }
+        assert_eq!(h.counts.stray_mmio, 3 * gpas.len() as u64);
+        // None of it reached the page-table service or its counters.
+        assert_eq!(sh.host.pte_status.load(Ordering::Relaxed), 5);
+        assert_eq!(st.snapshot().total(), 0);
     }
 }

@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use shm_proto::boot::{Backend, BootInfo, Workload, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF, TIMEOUT_CLASSES};
 use shm_proto::layout::{
     align_up, vcpu_stack_top, vcpu_vif_gpa, BOOT_INFO_GPA, GDT_GPA, IMAGE_GPA, MAX_RAM, MAX_VCPUS, PAGE_SIZE,
-    PT_POOL_GPA, PT_POOL_SIZE, PT_TRAP_GPA, SHARED_ALIGN, VCPU_AREA_GPA, VCPU_AREA_STRIDE,
+    PT_POOL_GPA, PT_POOL_SIZE, PT_TRAP_GPA, SHARED_ALIGN, VCPU_AREA_GPA, VCPU_AREA_STRIDE, ZAP_ALIAS_GPA, ZAP_GPA,
 };
 use shm_proto::op::OP_CLASS_COUNT;
 use shm_proto::ring::{
@@ -146,6 +146,11 @@ pub enum VmError {
     /// The page-table service could not be set up.
     #[error("page-table service")]
     PteSetup(#[source] sidecore_core::pte::PteSetupError),
+    /// PVM's shadow zap needs read-only memslots.
+    #[error(
+        "this KVM has no read-only memslots (KVM_CAP_READONLY_MEM), which the PVM shadow zap needs so that it maps only the guest's own memory, read-only — use a kvm_pvm build that offers them"
+    )]
+    ZapNeedsReadonlyMem,
     /// The shared region is unusable.
     #[error("shared region")]
     Region(#[source] sidecore_core::ring::RegionError),
