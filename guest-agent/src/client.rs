@@ -9,6 +9,7 @@ use shm_proto::op::{self, encode_head, Opcode, Status, WORDS};
 use shm_proto::ring::{next_ticket, slot_index, Body};
 
 use crate::arch;
+use crate::cpustate;
 use crate::Env;
 
 /// How a call was answered.
@@ -115,7 +116,8 @@ impl<'a> Client<'a> {
     pub fn sidecall(&mut self, opcode: u16, args: [u64; WORDS]) -> Option<Reply> {
         let t = self.ticket;
         let slot = &self.env.shared.slots[slot_index(t)];
-        slot.post(t, &Body { head: encode_head(opcode, 0), words: args });
+        let words = cpustate::request_words(self.env.vcpu, opcode, args);
+        slot.post(t, &Body { head: encode_head(opcode, 0), words });
         self.ticket = next_ticket(t);
         self.env.shared.producer.value.store(self.ticket, Ordering::Relaxed);
         self.ring_doorbell_if_parked();
@@ -183,7 +185,8 @@ impl<'a> Client<'a> {
         let first = self.ticket;
         let mut t = first;
         for (op, args) in &reqs[..n] {
-            self.env.shared.slots[slot_index(t)].post(t, &Body { head: encode_head(*op, 0), words: *args });
+            let words = cpustate::request_words(self.env.vcpu, *op, *args);
+            self.env.shared.slots[slot_index(t)].post(t, &Body { head: encode_head(*op, 0), words });
             t = next_ticket(t);
         }
         self.ticket = t;
@@ -264,7 +267,8 @@ impl<'a> Client<'a> {
     /// same handler the sidecore uses.
     pub fn pio_call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
         let slot = &self.env.shared.exit_slot;
-        slot.post(0, &Body { head: encode_head(opcode, 0), words: args });
+        let words = cpustate::request_words(self.env.vcpu, opcode, args);
+        slot.post(0, &Body { head: encode_head(opcode, 0), words });
         arch::outl(self.env.boot.call_port, 0);
         match slot.poll_reply(0) {
             Some(body) => reply_of(&body, Via::Exit),
