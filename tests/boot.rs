@@ -89,6 +89,8 @@ fn selftest_passes_with_a_sidecore_and_its_phase_has_no_exits() {
     assert_eq!(phase.len(), 1, "{out}");
     assert!(phase[0].starts_with("sidecall phase: 0 exits"), "{out}");
     assert!(out.contains("none lost or doubled"), "{out}");
+    // The CPUID state check ran (or says why not) and compared by sidecall.
+    assert!(out.contains("CPUID state:") && (out.contains("and sidecall (") || out.contains("skipped")), "{out}");
 }
 
 #[test]

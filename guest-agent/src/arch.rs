@@ -85,3 +85,65 @@ pub fn spin_loop(n: u64) {
     // SAFETY: touches only RCX and flags.
     unsafe { asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) n => _, options(nomem, nostack)) };
 }
+
+/// Reads CR4. On PVM this traps and is emulated: callers keep a shadow
+/// (`cpustate`) and read it only to set the shadow up or check a write.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effect (the agent runs at CPL0).
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CR4. Only `cpustate::set_cr4` calls it, which keeps the shadow.
+pub fn write_cr4(v: u64) {
+    // SAFETY: the callers only toggle OSXSAVE and PKE, which change which
+    // instructions and CPUID bits the guest has, not its memory or paging.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Reads XCR0 (needs CR4.OSXSAVE).
+pub fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv only reads the register; callers check CR4.OSXSAVE.
+    unsafe { asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes XCR0 (needs CR4.OSXSAVE and a value the CPU accepts). Only
+/// `cpustate::set_xcr0` calls it.
+pub fn xsetbv0(v: u64) {
+    // SAFETY: the agent is built without SSE/AVX state in use (soft-float
+    // target), so which components XCR0 enables changes no live state; the
+    // callers only pass masks CPUID leaf 0xD reports as supported.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") halves(v).0, in("edx") halves(v).1,
+            options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Reads MSR `msr`.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the callers only read MSRs that exist (IA32_APIC_BASE); a read
+    // has no side effect.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes MSR `msr`. Only `cpustate` calls it, for IA32_XSS.
+pub fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: the callers only write IA32_XSS with bits CPUID 0xD.1 reports
+    // as supported; it changes which components XSAVES saves, which the
+    // agent never uses.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") halves(v).0, in("edx") halves(v).1,
+            options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// The low and high halves of `v`, for EDX:EAX operands.
+#[allow(clippy::cast_possible_truncation)] // the truncation is the point
+fn halves(v: u64) -> (u32, u32) {
+    (v as u32, (v >> 32) as u32)
+}

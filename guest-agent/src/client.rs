@@ -10,6 +10,7 @@ use shm_proto::ring::Body;
 use shm_proto::sidecall::{ticket_add, GuestRing, Poll, Withdraw};
 
 use crate::arch;
+use crate::cpustate;
 use crate::Env;
 
 /// How a call was answered.
@@ -132,7 +133,8 @@ impl<'a> Client<'a> {
     /// caller then takes the exit path).
     pub fn sidecall(&mut self, opcode: u16, args: [u64; WORDS]) -> Option<Reply> {
         let vs = self.env.shared;
-        let Some(t) = self.ring.post(vs, &Body { head: encode_head(opcode, 0), words: args }) else {
+        let words = cpustate::request_words(self.env.vcpu, opcode, args);
+        let Some(t) = self.ring.post(vs, &Body { head: encode_head(opcode, 0), words }) else {
             // Both slots busy: the sidecore holds a call it has not answered.
             bump(&vs.guest.fallbacks);
             self.mark_absent();
@@ -232,7 +234,7 @@ impl<'a> Client<'a> {
         let n = reqs.len().min(out.len()).min(shm_proto::ring::RING_SLOTS);
         let mut bodies = [Body::default(); shm_proto::ring::RING_SLOTS];
         for (b, (op, args)) in bodies.iter_mut().zip(&reqs[..n]) {
-            *b = Body { head: encode_head(*op, 0), words: *args };
+            *b = Body { head: encode_head(*op, 0), words: cpustate::request_words(self.env.vcpu, *op, *args) };
         }
         let vs = self.env.shared;
         let (first, posted) = if self.sidecore_usable() { self.ring.post_batch(vs, &bodies[..n]) } else { (0, 0) };
@@ -331,7 +333,8 @@ impl<'a> Client<'a> {
     /// same handler the sidecore uses.
     pub fn pio_call(&mut self, opcode: u16, args: [u64; WORDS]) -> Reply {
         let slot = &self.env.shared.exit_slot;
-        slot.post(0, &Body { head: encode_head(opcode, 0), words: args });
+        let words = cpustate::request_words(self.env.vcpu, opcode, args);
+        slot.post(0, &Body { head: encode_head(opcode, 0), words });
         arch::outl(self.env.boot.call_port, 0);
         match slot.poll_reply(0) {
             Some(body) => reply_of(&body, Via::Exit),

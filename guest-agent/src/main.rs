@@ -13,6 +13,8 @@ mod bench;
 mod chaos;
 mod client;
 mod console;
+mod cpuidstate;
+mod cpustate;
 mod echo;
 mod events;
 mod gpascan;
@@ -92,6 +94,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
     };
     let Some(env) = env else { arch::exit(shm_proto::boot::PORT_EXIT, STATUS_BAD_BOOT_INFO) };
     idt::load(&env);
+    cpustate::init(env.vcpu);
     events::init(&env);
     let status = match Workload::from_u32(boot.workload) {
         Some(Workload::Hello) => workload::hello(&env),

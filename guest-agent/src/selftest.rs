@@ -4,7 +4,9 @@
 //! 2. CPUID through the backend's instruction carries the VMM's signature.
 //! 3. PIO calls round-trip values through the userspace VMM.
 //! 4. CPUID for pseudo-random leaves/subleaves: KVM's answer (instruction)
-//!    equals the VMM's handler's answer (PIO mailbox).
+//!    equals the VMM's handler's answer (PIO mailbox); then the leaves KVM
+//!    rewrites from CR4, XCR0 and XSS, by all paths, as the selftest changes
+//!    them (`cpuidstate`).
 //! 5. With a sidecore: a phase bracketed by markers in which the same leaves,
 //!    null calls and registry hypercalls go by sidecall and must cause no
 //!    exit; then a phase in which the VMM stops the sidecore while the guest
@@ -178,6 +180,10 @@ pub fn run(env: &Env) -> u32 {
     if r.status != Status::BadArgument {
         ck.fail(format_args!("CPUID leaf 2^32 gave {:?}, want BadArgument", r.status));
     }
+
+    // 4b. CPUID bits KVM derives from CR4, XCR0 and XSS: every path alike
+    // after each change.
+    crate::cpuidstate::run(env, &mut c, &mut |a| ck.fail(a));
 
     // 5. Page tables: the same sequence by trap and by sidecall (which falls
     // back to the trap without a sidecore) must leave the same tables and

@@ -18,7 +18,17 @@
 pub enum Opcode {
     /// The null call: returns at once. Reply word 0 echoes request word 0.
     Null = 1,
-    /// CPUID. Request: word 0 = leaf, word 1 = subleaf (both < 2^32).
+    /// CPUID. Request (v2): word 0 = leaf, word 1 = subleaf (both < 2^32),
+    /// then the calling vCPU's state that KVM derives CPUID bits from
+    /// (`kvm_update_cpuid_runtime`): word 2 = CR4, word 3 = XCR0, word 4 =
+    /// IA32_XSS, word 5 = IA32_APIC_BASE. They set leaf 1 ECX.OSXSAVE
+    /// (CR4.OSXSAVE) and EDX.APIC (APIC_BASE.EN), leaf 7.0 ECX.OSPKE
+    /// (CR4.PKE), leaf 0xD.0 EBX (XSAVE size for XCR0) and leaf 0xD.1 EBX
+    /// (compacted size for XCR0 | XSS). Any values are accepted and change
+    /// only the caller's answer; XCR0 and XSS bits the vCPU's table does not
+    /// describe add nothing to a size. Word 3 = 0 (an XCR0 no CPU can hold)
+    /// is a v1 request: words 2..6 are ignored and the answer is the table as
+    /// the VMM read it back from KVM at build time.
     /// Reply: words 0..4 = EAX, EBX, ECX, EDX.
     Cpuid = 2,
     /// Page-table update, like Xen's mmu_update. Request: word 0 = GPA of a

@@ -54,7 +54,7 @@ mod dispatch_harness {
         OP_CLASS_COUNT, OP_CLASS_UNKNOWN, STATUS_COUNT, WORDS,
     };
     use shm_proto::ring::{next_ticket, slot_index, state_word, word_ticket, Body, SlotState, RING_SLOTS, TICKET_MASK};
-    use sidecore_core::cpuid::{CpuidEntry, CpuidTable, FLAG_SIGNIFICANT_INDEX};
+    use sidecore_core::cpuid::{CpuidEntry, CpuidTable, GuestState, FLAG_SIGNIFICANT_INDEX};
     use sidecore_core::hostmem::HostShared;
     use sidecore_core::pte::{
         classify, PteLayout, PteService, ShadowZap, Visibility, PTE_A, PTE_ADDR, PTE_ALLOWED, PTE_D, PTE_NX, PTE_P,
@@ -350,8 +350,12 @@ mod dispatch_harness {
             e(4, 1, FLAG_SIGNIFICANT_INDEX, [0x122, 4, 5, 6]),
             e(0xb, 0, FLAG_SIGNIFICANT_INDEX, [1, 1, 0x100, 7]),
             e(0xb, 1, FLAG_SIGNIFICANT_INDEX, [4, 2, 0x201, 7]),
-            e(0xd, 0, FLAG_SIGNIFICANT_INDEX, [7, 0x340, 0x340, 0]),
-            e(0xd, 1, FLAG_SIGNIFICANT_INDEX, [0xf, 0, 0, 0]),
+            e(7, 0, FLAG_SIGNIFICANT_INDEX, [0, 0, 1 << 3, 0]),
+            e(0xd, 0, FLAG_SIGNIFICANT_INDEX, [0x207, 0x340, 0x988, 0]),
+            e(0xd, 1, FLAG_SIGNIFICANT_INDEX, [0xf, 0, 0x1800, 0]),
+            e(0xd, 2, FLAG_SIGNIFICANT_INDEX, [0x100, 0x240, 0, 0]),
+            e(0xd, 9, FLAG_SIGNIFICANT_INDEX, [8, 0x980, 0, 0]),
+            e(0xd, 11, FLAG_SIGNIFICANT_INDEX, [0x10, 0, 3, 0]),
             e(0x4000_0000, 0, 0, [0x4000_0001, 1, 2, 3]),
             e(0x8000_0000, 0, 0, [0x8000_0008, 0, 0, 0]),
             e(0x8000_0008, 0, 0, [0x3027, 0, 0, 0]),
@@ -582,6 +586,17 @@ mod dispatch_harness {
         }
         assert_eq!(status, Status::Ok);
         let r = table.lookup(leaf, sub);
+        if words[3] != 0 {
+            // v2: the vCPU state in words 2..6 rewrites only the bits KVM
+            // rewrites (OSXSAVE, OSPKE, APIC, the XSAVE sizes in EBX).
+            let state = GuestState { cr4: words[2], xcr0: words[3], xss: words[4], apic_base: words[5] };
+            let d = table.lookup_in(leaf, sub, &state);
+            assert_eq!(out, [u64::from(d[0]), u64::from(d[1]), u64::from(d[2]), u64::from(d[3]), 0, 0]);
+            assert_eq!(d[0], r[0]);
+            assert_eq!(d[2] & !((1 << 27) | (1 << 4)), r[2] & !((1 << 27) | (1 << 4)));
+            assert_eq!(d[3] & !(1 << 9), r[3] & !(1 << 9));
+            return;
+        }
         assert_eq!(out, [u64::from(r[0]), u64::from(r[1]), u64::from(r[2]), u64::from(r[3]), 0, 0]);
         let exact = table
             .entries()

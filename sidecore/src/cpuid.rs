@@ -14,6 +14,28 @@
 //! Per-vCPU fields (the APIC IDs) are whatever that vCPU's table holds: the
 //! VMM builds one table per vCPU ([`set_apic_id`]) and the sidecore answers
 //! each vCPU from its own.
+//!
+//! KVM also rewrites some bits as the guest's state changes
+//! (`kvm_update_cpuid_runtime`); the sidecore cannot read that state (the
+//! guest never exits), so the guest passes it with each request
+//! ([`GuestState`], [`CpuidTable::lookup_in`]):
+//!
+//! * leaf 1 ECX.OSXSAVE (bit 27) = CR4.OSXSAVE, when the host has XSAVE;
+//! * leaf 1 EDX.APIC (bit 9) = IA32_APIC_BASE.EN (bit 11);
+//! * leaf 7.0 ECX.OSPKE (bit 4) = CR4.PKE, when the host has PKU;
+//! * leaf 0xD.0 EBX = the standard-form XSAVE size for XCR0;
+//! * leaf 0xD.1 EBX = the compacted size for XCR0 | IA32_XSS, when the leaf
+//!   has XSAVES or XSAVEC.
+//!
+//! "The host has XSAVE/PKU" is read off the table (leaf 1 ECX.XSAVE, leaf
+//! 7.0 ECX.PKU): KVM only reports a feature the host has, and a guest whose
+//! table lacks it cannot set the CR4 bit, so the bit stays as the table has
+//! it (clear, in any table KVM handed back). Not tracked, because KVM leaves
+//! them alone by default or this project's guests cannot change them: leaf 1
+//! ECX.MONITOR from IA32_MISC_ENABLE (only with
+//! KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT disabled), leaf 7.0 EBX.RTM/HLE from
+//! IA32_TSX_CTRL.CPUID_CLEAR (Intel only), the Hyper-V invariant-TSC and Xen
+//! TSC leaves (no Hyper-V or Xen emulation is enabled).
 
 /// KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
 pub const FLAG_SIGNIFICANT_INDEX: u32 = 1;
@@ -55,10 +77,61 @@ pub fn tables_from_words(wire: &[Vec<[u32; 7]>]) -> Vec<CpuidTable> {
     wire.iter().map(|t| CpuidTable::new(t.iter().map(|w| CpuidEntry::from_words(*w)).collect())).collect()
 }
 
+/// The vCPU state KVM derives CPUID bits from, as the guest reports it in a
+/// CPUID request. Any value is accepted: it only changes that guest's own
+/// answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestState {
+    /// CR4.
+    pub cr4: u64,
+    /// XCR0.
+    pub xcr0: u64,
+    /// IA32_XSS.
+    pub xss: u64,
+    /// IA32_APIC_BASE.
+    pub apic_base: u64,
+}
+
+/// CR4.OSXSAVE.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.PKE.
+pub const CR4_PKE: u64 = 1 << 22;
+/// IA32_APIC_BASE.EN.
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF1_EDX_APIC: u32 = 1 << 9;
+const LEAF7_ECX_PKU: u32 = 1 << 3;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+const LEAFD1_EAX_XSAVEC: u32 = 1 << 1;
+const LEAFD1_EAX_XSAVES: u32 = 1 << 3;
+/// The legacy area (512 bytes) and the XSAVE header (64): where component 2
+/// may start.
+const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
+
+/// One XSAVE state component as its leaf 0xD subleaf describes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct XstateComponent {
+    /// EAX: size in bytes.
+    size: u32,
+    /// EBX: offset in the standard form.
+    offset: u32,
+    /// ECX bit 1: 64-byte aligned in the compacted form.
+    align64: bool,
+}
+
 /// A vCPU's CPUID table.
 #[derive(Clone, Debug, Default)]
 pub struct CpuidTable {
     entries: Vec<CpuidEntry>,
+    /// Index in `entries` of the entries KVM rewrites at run time.
+    leaf1: Option<usize>,
+    leaf7: Option<usize>,
+    leafd0: Option<usize>,
+    leafd1: Option<usize>,
+    /// Components 0..64 from the table's leaf 0xD subleaves (absent ones
+    /// are all zero and add nothing to a size).
+    xstate: Vec<XstateComponent>,
 }
 
 fn is_amd_or_hygon(e: &CpuidEntry) -> bool {
@@ -72,7 +145,34 @@ fn is_amd_or_hygon(e: &CpuidEntry) -> bool {
 impl CpuidTable {
     /// A table of these entries, in KVM's order (the first match wins).
     pub fn new(entries: Vec<CpuidEntry>) -> CpuidTable {
-        CpuidTable { entries }
+        let mut t = CpuidTable { entries, ..CpuidTable::default() };
+        // KVM's cpuid_entry2_find: leaf 1 with KVM_CPUID_INDEX_NOT_SIGNIFICANT,
+        // the others with subleaf 0 or 1.
+        t.leaf1 = t.entries.iter().position(|e| e.function == 1);
+        t.leaf7 = t.position(7, 0);
+        t.leafd0 = t.position(0xd, 0);
+        t.leafd1 = t.position(0xd, 1);
+        // Component i's own subleaf only: a table whose leaf 0xD is not
+        // index-significant describes no component.
+        t.xstate = (0..64u32)
+            .map(|i| {
+                t.entries
+                    .iter()
+                    .find(|e| e.function == 0xd && e.index == i && e.flags & FLAG_SIGNIFICANT_INDEX != 0)
+                    .map_or_else(XstateComponent::default, |e| XstateComponent {
+                        size: e.eax,
+                        offset: e.ebx,
+                        align64: e.ecx & 2 != 0,
+                    })
+            })
+            .collect();
+        t
+    }
+
+    fn position(&self, function: u32, index: u32) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.function == function && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == index))
     }
 
     /// The entries.
@@ -111,10 +211,27 @@ impl CpuidTable {
         self.find(basic.eax, index)
     }
 
-    /// EAX, EBX, ECX, EDX for `leaf`/`subleaf`, as KVM answers.
+    /// EAX, EBX, ECX, EDX for `leaf`/`subleaf` as the table holds them (KVM's
+    /// answer in the state the table was read back in).
     pub fn lookup(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.answer(leaf, subleaf, None)
+    }
+
+    /// EAX, EBX, ECX, EDX for `leaf`/`subleaf`, as KVM answers a vCPU in
+    /// `state`. Costs at most one pass over the table and 62 components.
+    pub fn lookup_in(&self, leaf: u32, subleaf: u32, state: &GuestState) -> [u32; 4] {
+        self.answer(leaf, subleaf, Some(state))
+    }
+
+    fn answer(&self, leaf: u32, subleaf: u32, state: Option<&GuestState>) -> [u32; 4] {
         if let Some(e) = self.find(leaf, subleaf).or_else(|| self.out_of_range(leaf, subleaf)) {
-            return [e.eax, e.ebx, e.ecx, e.edx];
+            let r = [e.eax, e.ebx, e.ecx, e.edx];
+            return match state {
+                // KVM rewrites the entries themselves, so an out-of-range leaf
+                // answered from one of them carries the rewrite too.
+                Some(s) => self.runtime(e, r, s),
+                None => r,
+            };
         }
         if leaf == 0xb || leaf == 0x1f {
             if let Some(e) = self.find(leaf, 1) {
@@ -122,6 +239,61 @@ impl CpuidTable {
             }
         }
         [0; 4]
+    }
+}
+
+impl CpuidTable {
+    /// KVM's `kvm_update_cpuid_runtime`, applied to the answer `r` from entry
+    /// `e`.
+    fn runtime(&self, e: &CpuidEntry, mut r: [u32; 4], s: &GuestState) -> [u32; 4] {
+        let is = |i: Option<usize>| i.and_then(|i| self.entries.get(i)).is_some_and(|d| core::ptr::eq(d, e));
+        if is(self.leaf1) {
+            if r[2] & LEAF1_ECX_XSAVE != 0 {
+                r[2] = with_bit(r[2], LEAF1_ECX_OSXSAVE, s.cr4 & CR4_OSXSAVE != 0);
+            }
+            r[3] = with_bit(r[3], LEAF1_EDX_APIC, s.apic_base & APIC_BASE_ENABLE != 0);
+        }
+        if is(self.leaf7) && r[2] & LEAF7_ECX_PKU != 0 {
+            r[2] = with_bit(r[2], LEAF7_ECX_OSPKE, s.cr4 & CR4_PKE != 0);
+        }
+        // One entry may be both 0xD.0 and 0xD.1 (a table whose leaf 0xD is
+        // not index-significant): KVM rewrites it twice, in this order.
+        if is(self.leafd0) {
+            r[1] = self.xstate_size(s.xcr0, false);
+        }
+        if is(self.leafd1) && r[0] & (LEAFD1_EAX_XSAVES | LEAFD1_EAX_XSAVEC) != 0 {
+            r[1] = self.xstate_size(s.xcr0 | s.xss, true);
+        }
+        r
+    }
+
+    /// KVM's `xstate_required_size`: the XSAVE area for the components in
+    /// `mask`, standard or compacted. x87 and SSE live in the legacy area;
+    /// bit 63 and components the table does not describe add nothing.
+    fn xstate_size(&self, mask: u64, compacted: bool) -> u32 {
+        let mut size = XSAVE_LEGACY_AND_HEADER;
+        for (i, c) in self.xstate.iter().enumerate().take(63).skip(2) {
+            if mask & (1u64 << i) == 0 {
+                continue;
+            }
+            let offset = if !compacted {
+                c.offset
+            } else if c.align64 {
+                size.saturating_add(63) & !63
+            } else {
+                size
+            };
+            size = size.max(offset.saturating_add(c.size));
+        }
+        size
+    }
+}
+
+fn with_bit(v: u32, bit: u32, on: bool) -> u32 {
+    if on {
+        v | bit
+    } else {
+        v & !bit
     }
 }
 
@@ -234,6 +406,143 @@ mod tests {
     #[test]
     fn empty_table_answers_zero() {
         assert_eq!(CpuidTable::default().lookup(0, 0), [0; 4]);
+    }
+
+    /// Leaf 0xD of an AMD EPYC (Zen 4) as KVM reports it: x87, SSE, AVX,
+    /// AVX-512 (opmask, ZMM_Hi256, Hi16_ZMM), PKRU; CET user/supervisor in
+    /// IA32_XSS.
+    fn epyc_table() -> CpuidTable {
+        let vendor = [0x10, u32::from_le_bytes(*b"Auth"), u32::from_le_bytes(*b"cAMD"), u32::from_le_bytes(*b"enti")];
+        CpuidTable::new(vec![
+            e(0, 0, 0, vendor),
+            e(1, 0, 0, [0xa10f11, 0x0080_0800, 0xfef8_3203 | LEAF1_ECX_XSAVE, 0x178b_fbff]),
+            e(7, 0, 1, [1, 0xf1bf_97a9, 0x0040_5fce, 0x1000_0010]),
+            e(0xd, 0, 1, [0x2e7, 0x240, 0x988, 0]),
+            e(0xd, 1, 1, [0xf, 0x240, 0x1800, 0]),
+            e(0xd, 2, 1, [0x100, 0x240, 0, 0]),
+            e(0xd, 5, 1, [0x40, 0x340, 0, 0]),
+            e(0xd, 6, 1, [0x200, 0x380, 0, 0]),
+            e(0xd, 7, 1, [0x400, 0x580, 0, 0]),
+            e(0xd, 9, 1, [8, 0x980, 0, 0]),
+            e(0xd, 11, 1, [0x10, 0, 1, 0]),
+            e(0xd, 12, 1, [0x18, 0, 1, 0]),
+            e(0x8000_0000, 0, 0, [0x8000_0028, 0, 0, 0]),
+        ])
+    }
+
+    fn st(cr4: u64, xcr0: u64, xss: u64, apic_base: u64) -> GuestState {
+        GuestState { cr4, xcr0, xss, apic_base }
+    }
+
+    #[test]
+    fn leaf1_follows_cr4_osxsave_and_apic_enable() {
+        let t = epyc_table();
+        let base = t.lookup(1, 0);
+        let on = t.lookup_in(1, 0, &st(0x620 | CR4_OSXSAVE, 1, 0, 0xfee0_0900));
+        assert_eq!(on[2], base[2] | LEAF1_ECX_OSXSAVE);
+        assert_eq!(on[3], base[3] | LEAF1_EDX_APIC);
+        assert_eq!([on[0], on[1]], [base[0], base[1]]);
+        let off = t.lookup_in(1, 7, &st(0x620, 1, 0, 0xfee0_0100));
+        assert_eq!(off[2], base[2] & !LEAF1_ECX_OSXSAVE);
+        assert_eq!(off[3], base[3] & !LEAF1_EDX_APIC);
+        // A table without XSAVE keeps OSXSAVE as it is, whatever CR4 says.
+        let mut v = t.entries().to_vec();
+        v[1].ecx = (v[1].ecx & !LEAF1_ECX_XSAVE) | LEAF1_ECX_OSXSAVE;
+        let no_xsave = CpuidTable::new(v);
+        assert_ne!(no_xsave.lookup_in(1, 0, &st(0, 1, 0, 0))[2] & LEAF1_ECX_OSXSAVE, 0);
+    }
+
+    #[test]
+    fn leaf7_ospke_follows_cr4_pke_only_with_pku() {
+        let t = epyc_table();
+        let base = t.lookup(7, 0);
+        assert_ne!(base[2] & LEAF7_ECX_PKU, 0);
+        assert_eq!(t.lookup_in(7, 0, &st(CR4_PKE, 1, 0, 0))[2], base[2] | LEAF7_ECX_OSPKE);
+        assert_eq!(t.lookup_in(7, 0, &st(!CR4_PKE, 1, 0, 0))[2], base[2] & !LEAF7_ECX_OSPKE);
+        // Subleaf 1 is another entry: untouched.
+        assert_eq!(t.lookup_in(7, 1, &st(CR4_PKE, 1, 0, 0)), t.lookup(7, 1));
+        let mut v = t.entries().to_vec();
+        v[2].ecx &= !LEAF7_ECX_PKU;
+        let no_pku = CpuidTable::new(v);
+        assert_eq!(no_pku.lookup_in(7, 0, &st(CR4_PKE, 1, 0, 0))[2] & LEAF7_ECX_OSPKE, 0);
+    }
+
+    #[test]
+    fn leaf_d0_ebx_is_the_standard_size_for_xcr0() {
+        let t = epyc_table();
+        let size = |xcr0| t.lookup_in(0xd, 0, &st(CR4_OSXSAVE, xcr0, 0, 0))[1];
+        assert_eq!(size(1), 576);
+        assert_eq!(size(3), 576);
+        assert_eq!(size(7), 0x340);
+        assert_eq!(size(0xe7), 0x980);
+        assert_eq!(size(0x2e7), 0x988, "the CPU's own maximum (ECX)");
+        // Standard form keeps the holes: PKRU alone sits at its fixed offset.
+        assert_eq!(size(0x207), 0x988);
+        // Bits the table does not describe, and bit 63, add nothing.
+        assert_eq!(size(u64::MAX), 0x988);
+        assert_eq!(size(0x8000_0000_0000_0007 | 0x0010_0000), 0x340);
+        // The rest of the entry is the table's.
+        let r = t.lookup_in(0xd, 0, &st(0, 7, 0, 0));
+        assert_eq!([r[0], r[2], r[3]], [0x2e7, 0x988, 0]);
+    }
+
+    #[test]
+    fn leaf_d1_ebx_is_the_compacted_size_for_xcr0_and_xss() {
+        let t = epyc_table();
+        let size = |xcr0, xss| t.lookup_in(0xd, 1, &st(CR4_OSXSAVE, xcr0, xss, 0))[1];
+        assert_eq!(size(3, 0), 576);
+        assert_eq!(size(7, 0), 0x340);
+        assert_eq!(size(0x207, 0), 0x348, "compacted: PKRU right after AVX");
+        assert_eq!(size(0x2e7, 0), 0x988);
+        assert_eq!(size(7, 0x1800), 0x340 + 0x10 + 0x18);
+        assert_eq!(size(7, 0x800), 0x350);
+        // XSS bits KVM would refuse still size only what the table describes.
+        assert_eq!(size(7, u64::MAX), 0x988 + 0x10 + 0x18);
+        // Without XSAVES and XSAVEC the entry is the table's.
+        let mut v = t.entries().to_vec();
+        v[4].eax = 0x5;
+        let plain = CpuidTable::new(v);
+        assert_eq!(plain.lookup_in(0xd, 1, &st(CR4_OSXSAVE, 7, 0, 0))[1], 0x240);
+    }
+
+    #[test]
+    fn compacted_size_aligns_components_that_ask_for_it() {
+        // AMX tile config and data (Intel), both 64-byte aligned when compacted.
+        let t = CpuidTable::new(vec![
+            e(0xd, 0, 1, [0x6_0207, 0, 0, 0]),
+            e(0xd, 1, 1, [0x1f, 0, 0, 0]),
+            e(0xd, 2, 1, [0x100, 0x240, 0, 0]),
+            e(0xd, 9, 1, [8, 0xa80, 0, 0]),
+            e(0xd, 17, 1, [0x40, 0xac0, 2, 0]),
+            e(0xd, 18, 1, [0x2000, 0xb00, 2, 0]),
+        ]);
+        let s = st(CR4_OSXSAVE, 0x6_0207, 0, 0);
+        // 576 + 256 (AVX) + 8 (PKRU) = 840, aligned to 896, + 64 = 960, + 8192.
+        assert_eq!(t.lookup_in(0xd, 1, &s)[1], 960 + 0x2000);
+        assert_eq!(t.lookup_in(0xd, 0, &s)[1], 0xb00 + 0x2000);
+    }
+
+    #[test]
+    fn runtime_bits_reach_out_of_range_leaves_answered_from_them() {
+        let t = intel_table();
+        let s = st(0, 7, 0, 0);
+        // 0xe is past max basic 0xd: KVM answers from the 0xD.0 entry, rewritten.
+        assert_eq!(t.lookup_in(0xe, 0, &s), t.lookup_in(0xd, 0, &s));
+        assert_eq!(t.lookup_in(0xe, 0, &s)[1], 576, "no component of XCR0 7 is described in this table");
+    }
+
+    #[test]
+    fn tables_without_runtime_leaves_answer_as_before() {
+        let s = st(u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(CpuidTable::default().lookup_in(0xd, 0, &s), [0; 4]);
+        let t = intel_table();
+        for (leaf, sub) in [(0, 0), (4, 1), (0xb, 5), (0x4000_0000, 0), (0x8000_0008, 0)] {
+            assert_eq!(t.lookup_in(leaf, sub, &s), t.lookup(leaf, sub), "{leaf:#x}.{sub}");
+        }
+        // Leaf 0xD not index-significant: one entry is 0xD.0 and 0xD.1, and
+        // describes no component.
+        let flat = CpuidTable::new(vec![e(0xd, 0, 0, [7, 0x340, 0x340, 0xf])]);
+        assert_eq!(flat.lookup_in(0xd, 3, &st(0, 7, 0, 0)), [7, 576, 0x340, 0xf]);
     }
 
     #[test]

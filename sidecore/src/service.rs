@@ -3,7 +3,7 @@
 
 use shm_proto::op::{self, Opcode, Status, USER_OP_FIRST, USER_OP_LAST, WORDS};
 
-use crate::cpuid::CpuidTable;
+use crate::cpuid::{CpuidTable, GuestState};
 use crate::pte::PteService;
 
 /// Who is calling.
@@ -101,7 +101,14 @@ impl Services {
                 let leaf = u32::try_from(words[0]).map_err(|_| Status::BadArgument)?;
                 let sub = u32::try_from(words[1]).map_err(|_| Status::BadArgument)?;
                 let table = usize::try_from(ctx.vcpu).ok().and_then(|v| self.cpuid.get(v)).ok_or(Status::HostError)?;
-                let r = table.lookup(leaf, sub);
+                // XCR0 bit 0 is always set: zero means a v1 request that
+                // carries no vCPU state, answered as the table holds it.
+                let r = if words[3] == 0 {
+                    table.lookup(leaf, sub)
+                } else {
+                    let state = GuestState { cr4: words[2], xcr0: words[3], xss: words[4], apic_base: words[5] };
+                    table.lookup_in(leaf, sub, &state)
+                };
                 Ok([u64::from(r[0]), u64::from(r[1]), u64::from(r[2]), u64::from(r[3]), 0, 0])
             }
             Some(Opcode::PteUpdate) => {
@@ -148,9 +155,41 @@ mod tests {
         assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[0, 0, 0, 0, 0, 0]).1[..4], [1, 2, 3, 4]);
         assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[1 << 32, 0, 0, 0, 0, 0]).0, Status::BadArgument);
         assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[0, u64::MAX, 0, 0, 0, 0]).0, Status::BadArgument);
+        // v2: the vCPU state in words 2..6 (a table with no leaf 1, 7 or 0xD
+        // answers the same).
+        assert_eq!(s.dispatch(&CTX, encode_head(2, 0), &[0, 0, u64::MAX, 1, u64::MAX, u64::MAX]).1[..4], [1, 2, 3, 4]);
         // A vCPU with no table (a hostile ring index can never get here, but
         // the handler must not index out of bounds either).
         assert_eq!(s.dispatch(&CallCtx { vcpu: 7 }, encode_head(2, 0), &[0; WORDS]).0, Status::HostError);
+    }
+
+    #[test]
+    fn cpuid_v2_applies_the_vcpu_state_and_v1_does_not() {
+        use crate::cpuid::{APIC_BASE_ENABLE, CR4_OSXSAVE, FLAG_SIGNIFICANT_INDEX};
+        let t = CpuidTable::new(vec![
+            CpuidEntry { function: 1, ecx: 1 << 26, edx: 1 << 9, ..Default::default() },
+            CpuidEntry { function: 0xd, flags: FLAG_SIGNIFICANT_INDEX, eax: 7, ebx: 0x340, ..Default::default() },
+            CpuidEntry {
+                function: 0xd,
+                index: 2,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                eax: 0x100,
+                ebx: 0x240,
+                ..Default::default()
+            },
+        ]);
+        let s = Services::new(vec![t]);
+        let call = |w: [u64; WORDS]| {
+            let (st, out) = s.dispatch(&CTX, encode_head(2, 0), &w);
+            assert_eq!(st, Status::Ok);
+            [out[0], out[1], out[2], out[3]]
+        };
+        assert_eq!(call([1, 0, 0, 0, 0, 0]), [0, 0, 1 << 26, 1 << 9], "v1: the table");
+        assert_eq!(call([1, 0, CR4_OSXSAVE, 1, 0, APIC_BASE_ENABLE]), [0, 0, 3 << 26, 1 << 9]);
+        assert_eq!(call([1, 0, 0, 1, 0, 0]), [0, 0, 1 << 26, 0]);
+        assert_eq!(call([0xd, 0, CR4_OSXSAVE, 3, 0, 0])[1], 576);
+        assert_eq!(call([0xd, 0, CR4_OSXSAVE, 7, 0, 0])[1], 0x340);
+        assert_eq!(call([0xd, 0, 0, 0, 0, 0])[1], 0x340, "v1: the table");
     }
 
     #[test]
