@@ -53,7 +53,7 @@ mod dispatch_harness {
         decode_head, decode_status, encode_head, encode_status, op_class, Opcode, Status, FLAG_NO_REPLY,
         OP_CLASS_COUNT, OP_CLASS_UNKNOWN, STATUS_COUNT, WORDS,
     };
-    use shm_proto::ring::{next_ticket, slot_index, state_word, word_ticket, Body, SlotState, RING_SLOTS, TICKET_MASK};
+    use shm_proto::ring::{next_ticket, slot_index, state_word, ticket_distance, word_ticket, Body, SlotState, RING_SLOTS, TICKET_MASK};
     use sidecore_core::cpuid::{CpuidEntry, CpuidTable, GuestState, FLAG_SIGNIFICANT_INDEX};
     use sidecore_core::hostmem::HostShared;
     use sidecore_core::pte::{
@@ -693,6 +693,11 @@ mod dispatch_harness {
                             (status, words)
                         } else {
                             self.calls[OP_CLASS_UNKNOWN][Status::BadSequence as usize] += 1;
+                            // ABI v2: a later lap of the expected slot is
+                            // followed; anything else keeps `next`.
+                            if slot_index(ticket) == i && ticket_distance(next, ticket) > 0 {
+                                next = next_ticket(ticket);
+                            }
                             (Status::BadSequence, [0; WORDS])
                         };
                         state[i] = state_word(ticket, SlotState::Done);
@@ -701,8 +706,16 @@ mod dispatch_harness {
                         answered[i] = true;
                     }
                     Some(SlotState::Cancelled) if ticket == next => {
+                        // Passed by CAS to SKIPPED (ABI v2).
+                        state[i] = state_word(ticket, SlotState::Skipped);
                         next = next_ticket(next);
                         self.cancelled += 1;
+                    }
+                    Some(SlotState::Claimed) => {
+                        // A claim the host does not hold is released.
+                        state[i] = state_word(ticket, SlotState::Cancelled);
+                        self.calls[OP_CLASS_UNKNOWN][Status::BadSequence as usize] += 1;
+                        break;
                     }
                     _ => break,
                 }
