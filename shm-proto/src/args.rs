@@ -56,3 +56,9 @@ pub mod irq {
 }
 
 pub use crate::bench::arg as bench;
+
+/// `toggle`: stop/start writes to the control port, then the sidecall check.
+pub mod toggle {
+    /// Control writes in a pseudo-random order (default 100,000).
+    pub const WRITES: usize = 0;
+}

@@ -143,11 +143,15 @@ pub enum Workload {
     /// test event, `args[0]` of them; `args[2]` = 1: only by interrupt (spins
     /// with interrupts on), else by polling the posted events.
     Irq = 9,
+    /// A guest hammering the control port: `args[0]` stop/start writes
+    /// (default 100,000) in a pseudo-random order, a final start, then a
+    /// check that calls are answered by sidecall again and none was lost.
+    Toggle = 10,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Hello,
         Workload::Spin,
         Workload::Selftest,
@@ -157,6 +161,7 @@ impl Workload {
         Workload::Wake,
         Workload::Echo,
         Workload::Irq,
+        Workload::Toggle,
     ];
 
     /// Decodes the boot-info value.
@@ -171,6 +176,7 @@ impl Workload {
             7 => Some(Workload::Wake),
             8 => Some(Workload::Echo),
             9 => Some(Workload::Irq),
+            10 => Some(Workload::Toggle),
             _ => None,
         }
     }
@@ -187,6 +193,7 @@ impl Workload {
             Workload::Wake => "wake",
             Workload::Echo => "echo",
             Workload::Irq => "irq",
+            Workload::Toggle => "toggle",
         }
     }
 }

@@ -1,0 +1,128 @@
+//! `toggle`: a guest that hammers the control port. vCPU 0 writes stop and
+//! start in a pseudo-random order (`args[toggle::WRITES]` times, default
+//! 100,000), calling a counter hypercall now and then, ends with a start,
+//! and then checks that the sidecore is back: calls are answered by sidecall
+//! again and the counter agrees (no call lost, none run twice).
+
+use core::sync::atomic::Ordering;
+
+use shm_proto::args::toggle;
+use shm_proto::boot::{CONTROL_START_SIDECORE, CONTROL_STOP_SIDECORE};
+use shm_proto::op::{Status, HC_COUNTER_ADD, WORDS};
+
+use crate::arch;
+use crate::client::{Client, Reply, Via};
+use crate::rng::Rng;
+use crate::{gprintln, Env};
+
+/// Calls checked after the final start.
+const CHECK_CALLS: u64 = 1_000;
+/// Of those, at least this many must be answered by sidecall.
+const CHECK_BY_SIDECALL: u64 = 900;
+
+/// Carried out or not, nobody can say (the sidecore went away with it).
+fn lost_in_flight(env: &Env, r: &Reply) -> bool {
+    r.status == Status::HostError
+        && r.via == Via::Sidecall
+        && env.shared.host.sidecore_lost.load(Ordering::Relaxed) != 0
+}
+
+/// The counter, read by the exit path.
+fn counter(c: &mut Client) -> Option<u64> {
+    let r = c.pio_call(HC_COUNTER_ADD, [0; WORDS]);
+    (r.status == Status::Ok).then_some(r.words[0])
+}
+
+/// One counter call adding `i` to `sum`; false if the answer is wrong.
+fn add(env: &Env, c: &mut Client, i: u64, sum: &mut u64) -> Option<Via> {
+    let r = c.call(HC_COUNTER_ADD, [i, 0, 0, 0, 0, 0]);
+    *sum = sum.wrapping_add(i);
+    if lost_in_flight(env, &r) {
+        *sum = counter(c)?;
+        return Some(Via::Exit);
+    }
+    if r.status != Status::Ok || r.words[0] != *sum {
+        gprintln!(
+            env,
+            "toggle: FAIL: counter call {i} returned {} ({:?} via {:?}), want {sum}",
+            r.words[0],
+            r.status,
+            r.via
+        );
+        return None;
+    }
+    Some(r.via)
+}
+
+/// Runs the workload; 0 if the sidecore came back and every call agreed.
+pub fn run(env: &Env) -> u32 {
+    if env.vcpu != 0 {
+        return 0;
+    }
+    let writes = match env.boot.args[toggle::WRITES] {
+        0 => 100_000,
+        n => n,
+    };
+    let control = env.boot.control_port;
+    let mut c = Client::new(env);
+    let Some(mut sum) = counter(&mut c) else {
+        gprintln!(env, "toggle: FAIL: the counter hypercall does not answer by the exit path");
+        return 1;
+    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ env.boot.tsc_khz);
+    let (mut stops, mut calls) = (0u64, 0u64);
+    for k in 0..writes {
+        if rng.below(2) == 0 {
+            arch::outl(control, CONTROL_STOP_SIDECORE);
+            stops += 1;
+        } else {
+            arch::outl(control, CONTROL_START_SIDECORE);
+        }
+        if k % 256 == 0 {
+            calls += 1;
+            if add(env, &mut c, calls, &mut sum).is_none() {
+                return 1;
+            }
+        }
+    }
+    arch::outl(control, CONTROL_START_SIDECORE);
+    // Back within a few seconds (its threads restart, the guest finds it by
+    // heartbeat or back-off).
+    let t0 = arch::rdtsc();
+    let deadline = env.boot.tsc_khz.saturating_mul(5_000);
+    let mut back = false;
+    while arch::rdtsc().wrapping_sub(t0) < deadline {
+        calls += 1;
+        match add(env, &mut c, calls, &mut sum) {
+            None => return 1,
+            Some(Via::Sidecall) => {
+                back = true;
+                break;
+            }
+            Some(Via::Exit) => {}
+        }
+    }
+    let back_ms = arch::rdtsc().wrapping_sub(t0) / env.boot.tsc_khz.max(1);
+    if !back || env.shared.host.sidecore_lost.load(Ordering::Relaxed) != 0 {
+        gprintln!(env, "toggle: FAIL: {writes} writes ({stops} stops): the sidecore did not come back within 5 s");
+        return 1;
+    }
+    let mut by_side = 0u64;
+    for _ in 0..CHECK_CALLS {
+        calls += 1;
+        match add(env, &mut c, calls, &mut sum) {
+            None => return 1,
+            Some(Via::Sidecall) => by_side += 1,
+            Some(Via::Exit) => {}
+        }
+    }
+    if by_side < CHECK_BY_SIDECALL {
+        gprintln!(env, "toggle: FAIL: after the final start only {by_side} of {CHECK_CALLS} calls went by sidecall");
+        return 1;
+    }
+    gprintln!(
+        env,
+        "toggle: ok: {writes} writes ({stops} stops), {calls} counter calls, back by sidecall after {back_ms} ms, {by_side}/{CHECK_CALLS} by sidecall"
+    );
+    0
+}

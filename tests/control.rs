@@ -1,0 +1,130 @@
+//! The guest's control port cannot exhaust or wedge the host: a guest that
+//! writes stop/start 100,000 times in a random order leaves its VMM with a
+//! handful of threads (one control worker, not one thread per write), and
+//! the sidecore serves it again after its final start — by the VMM's own
+//! sidecore and by the daemon's.
+
+mod common;
+use common::kvm_available;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sidecore")
+}
+
+/// Threads of a process now (0 once it is gone).
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(Iterator::count).unwrap_or(0)
+}
+
+/// Runs `cmd` to its end, sampling its thread count every 5 ms; its exit
+/// success, stdout + stderr, and the most threads seen.
+fn run_counting_threads(cmd: &mut Command) -> (bool, String, usize) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start the VMM");
+    let pid = child.id();
+    let mut most = 0;
+    let t0 = Instant::now();
+    let status = loop {
+        most = most.max(threads(pid));
+        if let Some(s) = child.try_wait().expect("wait for the VMM") {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            break child.wait().expect("wait for the killed VMM");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    out.push_str("\nstderr:\n");
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut out);
+    }
+    (status.success(), out, most)
+}
+
+/// main, the vCPU, the sidecore, the control worker and a few the VMM
+/// keeps (daemon watcher, signal thread): one vCPU + one sidecore + 4.
+const MOST_THREADS: usize = 1 + 1 + 4;
+
+#[test]
+fn a_hundred_thousand_control_writes_leave_a_handful_of_threads_own_sidecore() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (ok, out, most) = run_counting_threads(Command::new(bin()).args([
+        "run",
+        "--workload",
+        "toggle",
+        "--sidecore",
+        "0",
+        "--vcpu-cpus",
+        "1",
+    ]));
+    assert!(ok, "{out}");
+    assert!(out.contains("toggle: ok: 100000 writes"), "{out}");
+    assert!(most <= MOST_THREADS, "the VMM had {most} threads (at most {MOST_THREADS} expected)\n{out}");
+}
+
+struct Daemon(Child, PathBuf);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+fn start_daemon(sock: &Path) -> Daemon {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(bin())
+        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
+        .arg(sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let d = Daemon(child, sock.to_path_buf());
+    // Ready when it answers, not when its socket file appears.
+    let t0 = Instant::now();
+    while !Command::new(bin()).args(["status", "--socket"]).arg(sock).output().is_ok_and(|o| o.status.success()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not answer on {} within 60 s", sock.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+#[test]
+fn a_hundred_thousand_control_writes_leave_a_handful_of_threads_daemon() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = std::env::temp_dir().join(format!("sidecore-test-control-{}.sock", std::process::id()));
+    let d = start_daemon(&sock);
+    let daemon_before = threads(d.0.id());
+    let (ok, out, most) = run_counting_threads(
+        Command::new(bin()).args(["run", "--workload", "toggle", "--vcpu-cpus", "1", "--attach"]).arg(&sock),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("toggle: ok: 100000 writes"), "{out}");
+    assert!(most <= MOST_THREADS, "the VMM had {most} threads (at most {MOST_THREADS} expected)\n{out}");
+    // Every pause and resume reached the daemon as a request, not as a
+    // thread of its own.
+    let daemon_after = threads(d.0.id());
+    assert!(
+        daemon_after <= daemon_before + 2,
+        "the daemon went from {daemon_before} to {daemon_after} threads after the run\n{out}"
+    );
+}
