@@ -2,6 +2,7 @@
 //! thread per vCPU, prints the guest's console, and collects each vCPU's
 //! exit status.
 
+pub mod console;
 pub mod control;
 pub mod devices;
 pub mod kvm_stats;
@@ -223,6 +224,8 @@ struct Shared {
     exit_stats: Arc<VmStats>,
     sidecores: Option<Arc<SidecoreSet>>,
     console: ConsoleSink,
+    /// The guest's share of the console, for all its vCPUs.
+    console_limit: Arc<Mutex<crate::vmm::console::ConsoleLimiter>>,
     report_phases: bool,
     bench: Option<Arc<crate::bench::BenchCollector>>,
     attachment: Option<Arc<crate::daemon::Attachment>>,
@@ -339,6 +342,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         exit_stats: Arc::new(VmStats::default()),
         sidecores: sidecores.clone(),
         console: opts.console.clone(),
+        console_limit: Arc::new(Mutex::new(crate::vmm::console::ConsoleLimiter::new(std::time::Instant::now()))),
         report_phases: opts.report_phases,
         bench: opts.bench.clone(),
         attachment,
@@ -376,6 +380,10 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     let guest_sidecalls: u64 = (0..spec.vcpus)
         .filter_map(|i| vm.region.vcpu(i))
         .fold(0u64, |n, b| n.saturating_add(b.guest.sidecalls.load(Ordering::Relaxed)));
+    if let Ok(mut l) = shared.console_limit.lock() {
+        let dropped = l.report();
+        let _ = shared.console.clone().write_all(&dropped);
+    }
     let daemon_served = shared.attachment.as_ref().and_then(|a| a.served().ok());
     if let Some(served) = daemon_served {
         let mut c = shared.console.clone();
@@ -460,7 +468,7 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
         services: &shared.services,
         stats: &shared.exit_stats,
         boot: &vm.boot,
-        console: shared.console.clone(),
+        console: crate::vmm::console::GuardedConsole::new(shared.console.clone(), shared.console_limit.clone()),
         counts: Default::default(),
     };
     let mut runs = 0u64;
