@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// How long after the guest's stop request the service goes away.
 pub const STOP_DELAY: Duration = Duration::from_millis(2);
 
+/// How long [`Controller::shutdown`] waits for a busy worker.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// What the guest asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Want {
@@ -153,14 +156,23 @@ impl Controller {
     }
 
     /// Stops the worker and waits for it (a wish not yet carried out is
-    /// dropped); later writes are ignored.
+    /// dropped; later writes are ignored). A worker stuck in `apply` (a
+    /// daemon that does not answer) is waited for at most
+    /// [`SHUTDOWN_WAIT`], then left to end on its own: the run must end.
     pub fn shutdown(&self) {
         let (m, cv) = &*self.shared;
         lock(m).shutdown = true;
         cv.notify_one();
         let t = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(t) = t {
+        let Some(t) = t else { return };
+        let t0 = Instant::now();
+        while !t.is_finished() && t0.elapsed() < SHUTDOWN_WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.is_finished() {
             let _ = t.join();
+        } else {
+            tracing::warn!("the sidecore control worker is still busy after {SHUTDOWN_WAIT:?}: leaving it");
         }
     }
 }
@@ -266,5 +278,22 @@ mod tests {
         c.shutdown();
         let log = log.lock().unwrap();
         assert!(log.windows(2).all(|w| w[0] != w[1]), "the worker applied the same state twice in a row");
+    }
+
+    #[test]
+    fn shutdown_does_not_hang_on_a_stuck_worker() {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let c = Controller::spawn("ctl-stuck", move |_| {
+            let _ = stuck.lock().unwrap().recv();
+        })
+        .unwrap();
+        c.write(Want::Serve);
+        c.write(Want::Stop);
+        std::thread::sleep(STOP_DELAY * 5);
+        let t0 = Instant::now();
+        c.shutdown();
+        assert!(t0.elapsed() < SHUTDOWN_WAIT * 2, "shutdown waited {:?}", t0.elapsed());
+        drop(release);
     }
 }
