@@ -128,3 +128,33 @@ fn a_hundred_thousand_control_writes_leave_a_handful_of_threads_daemon() {
         "the daemon went from {daemon_before} to {daemon_after} threads after the run\n{out}"
     );
 }
+
+/// A guest flooding its console with terminal escape sequences: no escape
+/// byte reaches the VMM's stdout, the flood is cut to the rate limit, and
+/// what was dropped is reported.
+#[test]
+fn a_console_flood_is_escaped_and_rate_limited() {
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    // 20,000 lines of about 200 raw bytes: 4 MB, far above the budget.
+    let o = Command::new(bin())
+        .args(["run", "--workload", "toggle", "--sidecore", "0", "--vcpu-cpus", "1", "--arg", "10", "--arg", "20000"])
+        .output()
+        .expect("run the VMM");
+    let secs = t0.elapsed().as_secs() + 1;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\nstderr:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("toggle: ok: 10 writes"), "{out}");
+    assert!(
+        !o.stdout.contains(&0x1b) && !o.stdout.contains(&0x07) && !o.stdout.contains(&b'\r'),
+        "raw control bytes reached stdout"
+    );
+    assert!(out.contains("flood 0: \\x1b[2J"), "the flood's first lines should pass, escaped: {out}");
+    assert!(out.contains(" bytes dropped]"), "no drop report: {out}");
+    // 32 KiB burst + 4 KiB/s, the drop reports and the VMM's own lines.
+    let most = 32 * 1024 + 4096 * secs + 64 * 1024;
+    assert!((o.stdout.len() as u64) < most, "{} bytes of console in {secs} s", o.stdout.len());
+}

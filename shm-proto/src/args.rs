@@ -61,4 +61,10 @@ pub use crate::bench::arg as bench;
 pub mod toggle {
     /// Control writes in a pseudo-random order (default 100,000).
     pub const WRITES: usize = 0;
+    /// Console lines of escape sequences to write after the check, to flood
+    /// the VMM's console (default 0).
+    pub const FLOOD_LINES: usize = 1;
+    /// 1: the calls made between the writes go by the ring (a stopped
+    /// sidecore then leaves them to time out); else by the exit path.
+    pub const RING_DURING: usize = 2;
 }

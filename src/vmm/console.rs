@@ -92,14 +92,18 @@ impl ConsoleLimiter {
 
     /// What to write for the (escaped) line `line` at `now`: the report of
     /// the bytes dropped before it, if any, then the line; nothing if the
-    /// line does not fit (it is counted as dropped).
+    /// two do not fit in the budget (the line is counted as dropped). The
+    /// report is paid for too: the output never exceeds the budget.
     pub fn admit(&mut self, line: &[u8], now: Instant) -> Vec<u8> {
         let n = u64::try_from(line.len()).unwrap_or(u64::MAX);
-        if !self.bucket.take(n, now) {
+        let report = report_line(self.dropped);
+        let cost = n.saturating_add(u64::try_from(report.len()).unwrap_or(u64::MAX));
+        if !self.bucket.take(cost, now) {
             self.dropped = self.dropped.saturating_add(n);
             return Vec::new();
         }
-        let mut out = self.report();
+        self.dropped = 0;
+        let mut out = report;
         out.extend_from_slice(line);
         out
     }
@@ -107,10 +111,14 @@ impl ConsoleLimiter {
     /// The `[console: N bytes dropped]` line for what was dropped since the
     /// last report (empty if nothing was); resets the count.
     pub fn report(&mut self) -> Vec<u8> {
-        match std::mem::take(&mut self.dropped) {
-            0 => Vec::new(),
-            n => format!("[console: {n} bytes dropped]\n").into_bytes(),
-        }
+        report_line(std::mem::take(&mut self.dropped))
+    }
+}
+
+fn report_line(dropped: u64) -> Vec<u8> {
+    match dropped {
+        0 => Vec::new(),
+        n => format!("[console: {n} bytes dropped]\n").into_bytes(),
     }
 }
 
@@ -200,15 +208,14 @@ mod tests {
     #[test]
     fn dropped_lines_are_counted_and_reported_once() {
         let t0 = Instant::now();
-        let mut l = ConsoleLimiter::with(TokenBucket::new(10, 20, t0));
-        assert_eq!(l.admit(b"0123456789\n", t0), b"0123456789\n");
-        assert!(l.admit(b"0123456789\n", t0).is_empty(), "9 tokens left: 11 bytes do not fit");
-        assert!(l.admit(b"0123456789\n", t0).is_empty());
-        // 9 tokens still: a short line fits, after the report.
-        assert_eq!(l.admit(b"abc\n", t0), b"[console: 22 bytes dropped]\nabc\n");
-        assert!(l.admit(b"0123456789\n", t0).is_empty());
+        let mut l = ConsoleLimiter::with(TokenBucket::new(20, 40, t0));
+        let a = [b'a'; 30];
+        assert_eq!(l.admit(&a, t0), a, "30 of 40 tokens");
+        assert!(l.admit(b"0123456789\n", t0).is_empty(), "11 bytes, 10 tokens left");
+        // 4 bytes would fit, not with the 28-byte report before them.
+        assert!(l.admit(b"abc\n", t0).is_empty());
         let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(l.admit(b"ok\n", t1), b"[console: 11 bytes dropped]\nok\n");
+        assert_eq!(l.admit(b"ok\n", t1), b"[console: 15 bytes dropped]\nok\n");
         assert_eq!(l.admit(b"ok\n", t1), b"ok\n");
         assert!(l.report().is_empty());
     }
