@@ -96,46 +96,67 @@ impl ControlState {
 struct Inner {
     state: ControlState,
     shutdown: bool,
+    /// Someone (the worker or a vCPU starting inline) is in `apply`.
+    busy: bool,
 }
 
-type Shared = Arc<(Mutex<Inner>, Condvar)>;
+type Apply = Box<dyn FnMut(Want) + Send>;
+
+struct Shared {
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    /// Used by one caller at a time (`busy`): never contended.
+    apply: Mutex<Apply>,
+}
 
 /// One VM's controller: the vCPUs [`Controller::write`], one worker thread
-/// applies.
+/// applies (a start is applied at once by the vCPU that writes it, as the
+/// guest expects its service back when its write returns).
 pub struct Controller {
-    shared: Shared,
+    shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    // The worker never panics while holding it; if it did, the state is
-    // still consistent (every field is written whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these; if it did, the state is still
+    // consistent (every field is written whole).
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Applies `want` outside the state lock (stopping a sidecore or asking
+/// the daemon takes a while, and vCPUs keep writing); returns the lock.
+fn carry_out<'a>(sh: &'a Shared, mut g: MutexGuard<'a, Inner>, want: Want) -> MutexGuard<'a, Inner> {
+    g.busy = true;
+    drop(g);
+    (lock(&sh.apply))(want);
+    let mut g = lock(&sh.inner);
+    g.busy = false;
+    g.state.applied(want);
+    // The worker may have waited for us, or have a newer wish to carry out.
+    sh.wake.notify_all();
+    g
 }
 
 impl Controller {
     /// Starts the worker thread `name`; `apply` puts a wish in place (and
     /// reports its own failures: the controller only records that it ran).
-    pub fn spawn(name: &str, mut apply: impl FnMut(Want) + Send + 'static) -> std::io::Result<Controller> {
-        let shared: Shared =
-            Arc::new((Mutex::new(Inner { state: ControlState::new(Instant::now()), shutdown: false }), Condvar::new()));
-        let worker = shared.clone();
+    pub fn spawn(name: &str, apply: impl FnMut(Want) + Send + 'static) -> std::io::Result<Controller> {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner { state: ControlState::new(Instant::now()), shutdown: false, busy: false }),
+            wake: Condvar::new(),
+            apply: Mutex::new(Box::new(apply)),
+        });
+        let sh = shared.clone();
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
-            let (m, cv) = &*worker;
-            let mut g = lock(m);
+            let mut g = lock(&sh.inner);
             while !g.shutdown {
                 match g.state.next(Instant::now()) {
-                    Step::Idle => g = cv.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner),
-                    Step::Wait(d) => {
-                        g = cv.wait_timeout(g, d).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+                    Step::Apply(want) if !g.busy => g = carry_out(&sh, g, want),
+                    Step::Idle | Step::Apply(_) => {
+                        g = sh.wake.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
                     }
-                    Step::Apply(want) => {
-                        // Not under the lock: stopping a sidecore or asking
-                        // the daemon takes a while, and vCPUs keep writing.
-                        drop(g);
-                        apply(want);
-                        g = lock(m);
-                        g.state.applied(want);
+                    Step::Wait(d) => {
+                        g = sh.wake.wait_timeout(g, d).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                     }
                 }
             }
@@ -143,16 +164,23 @@ impl Controller {
         Ok(Controller { shared, thread: Mutex::new(Some(thread)) })
     }
 
-    /// The guest wrote `want`.
+    /// The guest wrote `want`. A start is carried out before this returns
+    /// unless a stop or start is under way (then the worker does it next).
     pub fn write(&self, want: Want) {
-        let (m, cv) = &*self.shared;
-        lock(m).state.write(want, Instant::now());
-        cv.notify_one();
+        let sh = &*self.shared;
+        let mut g = lock(&sh.inner);
+        g.state.write(want, Instant::now());
+        if want == Want::Serve && !g.busy && !g.shutdown && g.state.next(Instant::now()) == Step::Apply(Want::Serve) {
+            drop(carry_out(sh, g, want));
+        } else {
+            drop(g);
+            sh.wake.notify_all();
+        }
     }
 
     /// What is in place now.
     pub fn current(&self) -> Want {
-        lock(&self.shared.0).state.current()
+        lock(&self.shared.inner).state.current()
     }
 
     /// Stops the worker and waits for it (a wish not yet carried out is
@@ -160,9 +188,8 @@ impl Controller {
     /// daemon that does not answer) is waited for at most
     /// [`SHUTDOWN_WAIT`], then left to end on its own: the run must end.
     pub fn shutdown(&self) {
-        let (m, cv) = &*self.shared;
-        lock(m).shutdown = true;
-        cv.notify_one();
+        lock(&self.shared.inner).shutdown = true;
+        self.shared.wake.notify_all();
         let t = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let Some(t) = t else { return };
         let t0 = Instant::now();
