@@ -43,6 +43,9 @@ pub mod echo {
     pub const EXIT_PATH: usize = 2;
     /// Microseconds the guest spins idle before it halts (default 200).
     pub const SPIN_US: usize = 3;
+    /// Every this many packets, stop the sidecore for a few ms and start it
+    /// again (0: never): the device must survive it.
+    pub const TOGGLE_EVERY: usize = 4;
 }
 
 /// `irq`: the event-delivery benchmark's responder.
