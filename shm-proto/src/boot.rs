@@ -237,10 +237,12 @@ pub const CPUID_SIGNATURE: [u32; 3] =
 pub const MARKER_SIDECALL_BEGIN: u32 = 1;
 /// Marker: that phase ends.
 pub const MARKER_SIDECALL_END: u32 = 2;
-/// Control: stop this VM's sidecore(s) a short while from now, while the
-/// guest keeps calling (tests the fallback).
+/// Control: stop this VM's sidecore(s) a short while (2 ms) from now, while
+/// the guest keeps calling (tests the fallback). The VMM carries out the
+/// latest write only: a start before the stop lands cancels it, and a stop
+/// while stopped does nothing.
 pub const CONTROL_STOP_SIDECORE: u32 = 1;
-/// Control: start the sidecore(s) again.
+/// Control: start the sidecore(s) again (at once; nothing if running).
 pub const CONTROL_START_SIDECORE: u32 = 2;
 
 /// The boot-info page at [`crate::layout::BOOT_INFO_GPA`]. Written by the
