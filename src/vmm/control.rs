@@ -1,6 +1,7 @@
 //! The guest's control port, as one state machine per VM: the guest writes
-//! "stop" or "start" as often and in whatever order it likes; one worker
-//! thread carries out the latest wish, so no sequence of writes spawns a
+//! "stop" or "start" as often and in whatever order it likes; the latest
+//! write is what gets carried out, by one worker thread per VM (stops) or by
+//! the writing vCPU itself (starts), so no sequence of writes spawns a
 //! thread, and none leaves the service in a state the guest did not ask for
 //! last.
 //!
