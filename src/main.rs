@@ -83,6 +83,10 @@ struct EchoArgs {
     /// guest is woken by the sidecore's interrupt.
     #[arg(long, default_value_t = 200, value_name = "US")]
     spin_us: u64,
+    /// The guest stops and restarts its sidecore every N packets (a test
+    /// that the device survives it; 0: never).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    toggle_every: u64,
     /// Run this many echo VMs at once, each with its own device and load
     /// generator (--count packets each). On the sidecall path they are
     /// attached to a daemon (started here unless --attach names one).

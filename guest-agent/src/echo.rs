@@ -37,6 +37,7 @@ pub fn echo(env: &Env) -> u32 {
     let exit_path = a[args::echo::EXIT_PATH] == 1;
     let spin_us = if a[args::echo::SPIN_US] == 0 { 200 } else { a[args::echo::SPIN_US] };
     let spin = env.boot.tsc_khz.saturating_mul(spin_us) / 1000;
+    let toggle_every = a[args::echo::TOGGLE_EVERY];
     let idle_limit = env.boot.tsc_khz.saturating_mul(idle_ms);
     let q = &env.shared.pkt;
     for (i, d) in q.rx.desc.iter().enumerate() {
@@ -83,6 +84,9 @@ pub fn echo(env: &Env) -> u32 {
                     break;
                 }
                 echoed += 1;
+                if toggle_every != 0 && echoed % toggle_every == 0 {
+                    toggle_sidecore(env);
+                }
             }
             DESC_ERROR => {
                 bad += 1;
@@ -122,6 +126,19 @@ pub fn echo(env: &Env) -> u32 {
         if timed_out { ", stopped: idle too long" } else { "" }
     );
     u32::from(timed_out || (count != 0 && !stopped && echoed < count))
+}
+
+/// Has the VMM stop the sidecore (it goes 2 ms after the write), waits
+/// until it surely has, and starts it again: packets that come meanwhile
+/// wait in the device's socket.
+fn toggle_sidecore(env: &Env) {
+    use shm_proto::boot::{CONTROL_START_SIDECORE, CONTROL_STOP_SIDECORE};
+    arch::outl(env.boot.control_port, CONTROL_STOP_SIDECORE);
+    let t0 = arch::rdtsc();
+    while arch::rdtsc().wrapping_sub(t0) < env.boot.tsc_khz.saturating_mul(5) {
+        core::hint::spin_loop();
+    }
+    arch::outl(env.boot.control_port, CONTROL_START_SIDECORE);
 }
 
 /// Acknowledges test events (see `shm_proto::boot::Workload::Irq`): writes

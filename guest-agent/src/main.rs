@@ -24,6 +24,7 @@ mod pagetable;
 mod ptcheck;
 mod rng;
 mod selftest;
+mod toggle;
 mod workload;
 
 use shm_proto::boot::{BootInfo, Workload};
@@ -107,6 +108,7 @@ extern "C" fn guest_main(boot_gpa: u64, vcpu: u64) -> ! {
         Some(Workload::Echo) => echo::echo(&env),
         Some(Workload::Irq) => echo::irq(&env),
         Some(Workload::Gpascan) => gpascan::run(&env),
+        Some(Workload::Toggle) => toggle::run(&env),
         None => STATUS_BAD_WORKLOAD,
     };
     arch::exit(boot.exit_port, status)

@@ -47,6 +47,9 @@ pub mod echo {
     pub const EXIT_PATH: usize = 2;
     /// Microseconds the guest spins idle before it halts (default 200).
     pub const SPIN_US: usize = 3;
+    /// Every this many packets, stop the sidecore for a few ms and start it
+    /// again (0: never): the device must survive it.
+    pub const TOGGLE_EVERY: usize = 4;
 }
 
 /// `irq`: the event-delivery benchmark's responder.
@@ -67,4 +70,16 @@ pub mod gpascan {
     pub const ZAPS: usize = 0;
     /// 1: map the sweep with 2 MiB pages even where 1 GiB pages exist.
     pub const SMALL_PAGES: usize = 1;
+}
+
+/// `toggle`: stop/start writes to the control port, then the sidecall check.
+pub mod toggle {
+    /// Control writes in a pseudo-random order (default 100,000).
+    pub const WRITES: usize = 0;
+    /// Console lines of escape sequences to write after the check, to flood
+    /// the VMM's console (default 0).
+    pub const FLOOD_LINES: usize = 1;
+    /// 1: the calls made between the writes go by the ring (a stopped
+    /// sidecore then leaves them to time out); else by the exit path.
+    pub const RING_DURING: usize = 2;
 }

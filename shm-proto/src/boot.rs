@@ -148,11 +148,15 @@ pub enum Workload {
     /// 1000) by page-table changes, and checks that every read returns its
     /// own RAM or an MMIO exit's value, never a marker it wrote outside RAM.
     Gpascan = 10,
+    /// A guest hammering the control port: `args[0]` stop/start writes
+    /// (default 100,000) in a pseudo-random order, a final start, then a
+    /// check that calls are answered by sidecall again and none was lost.
+    Toggle = 11,
 }
 
 impl Workload {
     /// Every workload, for `--help` and lookups.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::Hello,
         Workload::Spin,
         Workload::Selftest,
@@ -163,6 +167,7 @@ impl Workload {
         Workload::Echo,
         Workload::Irq,
         Workload::Gpascan,
+        Workload::Toggle,
     ];
 
     /// Decodes the boot-info value.
@@ -178,6 +183,7 @@ impl Workload {
             8 => Some(Workload::Echo),
             9 => Some(Workload::Irq),
             10 => Some(Workload::Gpascan),
+            11 => Some(Workload::Toggle),
             _ => None,
         }
     }
@@ -195,6 +201,7 @@ impl Workload {
             Workload::Echo => "echo",
             Workload::Irq => "irq",
             Workload::Gpascan => "gpascan",
+            Workload::Toggle => "toggle",
         }
     }
 }
@@ -238,10 +245,12 @@ pub const CPUID_SIGNATURE: [u32; 3] =
 pub const MARKER_SIDECALL_BEGIN: u32 = 1;
 /// Marker: that phase ends.
 pub const MARKER_SIDECALL_END: u32 = 2;
-/// Control: stop this VM's sidecore(s) a short while from now, while the
-/// guest keeps calling (tests the fallback).
+/// Control: stop this VM's sidecore(s) a short while (2 ms) from now, while
+/// the guest keeps calling (tests the fallback). The VMM carries out the
+/// latest write only: a start before the stop lands cancels it, and a stop
+/// while stopped does nothing.
 pub const CONTROL_STOP_SIDECORE: u32 = 1;
-/// Control: start the sidecore(s) again.
+/// Control: start the sidecore(s) again (at once; nothing if running).
 pub const CONTROL_START_SIDECORE: u32 = 2;
 
 /// The boot-info page at [`crate::layout::BOOT_INFO_GPA`]. Written by the

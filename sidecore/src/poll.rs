@@ -102,6 +102,16 @@ pub struct PongLine {
     value: AtomicU64,
 }
 
+/// What a stopped sidecore hands back: its rings (with their expected
+/// tickets) and its devices, ready for [`Sidecore::spawn_with`].
+#[derive(Default)]
+pub struct Parts {
+    /// Its rings.
+    pub rings: Vec<RingRef>,
+    /// Its devices, including any added just before the stop.
+    pub devices: Vec<Box<dyn Device>>,
+}
+
 /// A running sidecore.
 pub struct Sidecore {
     name: String,
@@ -111,12 +121,18 @@ pub struct Sidecore {
     active: Arc<AtomicUsize>,
     stats: Arc<CoreStats>,
     commands: Sender<Command>,
-    thread: Option<JoinHandle<Vec<RingRef>>>,
+    thread: Option<JoinHandle<Parts>>,
 }
 
 impl Sidecore {
     /// Starts a sidecore serving `rings`; returns once it has pinned itself.
     pub fn spawn(cfg: SidecoreConfig, rings: Vec<RingRef>) -> Result<Sidecore, SidecoreError> {
+        Sidecore::spawn_with(cfg, Parts { rings, devices: Vec::new() })
+    }
+
+    /// Starts a sidecore serving the rings and devices of `parts` (those a
+    /// stopped sidecore handed back); returns once it has pinned itself.
+    pub fn spawn_with(cfg: SidecoreConfig, parts: Parts) -> Result<Sidecore, SidecoreError> {
         let mode = Arc::new(AtomicU8::new(MODE_SERVE));
         let active = Arc::new(AtomicUsize::new(usize::MAX));
         let pong = Arc::new(PongLine::default());
@@ -132,9 +148,9 @@ impl Sidecore {
                 let ok = pinned.is_ok();
                 let _ = ready_tx.send(pinned);
                 if !ok {
-                    return rings;
+                    return parts;
                 }
-                run(rings, &Control { mode: &mode2, pong: &pong2, active: &active2, park: cfg2_park }, &stats2, &rx)
+                run(parts, &Control { mode: &mode2, pong: &pong2, active: &active2, park: cfg2_park }, &stats2, &rx)
             })
             .map_err(|source| SidecoreError::Spawn { name: cfg.name.clone(), source })?;
         match ready_rx.recv() {
@@ -209,9 +225,9 @@ impl Sidecore {
     }
 
     /// Stops it after the request in hand (a claimed slot always gets its
-    /// reply) and hands back its rings, with their expected tickets, so that
-    /// another sidecore can take them over.
-    pub fn stop(mut self) -> Result<Vec<RingRef>, SidecoreError> {
+    /// reply) and hands back its rings, with their expected tickets, and its
+    /// devices, so that another sidecore can take them over.
+    pub fn stop(mut self) -> Result<Parts, SidecoreError> {
         self.mode.store(MODE_STOP, Ordering::Relaxed);
         let t = self.thread.take().ok_or_else(|| SidecoreError::Died(self.name.clone()))?;
         t.join().map_err(|_| SidecoreError::Died(self.name.clone()))
@@ -235,12 +251,12 @@ struct Control<'a> {
     park: Option<std::time::Duration>,
 }
 
-fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Receiver<Command>) -> Vec<RingRef> {
+fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Command>) -> Parts {
+    let Parts { mut rings, mut devices } = parts;
     let (mut sweeps, mut busy, mut served) = (0u64, 0u64, 0u64);
     let mut idle_since: Option<std::time::Instant> = None;
     let mut parked = false;
     let mut nap = PARK_NAP;
-    let mut devices: Vec<Box<dyn Device>> = Vec::new();
     loop {
         match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
@@ -313,12 +329,20 @@ fn run(mut rings: Vec<RingRef>, ctl: &Control, stats: &CoreStats, commands: &Rec
     stats.sweeps.store(sweeps, Ordering::Relaxed);
     stats.busy_sweeps.store(busy, Ordering::Relaxed);
     stats.served.store(served, Ordering::Relaxed);
+    // What was sent but not yet picked up goes back too: a device added
+    // just before the stop survives it.
+    while let Ok(c) = commands.try_recv() {
+        match c {
+            Command::Add(r) => rings.push(r),
+            Command::AddDevice(d) => devices.push(d),
+        }
+    }
     // Nobody serves them until they are handed to a sidecore again: their
     // guests go to the exit path without waiting out a bound.
     for r in &mut rings {
         r.show_paused(true);
     }
-    rings
+    Parts { rings, devices }
 }
 
 /// Tells the guests of these rings whether to ring the doorbell.

@@ -55,7 +55,7 @@ fn million_calls_through_one_ring() {
         assert_eq!(reply.words[..4], want, "call {i}");
         t = next_ticket(t);
     }
-    let rings = sc.stop().expect("stop");
+    let rings = sc.stop().expect("stop").rings;
     assert_eq!(rings.len(), 1);
     assert_eq!(rings[0].expected(), CALLS);
     assert_eq!(vs.consumer.value.load(Ordering::Relaxed), CALLS);

@@ -200,7 +200,7 @@ impl BenchCollector {
                     let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
                     let _ = s.hist.record(v.max(1));
                 }
-                s.fallbacks += u64::from(fallbacks);
+                s.fallbacks = s.fallbacks.saturating_add(u64::from(fallbacks));
                 total = total.max(s.hist.len());
             }
             total

@@ -39,10 +39,11 @@ impl PhaseSplit {
         for (i, (&n, last)) in now.iter().zip(self.last.iter_mut()).enumerate() {
             // The guest only adds; a smaller count is a guest rewriting its
             // own histogram, which costs it its samples, nothing else.
-            self.acc[self.open][i] += n.saturating_sub(*last);
+            let acc = &mut self.acc[self.open][i];
+            *acc = acc.saturating_add(n.saturating_sub(*last));
             *last = n;
         }
-        self.closed[self.open] += 1;
+        self.closed[self.open] = self.closed[self.open].saturating_add(1);
         self.open ^= 1;
     }
 
@@ -53,9 +54,9 @@ impl PhaseSplit {
     }
 }
 
-/// Samples in a histogram.
+/// Samples in a histogram (saturating: the guest writes the counts).
 pub fn total(h: &Buckets) -> u64 {
-    h.iter().sum()
+    h.iter().fold(0u64, |n, c| n.saturating_add(*c))
 }
 
 /// The `q` quantile (0..=1) in cycles, as the upper bound of the bucket
@@ -68,9 +69,9 @@ pub fn quantile_cycles(h: &Buckets, q: f64) -> Option<u64> {
     // Rank of the sample at quantile q, 1-based.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
-    let mut seen = 0;
+    let mut seen = 0u64;
     for (i, &c) in h.iter().enumerate() {
-        seen += c;
+        seen = c.saturating_add(seen);
         if seen >= rank {
             return Some(lat_bucket_end(i));
         }
@@ -214,5 +215,24 @@ mod tests {
         let p999 = quantile_cycles(&h, 0.999).unwrap_or(0);
         assert!(p999 > 5000 && p999 <= 6250, "{p999}");
         assert_eq!(quantile_cycles(&[0; LAT_BUCKETS], 0.5), None);
+    }
+
+    /// A guest may write any count into its histogram: sums and quantiles
+    /// saturate instead of overflowing (a panic in debug, nonsense in
+    /// release).
+    #[test]
+    fn huge_guest_counts_saturate() {
+        let h = [u64::MAX; LAT_BUCKETS];
+        assert_eq!(total(&h), u64::MAX);
+        assert!(quantile_cycles(&h, 0.5).is_some());
+        let mut p = PhaseSplit::default();
+        p.close(&h);
+        p.close(&[0; LAT_BUCKETS]);
+        p.close(&h);
+        p.close(&[0; LAT_BUCKETS]);
+        p.close(&h);
+        let (a, _) = p.condition(0);
+        assert_eq!(total(a), u64::MAX);
+        assert!(report(&p, 1_000_000).contains("condition A"));
     }
 }

@@ -155,6 +155,7 @@ pub(crate) fn bench_host_ops(
                         sidecore_cpu: side,
                         vcpu_cpu: vcpu,
                         spin_us: 200,
+                        toggle_every: 0,
                         vms,
                         attach: None,
                     };

@@ -29,6 +29,7 @@ pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
         sidecore_cpu: side,
         vcpu_cpu: vcpu,
         spin_us: a.spin_us,
+        toggle_every: a.toggle_every,
         vms: a.vms.max(1),
         attach: a.attach.clone(),
     };

@@ -264,6 +264,9 @@ pub struct EchoConfig {
     pub spin_us: u64,
     /// VMs, each with its own device and load generator.
     pub vms: usize,
+    /// The guest stops and restarts its sidecore every this many packets
+    /// (0: never).
+    pub toggle_every: u64,
     /// The daemon whose sidecore serves the devices (sidecall path); `None`:
     /// the VM's own sidecore for one VM, a daemon started for the run for
     /// several.
@@ -303,6 +306,7 @@ pub fn run_echo(cfg: &EchoConfig, mut progress: impl FnMut(u64)) -> Result<EchoR
     args[shm_proto::args::echo::IDLE_MS] = 30_000;
     args[shm_proto::args::echo::EXIT_PATH] = u64::from(exit_path);
     args[shm_proto::args::echo::SPIN_US] = cfg.spin_us;
+    args[shm_proto::args::echo::TOGGLE_EVERY] = cfg.toggle_every;
     let mut guests = Vec::new();
     for i in 0..vms {
         let socket = UdpSocket::bind("127.0.0.1:0")

@@ -2,11 +2,16 @@
 //! thread per vCPU, prints the guest's console, and collects each vCPU's
 //! exit status.
 
+pub mod console;
+pub mod control;
 pub mod devices;
 pub mod kvm_stats;
 pub mod loader;
+pub mod sidecores;
 pub mod vcpu;
 pub mod vm;
+
+pub use crate::vmm::sidecores::SidecoreSet;
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -20,9 +25,9 @@ use sidecore_core::pin::pin_current_thread;
 use sidecore_core::ring::RingRef;
 use sidecore_core::service::Services;
 use sidecore_core::stats::VmStats;
-use sidecore_core::{Sidecore, SidecoreConfig};
 
 use crate::bench::FloorProbe;
+use crate::vmm::control::{Controller, Want};
 use crate::vmm::devices::{DeviceHost, EventDevice, EventPath};
 use crate::vmm::kvm_stats::{StatsSample, VcpuStats};
 use crate::vmm::vcpu::{describe_registers, Action, Exit, ExitHandler};
@@ -213,157 +218,20 @@ pub fn check_online(what: &'static str, cpus: &[usize], online: &[usize]) -> Res
     Ok(())
 }
 
-/// The sidecores of one VM, which the guest may ask to stop and start.
-pub struct SidecoreSet {
-    cpus: Vec<usize>,
-    state: Mutex<SetState>,
-    /// Rings of the VM on sidecore 0 (idle benchmark rings come after them).
-    base_rings: usize,
-    /// Park after this long idle.
-    park: Option<Duration>,
-}
-
-enum SetState {
-    Running(Vec<Sidecore>),
-    Stopped(Vec<RingRef>),
-}
-
-impl DeviceHost for SidecoreSet {
-    fn add_device(&self, dev: Box<dyn sidecore_core::device::Device>) -> Result<(), String> {
-        SidecoreSet::add_device(self, dev).map_err(|e| crate::error_chain(&e))
-    }
-}
-
-impl FloorProbe for SidecoreSet {
-    fn cpus(&self) -> &[usize] {
-        SidecoreSet::cpus(self)
-    }
-    fn floor_block(&self, samples: &mut [u64]) -> bool {
-        SidecoreSet::floor_block(self, samples)
-    }
-    fn set_idle_rings(&self, on: bool) {
-        SidecoreSet::set_idle_rings(self, on);
-    }
-}
-
-impl SidecoreSet {
-    /// Starts one sidecore per CPU; ring i goes to sidecore i mod n.
-    pub fn start(cpus: Vec<usize>, rings: Vec<RingRef>) -> Result<SidecoreSet, RunError> {
-        SidecoreSet::start_with_idle(cpus, rings, 0, None)
-    }
-
-    /// As [`SidecoreSet::start`], plus `idle` host-side rings that nobody
-    /// posts to, swept by sidecore 0 after the VM's rings (to measure what
-    /// idle rings cost a busy one). They start switched off: see
-    /// [`SidecoreSet::set_idle_rings`].
-    pub fn start_with_idle(
-        cpus: Vec<usize>,
-        rings: Vec<RingRef>,
-        idle: u32,
-        park: Option<Duration>,
-    ) -> Result<SidecoreSet, RunError> {
-        let base_rings = rings.len().div_ceil(cpus.len().max(1));
-        let mut cores = spawn_sharded(&cpus, rings, park)?;
-        if idle > 0 {
-            let region = sidecore_core::SharedRegion::alloc(idle).map_err(|e| RunError::IdleRings(e.to_string()))?;
-            let services = Arc::new(Services::new(Vec::new()));
-            let stats = Arc::new(VmStats::default());
-            if let Some(c0) = cores.first_mut() {
-                c0.set_active_rings(base_rings);
-                for v in 0..idle {
-                    if let Some(r) = RingRef::new(region.clone(), v, services.clone(), stats.clone()) {
-                        c0.add_ring(r)?;
-                    }
-                }
-            }
-        }
-        Ok(SidecoreSet { cpus, state: Mutex::new(SetState::Running(cores)), base_rings, park })
-    }
-
-    /// The sidecores' CPUs.
-    pub fn cpus(&self) -> &[usize] {
-        &self.cpus
-    }
-
-    /// Sweeps the idle benchmark rings (`on`) or only the VM's rings.
-    pub fn set_idle_rings(&self, on: bool) {
-        if let Ok(st) = self.state.lock() {
-            if let SetState::Running(cores) = &*st {
-                if let Some(c0) = cores.first() {
-                    c0.set_active_rings(if on { usize::MAX } else { self.base_rings });
-                }
-            }
-        }
-    }
-
-    /// Adds a device to sidecore 0 (polled every sweep after its rings).
-    pub fn add_device(&self, dev: Box<dyn sidecore_core::device::Device>) -> Result<(), RunError> {
-        let Ok(st) = self.state.lock() else { return Err(RunError::Device("sidecore set poisoned".into())) };
-        match &*st {
-            SetState::Running(cores) if !cores.is_empty() => Ok(cores[0].add_device(dev)?),
-            _ => Err(RunError::Device("no sidecore is running".into())),
-        }
-    }
-
-    /// Stops them (rings kept for a restart).
-    pub fn stop(&self) -> Result<(), RunError> {
-        let Ok(mut st) = self.state.lock() else { return Ok(()) };
-        if let SetState::Running(cores) = std::mem::replace(&mut *st, SetState::Stopped(Vec::new())) {
-            let mut rings = Vec::new();
-            for c in cores {
-                rings.extend(c.stop()?);
-            }
-            rings.sort_by_key(RingRef::vcpu);
-            *st = SetState::Stopped(rings);
-        }
-        Ok(())
-    }
-
-    /// Measures a block of the floor against the first sidecore (which
-    /// pauses its rings meanwhile); `false` if none is running.
-    pub fn floor_block(&self, samples: &mut [u64]) -> bool {
-        let Ok(st) = self.state.lock() else { return false };
-        match &*st {
-            SetState::Running(cores) if !cores.is_empty() => {
-                cores[0].floor_block(samples);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Starts them again after [`SidecoreSet::stop`].
-    pub fn restart(&self) -> Result<(), RunError> {
-        let Ok(mut st) = self.state.lock() else { return Ok(()) };
-        if let SetState::Stopped(rings) = std::mem::replace(&mut *st, SetState::Stopped(Vec::new())) {
-            *st = SetState::Running(spawn_sharded(&self.cpus, rings, self.park)?);
-        }
-        Ok(())
-    }
-}
-
-fn spawn_sharded(cpus: &[usize], rings: Vec<RingRef>, park: Option<Duration>) -> Result<Vec<Sidecore>, RunError> {
-    let mut shards: Vec<Vec<RingRef>> = cpus.iter().map(|_| Vec::new()).collect();
-    for (i, r) in rings.into_iter().enumerate() {
-        shards[i % cpus.len()].push(r);
-    }
-    let mut cores = Vec::new();
-    for (k, (cpu, rings)) in cpus.iter().zip(shards).enumerate() {
-        cores
-            .push(Sidecore::spawn(SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: park }, rings)?);
-    }
-    Ok(cores)
-}
-
 struct Shared {
     exit_device: Option<crate::vmm::devices::ExitPathDevice>,
     services: Arc<Services>,
     exit_stats: Arc<VmStats>,
     sidecores: Option<Arc<SidecoreSet>>,
     console: ConsoleSink,
+    /// The guest's share of the console, for all its vCPUs.
+    console_limit: Arc<Mutex<crate::vmm::console::ConsoleLimiter>>,
     report_phases: bool,
     bench: Option<Arc<crate::bench::BenchCollector>>,
     attachment: Option<Arc<crate::daemon::Attachment>>,
+    /// Carries out the guest's stop/start writes (`None`: no service to
+    /// stop, the writes are ignored).
+    control: Option<Controller>,
 }
 
 /// What a daemon needs to serve this VM.
@@ -466,12 +334,15 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         Some(d) => crate::vmm::devices::wire(d, &vm, sidecores.as_deref().map(|s| s as &dyn DeviceHost))?,
         None => None,
     };
+    let control = controller(sidecores.clone(), attachment.clone(), &vm.region)?;
     let shared = Arc::new(Shared {
+        control,
         exit_device,
         services,
         exit_stats: Arc::new(VmStats::default()),
         sidecores: sidecores.clone(),
         console: opts.console.clone(),
+        console_limit: Arc::new(Mutex::new(crate::vmm::console::ConsoleLimiter::new(std::time::Instant::now()))),
         report_phases: opts.report_phases,
         bench: opts.bench.clone(),
         attachment,
@@ -498,11 +369,21 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         phase_exits.push(phase);
     }
     run_over.store(true, Ordering::Relaxed);
+    // Before the final stop: a late start must not bring them back.
+    if let Some(c) = &shared.control {
+        c.shutdown();
+    }
     if let Some(s) = &sidecores {
         s.stop()?;
     }
-    let guest_sidecalls: u64 =
-        (0..spec.vcpus).filter_map(|i| vm.region.vcpu(i)).map(|b| b.guest.sidecalls.load(Ordering::Relaxed)).sum();
+    // Guest-written: summed saturating.
+    let guest_sidecalls: u64 = (0..spec.vcpus)
+        .filter_map(|i| vm.region.vcpu(i))
+        .fold(0u64, |n, b| n.saturating_add(b.guest.sidecalls.load(Ordering::Relaxed)));
+    if let Ok(mut l) = shared.console_limit.lock() {
+        let dropped = l.report();
+        let _ = shared.console.clone().write_all(&dropped);
+    }
     let daemon_served = shared.attachment.as_ref().and_then(|a| a.served().ok());
     if let Some(served) = daemon_served {
         let mut c = shared.console.clone();
@@ -521,6 +402,41 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         exit_stats: shared.exit_stats.snapshot(),
         sidecall_stats: sidecall_stats.snapshot(),
     })
+}
+
+/// The VM's one control worker: it stops and starts this VMM's sidecores,
+/// or pauses and resumes the daemon's service of the VM. If that fails, the
+/// guest is told its sidecore is lost and goes on by the exit paths.
+fn controller(
+    sidecores: Option<Arc<SidecoreSet>>,
+    attachment: Option<Arc<crate::daemon::Attachment>>,
+    region: &Arc<sidecore_core::SharedRegion>,
+) -> Result<Option<Controller>, RunError> {
+    let region = region.clone();
+    let apply: Box<dyn FnMut(Want) + Send> = match (attachment, sidecores) {
+        (Some(a), _) => Box::new(move |w| {
+            if let Err(e) = a.set_paused(w == Want::Stop) {
+                tracing::warn!(
+                    "asking the daemon to {} this VM's service: {e}",
+                    if w == Want::Stop { "pause" } else { "resume" }
+                );
+                mark_sidecore_lost(&region);
+            }
+        }),
+        (None, Some(set)) => Box::new(move |w| {
+            let r = if w == Want::Stop { set.stop() } else { set.restart() };
+            if let Err(e) = r {
+                tracing::warn!(
+                    "{} the sidecores: {}",
+                    if w == Want::Stop { "stopping" } else { "restarting" },
+                    crate::error_chain(&e)
+                );
+                mark_sidecore_lost(&region);
+            }
+        }),
+        (None, None) => return Ok(None),
+    };
+    Controller::spawn("sidecore-ctl", apply).map(Some).map_err(|e| RunError::Spawn("sidecore-ctl".into(), e))
 }
 
 /// Tells every vCPU of the VM that its sidecore will not come back.
@@ -552,7 +468,7 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
         services: &shared.services,
         stats: &shared.exit_stats,
         boot: &vm.boot,
-        console: shared.console.clone(),
+        console: crate::vmm::console::GuardedConsole::new(shared.console.clone(), shared.console_limit.clone()),
         counts: Default::default(),
     };
     let mut runs = 0u64;
@@ -590,11 +506,14 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                     };
                     // The end marker is itself one KVM_RUN return and one
                     // exit: it closes the phase, it is not part of it.
-                    let returns = i64::try_from(runs - p.runs).unwrap_or(i64::MAX) - 1;
-                    let kernel = kernel - 1;
+                    let returns = i64::try_from(runs.saturating_sub(p.runs)).unwrap_or(i64::MAX).saturating_sub(1);
+                    let kernel = kernel.saturating_sub(1);
+                    // The guest writes its fallback counter: it may go
+                    // backwards or jump to anything.
                     let fallbacks =
-                        i64::try_from(vs.guest.fallbacks.load(Ordering::Relaxed) - p.fallbacks).unwrap_or(i64::MAX);
-                    let n = kernel.max(0) + returns + fallbacks;
+                        i64::try_from(vs.guest.fallbacks.load(Ordering::Relaxed).saturating_sub(p.fallbacks))
+                            .unwrap_or(i64::MAX);
+                    let n = kernel.max(0).saturating_add(returns).saturating_add(fallbacks);
                     phase_exits = Some(n);
                     if shared.report_phases {
                         let mut c = shared.console.clone();
@@ -618,40 +537,14 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                     }
                 }
             }
-            Action::Control(CONTROL_STOP_SIDECORE) if shared.attachment.is_some() => {
-                if let Some(a) = shared.attachment.clone() {
-                    let region = vm.region.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(2));
-                        if let Err(e) = a.set_paused(true) {
-                            tracing::warn!("pausing the daemon's service: {e}");
-                            mark_sidecore_lost(&region);
-                        }
-                    });
-                }
-            }
-            Action::Control(CONTROL_START_SIDECORE) if shared.attachment.is_some() => {
-                if let Some(a) = &shared.attachment {
-                    if let Err(e) = a.set_paused(false) {
-                        tracing::warn!("resuming the daemon's service: {e}");
-                        mark_sidecore_lost(&vm.region);
-                    }
-                }
-            }
             Action::Control(CONTROL_STOP_SIDECORE) => {
-                if let Some(set) = shared.sidecores.clone() {
-                    // Stop it a little later, while the guest keeps calling.
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(2));
-                        let _ = set.stop();
-                    });
+                if let Some(c) = &shared.control {
+                    c.write(Want::Stop);
                 }
             }
             Action::Control(CONTROL_START_SIDECORE) => {
-                if let Some(set) = &shared.sidecores {
-                    if let Err(e) = set.restart() {
-                        return (VcpuEnd::Fault(format!("vCPU {i}: restarting the sidecore failed: {e}")), phase_exits);
-                    }
+                if let Some(c) = &shared.control {
+                    c.write(Want::Serve);
                 }
             }
             Action::Control(_) => {}
