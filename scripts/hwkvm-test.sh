@@ -12,8 +12,8 @@
 #   `hwkvm: N passed, N failed, N skipped`
 # (skipped: tests that recorded through tests/common's skip() why they cannot
 # run there). Exit status 0 only if nothing failed and the bed held.
-# A bed gives up after HWKVM_TEST_TIMEOUT seconds (default 900; the suite
-# takes about 3 minutes), each test binary in it after 600.
+# A bed gives up after HWKVM_TEST_TIMEOUT seconds (default 1800; the suite
+# takes about 6 minutes), each test binary in it after 600.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 project=$(pwd -P)
@@ -85,7 +85,7 @@ for run in $(seq 1 "$runs"); do
   [ "$runs" -gt 1 ] && echo "hwkvm-test: run $run of $runs" >&2
   t0=$(date +%s)
   set +e
-  scripts/hwkvm-vm.sh --quiet --timeout "${HWKVM_TEST_TIMEOUT:-900}" -- "scripts/hwkvm-test.sh --inner $project/$list '$filter'"
+  scripts/hwkvm-vm.sh --quiet --timeout "${HWKVM_TEST_TIMEOUT:-1800}" -- "scripts/hwkvm-test.sh --inner $project/$list '$filter'"
   rc=$?
   set -e
   echo "hwkvm-test: run $run: exit $rc after $(( $(date +%s) - t0 )) s" >&2

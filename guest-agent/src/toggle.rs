@@ -67,10 +67,9 @@ pub fn run(env: &Env) -> u32 {
         n => n,
     };
     let control = env.boot.control_port;
-    // Ring calls while the sidecore comes and goes time out by the dozen;
-    // until the ring protocol resynchronises lapped tickets (issue 15, item
-    // 1) they may wedge the ring, so by default these go by the exit path.
-    let ring_during = env.boot.args[toggle::RING_DURING] == 1;
+    // Ring calls while the sidecore comes and goes time out by the dozen:
+    // ABI v2 must keep the ring from wedging (under v1 it could be lapped).
+    let ring_during = env.boot.args[toggle::EXIT_DURING] != 1;
     let mut c = Client::new(env);
     let Some(mut sum) = counter(&mut c) else {
         gprintln!(env, "toggle: FAIL: the counter hypercall does not answer by the exit path");

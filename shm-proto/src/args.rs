@@ -79,7 +79,8 @@ pub mod toggle {
     /// Console lines of escape sequences to write after the check, to flood
     /// the VMM's console (default 0).
     pub const FLOOD_LINES: usize = 1;
-    /// 1: the calls made between the writes go by the ring (a stopped
-    /// sidecore then leaves them to time out); else by the exit path.
-    pub const RING_DURING: usize = 2;
+    /// 1: the calls made between the writes go by the exit path; by default
+    /// they go by the ring, which a stopped sidecore leaves to time out (the
+    /// hard case for the ring protocol).
+    pub const EXIT_DURING: usize = 2;
 }
