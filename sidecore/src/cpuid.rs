@@ -74,7 +74,7 @@ impl CpuidEntry {
 
 /// One table per vCPU from their wire form.
 pub fn tables_from_words(wire: &[Vec<[u32; 7]>]) -> Vec<CpuidTable> {
-    wire.iter().map(|t| CpuidTable::new(t.iter().map(|w| CpuidEntry::from_words(*w)).collect())).collect()
+    wire.iter().map(|t| CpuidTable::for_this_host(t.iter().map(|w| CpuidEntry::from_words(*w)).collect())).collect()
 }
 
 /// The vCPU state KVM derives CPUID bits from, as the guest reports it in a
@@ -144,6 +144,20 @@ fn is_amd_or_hygon(e: &CpuidEntry) -> bool {
 
 impl CpuidTable {
     /// A table of these entries, in KVM's order (the first match wins).
+    /// As [`CpuidTable::new`], with the XSAVE component sizes and offsets of
+    /// the CPU this runs on, which is what KVM sizes leaf 0xD by
+    /// (`xstate_required_size` executes CPUID on the host): the sidecore
+    /// and the VMM run on the host whose KVM runs the guest. The table's own
+    /// 0xD subleaves usually say the same; an emulated host (QEMU TCG, the
+    /// AMD-V bed) can differ, and there KVM's answers follow the host.
+    pub fn for_this_host(entries: Vec<CpuidEntry>) -> CpuidTable {
+        let mut t = CpuidTable::new(entries);
+        t.xstate = host_xstate();
+        t
+    }
+
+    /// A table of these entries, in KVM's order (the first match wins),
+    /// sizing leaf 0xD from its own 0xD subleaves.
     pub fn new(entries: Vec<CpuidEntry>) -> CpuidTable {
         let mut t = CpuidTable { entries, ..CpuidTable::default() };
         // KVM's cpuid_entry2_find: leaf 1 with KVM_CPUID_INDEX_NOT_SIGNIFICANT,
@@ -287,6 +301,22 @@ impl CpuidTable {
         }
         size
     }
+}
+
+/// XSAVE components 0..64 as this CPU's CPUID leaf 0xD describes them
+/// (all zero without XSAVE).
+fn host_xstate() -> Vec<XstateComponent> {
+    use std::arch::x86_64::__cpuid_count;
+    let none = vec![XstateComponent::default(); 64];
+    if __cpuid_count(0, 0).eax < 0xd || __cpuid_count(1, 0).ecx & (1 << 26) == 0 {
+        return none;
+    }
+    (0..64u32)
+        .map(|i| {
+            let r = __cpuid_count(0xd, i);
+            XstateComponent { size: r.eax, offset: r.ebx, align64: r.ecx & 2 != 0 }
+        })
+        .collect()
 }
 
 fn with_bit(v: u32, bit: u32, on: bool) -> u32 {

@@ -490,7 +490,7 @@ impl Vm {
         // What KVM holds now (it may have adjusted dynamic bits) is what the
         // sidecore must answer.
         let held = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?;
-        self.cpuid.push(CpuidTable::new(held.as_slice().iter().map(entry_from_kvm).collect()));
+        self.cpuid.push(CpuidTable::for_this_host(held.as_slice().iter().map(entry_from_kvm).collect()));
         self.vcpus.push(vcpu);
         Ok(())
     }
