@@ -125,8 +125,9 @@ pub fn xsetbv0(v: u64) {
 /// Reads MSR `msr`.
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: the callers only read MSRs that exist (IA32_APIC_BASE); a read
-    // has no side effect.
+    // SAFETY: the callers only read MSRs that exist (IA32_APIC_BASE always;
+    // IA32_XSS only when CPUID 0xD.1 reports XSAVES); a read has no side
+    // effect.
     unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }

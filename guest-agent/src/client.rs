@@ -112,7 +112,7 @@ impl<'a> Client<'a> {
         if !self.absent {
             return true;
         }
-        let hb = self.env.header.heartbeat.value.load(Ordering::Relaxed);
+        let hb = self.env.shared.host.beat.load(Ordering::Relaxed);
         let waited = arch::rdtsc().wrapping_sub(self.absent_since);
         if hb != self.heartbeat_at_absent || waited > self.env.boot.sidecall_backoff {
             self.absent = false;
@@ -124,7 +124,7 @@ impl<'a> Client<'a> {
     fn mark_absent(&mut self) {
         self.absent = true;
         self.absent_since = arch::rdtsc();
-        self.heartbeat_at_absent = self.env.header.heartbeat.value.load(Ordering::Relaxed);
+        self.heartbeat_at_absent = self.env.shared.host.beat.load(Ordering::Relaxed);
     }
 
     /// One sidecall; `None` if it was not carried out by the sidecore: the
@@ -200,12 +200,18 @@ impl<'a> Client<'a> {
     /// sidecore); in the last two cases the call is [`Client::lost`].
     fn wait_claimed(&mut self, t: u64, opcode: u16) -> Option<Reply> {
         let vs = self.env.shared;
-        let hb = &self.env.header.heartbeat.value;
+        let hb = &self.env.shared.host.beat;
         let (mut beat, mut since) = (hb.load(Ordering::Relaxed), arch::rdtsc());
         loop {
             match GuestRing::poll(vs, t) {
                 Poll::Done(body) => return Some(self.replied(&body)),
                 Poll::Claimed => {}
+                // Posted again (only a guest write does that): if it can be
+                // withdrawn it was never carried out.
+                Poll::Pending if vs.slots[shm_proto::ring::slot_index(t)].try_cancel(t) => {
+                    self.ring.resync(vs);
+                    return None;
+                }
                 Poll::Pending | Poll::Gone => return self.lost(opcode),
             }
             if vs.host.sidecore_lost.load(Ordering::Acquire) != 0 {

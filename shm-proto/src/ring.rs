@@ -185,22 +185,24 @@ impl Slot {
     /// Guest side: publishes `body` as ticket `t` if the guest owns the slot
     /// ([`crate::sidecall`]). Nothing is written unless it returns
     /// [`TryPost::Posted`]. A finished word of `t` itself is
-    /// [`TryPost::Passed`], of another lap than `t - 64` (the sidecore
+    /// [`TryPost::Passed`]; of another lap than `t - 64` (the sidecore
     /// followed some other lap here) [`TryPost::Foreign`], unless `trusted`:
-    /// the sidecore said it expects `t`, so the word is the guest's.
+    /// the sidecore said it expects `t`, so that word is the guest's.
     pub fn try_post(&self, t: u64, body: &Body, trusted: bool) -> TryPost {
         let mut w = self.state.load(Ordering::Acquire);
         loop {
             let x = word_ticket(w);
             match SlotState::from_bits(w) {
                 Some(SlotState::Claimed) => return TryPost::Busy,
-                Some(SlotState::Skipped | SlotState::Done) if slot_index(x) == slot_index(t) && !trusted => {
+                Some(SlotState::Skipped | SlotState::Done) if slot_index(x) == slot_index(t) => {
                     let d = ticket_distance(t, x);
                     if d == 0 {
-                        // The sidecore finished with this very ticket.
+                        // Finished with this very ticket: the sidecore is
+                        // past it (a garbage word of this kind at its slot
+                        // it passes too).
                         return TryPost::Passed;
                     }
-                    if d != -RING_LAP {
+                    if d != -RING_LAP && !trusted {
                         return TryPost::Foreign;
                     }
                     break;
@@ -317,7 +319,11 @@ pub struct HostStatus {
     /// Written by the sidecore that holds the ring, on the line the guest
     /// already reads for `sidecore_lost`.
     pub paused: AtomicU64,
-    _pad: [u64; 12],
+    /// This ring's heartbeat: bumped by the sidecore serving it, with the
+    /// region's, every so many sweeps while it is not paused. A VM's rings
+    /// may be spread over several sidecores, so liveness is per ring.
+    pub beat: AtomicU64,
+    _pad: [u64; 11],
 }
 
 const _: () = assert!(core::mem::size_of::<HostStatus>() == 128);

@@ -340,6 +340,15 @@ impl RingRef {
                 self.advance();
                 true
             }
+            Some(SlotState::Done | SlotState::Skipped) if ticket == self.next => {
+                // The host never leaves its own finished word at the ticket
+                // it expects (it moves on as it writes one): the guest wrote
+                // this, and a guest that meets its own ticket finished walks
+                // on, so the host does too.
+                self.stats.count(op::OP_CLASS_UNKNOWN, Status::BadSequence);
+                self.advance();
+                true
+            }
             Some(SlotState::Claimed) => {
                 // Not ours: the host finishes its claims before it looks
                 // again. The guest wrote it; release it so that the guest may
@@ -374,6 +383,7 @@ impl RingRef {
             return;
         }
         self.region.header().heartbeat.value.fetch_add(1, Ordering::Relaxed);
+        self.shared().host.beat.fetch_add(1, Ordering::Relaxed);
         let c = &self.shared().consumer.value;
         if c.load(Ordering::Relaxed) != self.next {
             c.store(self.next, Ordering::Release);
@@ -536,14 +546,34 @@ mod tests {
     #[test]
     fn garbage_state_words_are_ignored() {
         let (r, mut ring, stats) = setup();
-        for w in
-            [state_word(0, SlotState::Done), 0xf, 0xdead_beef_0000_000d, u64::MAX, state_word(0, SlotState::Skipped)]
-        {
+        // Finished words of an earlier lap (what the slot holds between laps),
+        // undecodable states, other garbage: nothing to do.
+        let prev = TICKET_MASK - RING_SLOTS as u64 + 1; // slot 0, one lap back
+        for w in [
+            state_word(prev, SlotState::Done),
+            0xf,
+            0xdead_beef_0000_000d,
+            u64::MAX,
+            state_word(prev, SlotState::Skipped),
+        ] {
             slot(&r, 0).state.store(w, Ordering::Release);
             assert_eq!(ring.serve(), 0, "state word {w:#x}");
         }
         assert_eq!(stats.snapshot().total(), 0);
         assert_eq!(ring.expected(), 0);
+    }
+
+    #[test]
+    fn a_finished_word_at_the_expected_ticket_is_passed() {
+        // The host never leaves one there: a guest wrote it, and a guest that
+        // meets its own ticket finished walks on, so the host does too.
+        let (r, mut ring, _stats) = setup();
+        for st in [SlotState::Done, SlotState::Skipped] {
+            let t = ring.expected();
+            slot(&r, t).state.store(state_word(t, st), Ordering::Release);
+            assert_eq!(ring.serve(), 1);
+            assert_eq!(ring.expected(), t + 1);
+        }
     }
 
     #[test]

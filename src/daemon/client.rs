@@ -40,7 +40,7 @@ fn read_reply(reader: &mut BufReader<UnixStream>, refused: &str) -> Result<serde
     let v: serde_json::Value =
         serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
     if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(DaemonError::Protocol(v["error"].as_str().unwrap_or(refused).to_string()));
+        return Err(DaemonError::Refused(v["error"].as_str().unwrap_or(refused).to_string()));
     }
     Ok(v)
 }
@@ -92,8 +92,9 @@ impl Attachment {
         let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
         let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
         let out = call(&mut s, &mut r, req);
-        if out.is_err() {
-            // A time-out or a torn reply leaves the stream out of step.
+        if matches!(out, Err(DaemonError::Protocol(_))) {
+            // A time-out or a torn reply leaves the stream out of step (a
+            // refusal is a whole reply: it does not).
             self.broken.store(true, Ordering::Relaxed);
         }
         out

@@ -99,6 +99,9 @@ pub enum DaemonError {
     /// The conversation failed.
     #[error("talking to the sidecore daemon: {0}")]
     Protocol(String),
+    /// The daemon answered, and refused.
+    #[error("the sidecore daemon refused: {0}")]
+    Refused(String),
     /// Signal handling could not be set up.
     #[error("cannot install the SIGTERM handler")]
     Signal(#[source] std::io::Error),

@@ -21,8 +21,9 @@ pub(super) const PVM_VIF_HOST_WRITE: u64 = 0x400;
 /// (it has no VM fd): it sends changes and unmaps to the exit path, which
 /// runs here, in the guest's own VMM.
 pub struct MemslotZap {
-    // Declared before `_mem`: a slot left behind by a failed delete goes
-    // with the VM fd, before the memory it aliases is unmapped.
+    // A slot left behind by a failed delete lives as long as the VM fd;
+    // the guest memory it aliases outlives the VM fd as the RAM slots' does
+    // (the VM holds both, and `_mem` keeps this mapping too).
     fd: Arc<VmFd>,
     /// Host address of the guest page at ZAP_ALIAS_GPA.
     alias: u64,
