@@ -5,11 +5,11 @@
 //! sidecore and by the daemon's.
 
 mod common;
+use common::daemon::start_daemon;
 use common::kvm_available;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -75,34 +75,6 @@ fn a_hundred_thousand_control_writes_leave_a_handful_of_threads_own_sidecore() {
     assert!(ok, "{out}");
     assert!(out.contains("toggle: ok: 100000 writes"), "{out}");
     assert!(most <= MOST_THREADS, "the VMM had {most} threads (at most {MOST_THREADS} expected)\n{out}");
-}
-
-struct Daemon(Child, PathBuf);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-fn start_daemon(sock: &Path) -> Daemon {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new(bin())
-        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
-        .arg(sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start daemon");
-    let d = Daemon(child, sock.to_path_buf());
-    // Ready when it answers, not when its socket file appears.
-    let t0 = Instant::now();
-    while !Command::new(bin()).args(["status", "--socket"]).arg(sock).output().is_ok_and(|o| o.status.success()) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not answer on {} within 60 s", sock.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! status, idle CPU use, and guests surviving the daemon's death.
 
 mod common;
+use common::daemon::{socket, start_daemon};
 use common::kvm_available;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,35 +14,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sidecore")
-}
-
-fn socket(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("sidecore-test-{tag}-{}.sock", std::process::id()))
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(sock: &Path) -> Daemon {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new(bin())
-        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
-        .arg(sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start daemon");
-    // Ready when it answers, not when its socket file appears.
-    let ready = wait_for(Duration::from_secs(60), || {
-        Command::new(bin()).args(["status", "--socket"]).arg(sock).output().is_ok_and(|o| o.status.success())
-    });
-    assert!(ready, "the daemon did not answer on {} within 60 s", sock.display());
-    Daemon(child)
 }
 
 /// Polls `done` every 50 ms until it holds or `limit` passes; whether it
@@ -197,19 +169,7 @@ fn guests_finish_through_the_exit_paths_when_the_daemon_dies() {
     // Killed once the selftest's own checks are done (they need the daemon)
     // and the guest lingers, still calling: seen on the VMM's stdout, since
     // how long the checks take depends on the host (minutes in the AMD-V bed).
-    let stdout = v.stdout.take().expect("vmm stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut seen = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            if line.contains("fallback phase:") {
-                let _ = tx.send(());
-            }
-            seen += &line;
-            seen.push('\n');
-        }
-        seen
-    });
+    let (rx, reader) = watch_for_linger(&mut v);
     let lingering = rx.recv_timeout(Duration::from_secs(900)).is_ok();
     d.0.kill().expect("kill daemon");
     let _ = d.0.wait();
@@ -224,6 +184,26 @@ fn guests_finish_through_the_exit_paths_when_the_daemon_dies() {
     let o = vmm(&sock, 0).wait_with_output().expect("vmm after restart");
     assert!(o.status.success() && text(&o).contains("selftest: ok"), "{}", text(&o));
     let _ = std::fs::remove_file(&sock);
+}
+
+/// Reads a selftest VMM's stdout in a thread: the receiver gets a message
+/// once the selftest's own checks are done and the guest lingers, still
+/// calling; the thread returns everything read.
+fn watch_for_linger(v: &mut Child) -> (std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<String>) {
+    let stdout = v.stdout.take().expect("vmm stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if line.contains("fallback phase:") {
+                let _ = tx.send(());
+            }
+            seen += &line;
+            seen.push('\n');
+        }
+        seen
+    });
+    (rx, reader)
 }
 
 /// The replies the guest got and the calls the daemon counted, from the
@@ -267,19 +247,7 @@ fn guests_finish_through_the_exit_paths_when_the_daemon_is_stopped() {
     let sock = socket("sigstop");
     let d = start_daemon(&sock);
     let mut v = vmm(&sock, 3000);
-    let stdout = v.stdout.take().expect("vmm stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut seen = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            if line.contains("fallback phase:") {
-                let _ = tx.send(());
-            }
-            seen += &line;
-            seen.push('\n');
-        }
-        seen
-    });
+    let (rx, reader) = watch_for_linger(&mut v);
     let lingering = rx.recv_timeout(Duration::from_secs(900)).is_ok();
     // Stopped, not dead: its socket stays open, so nobody tells the guest;
     // the guest must see the heartbeat stand still and go by exit path.

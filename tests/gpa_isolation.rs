@@ -7,12 +7,12 @@
 //! VMM heap page behind the dummy memslot) it reads its marker back.
 
 mod common;
+use common::daemon::start_daemon;
 use common::kvm_available;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -92,39 +92,6 @@ fn a_guest_with_its_own_tables_reads_only_its_memory_while_zaps_run_on_two_vcpus
         return;
     }
     run_gpascan(2, None);
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_daemon(sock: &Path) -> Daemon {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new(env!("CARGO_BIN_EXE_sidecore"))
-        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
-        .arg(sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start daemon");
-    // Ready when it answers, not when its socket file appears.
-    let t0 = Instant::now();
-    let answers = || {
-        Command::new(env!("CARGO_BIN_EXE_sidecore"))
-            .args(["status", "--socket"])
-            .arg(sock)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    while !answers() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not answer on {} within 60 s", sock.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon(child)
 }
 
 /// Attached to a daemon, the guest's own VMM still zaps its VM (the daemon

@@ -2,6 +2,8 @@
 
 use std::io::Write;
 
+pub mod daemon;
+
 /// Records that the running test skips, and why: printed, and appended to
 /// the file `SIDECORE_TEST_SKIPS` names (the test runners count these as
 /// skipped, not passed). The caller returns right after.

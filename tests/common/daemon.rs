@@ -1,0 +1,43 @@
+//! A `sidecore daemon` child for the tests that attach VMs to one.
+// Shared by several test binaries; not every one uses every item.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The daemon, killed (and its socket removed) when dropped.
+pub struct Daemon(pub Child, PathBuf);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// A socket path of its own for test `tag`.
+pub fn socket(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sidecore-test-{tag}-{}.sock", std::process::id()))
+}
+
+/// Starts `sidecore daemon --cores 0` on `sock`; returns once it answers
+/// `status` (not when its socket file appears), or panics after 60 s.
+pub fn start_daemon(sock: &Path) -> Daemon {
+    let bin = env!("CARGO_BIN_EXE_sidecore");
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(bin)
+        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
+        .arg(sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let d = Daemon(child, sock.to_path_buf());
+    let t0 = Instant::now();
+    while !Command::new(bin).args(["status", "--socket"]).arg(sock).output().is_ok_and(|o| o.status.success()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the daemon did not answer on {} within 60 s", sock.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
