@@ -57,9 +57,11 @@ fn a_halted_guest_is_woken_by_the_next_packet() {
     assert!(t.contains("500 back intact") && t.contains("0 lost"), "{t}");
     let halts = number_before(&t, "echo: ", "halts").unwrap_or(0);
     let irqs = number_before(&t, "echo: ", "interrupts").unwrap_or(0);
-    // Every packet found the guest halted, and every halt but the last
-    // (the stop) ended by the sidecore's kick.
-    assert!(halts >= 500, "the guest did not halt between packets: {t}");
+    // Almost every packet found the guest halted (a vCPU thread the host
+    // preempts between an echo and its halt lets the next packet find it
+    // awake: 497 of 500 once in CI), and every halt but the last (the stop)
+    // ended by the sidecore's kick.
+    assert!(halts >= 490, "the guest did not halt between packets: {t}");
     assert!(irqs + 2 >= halts, "halts not ended by an interrupt: {t}");
 }
 
