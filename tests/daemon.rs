@@ -270,6 +270,30 @@ fn guests_finish_through_the_exit_paths_when_the_daemon_is_stopped() {
 }
 
 #[test]
+fn the_daemon_removes_only_a_stale_socket() {
+    // No KVM needed: the daemon checks its socket path before anything else.
+    let path = socket("not-a-socket");
+    std::fs::write(&path, b"somebody's file\n").expect("write a regular file");
+    let o = Command::new(bin()).args(["daemon", "--cores", "0", "--socket"]).arg(&path).output().expect("daemon");
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("exists and is not a socket"), "{t}");
+    assert_eq!(std::fs::read(&path).ok().as_deref(), Some(&b"somebody's file\n"[..]), "the file was touched");
+    let _ = std::fs::remove_file(&path);
+    if !kvm_available() {
+        return;
+    }
+    // A stale socket (nobody listening) is replaced.
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let stale = socket("stale");
+    let _ = std::fs::remove_file(&stale);
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket and drop it"));
+    assert!(stale.exists());
+    let _d = start_daemon(&stale);
+    assert!(status(&stale)["vms"].is_array());
+}
+
+#[test]
 fn bad_messages_get_errors_and_the_daemon_lives_on() {
     if !kvm_available() {
         return;

@@ -72,6 +72,9 @@ pub enum DaemonError {
     /// Another daemon answers on that socket.
     #[error("a daemon is already listening on {0} — stop it first or pick another socket path")]
     InUse(PathBuf),
+    /// Something that is not a socket is at the socket path.
+    #[error("{0} exists and is not a socket: refusing to remove it — pick another --socket path, or remove it yourself if it is yours")]
+    NotASocket(PathBuf),
     /// A sidecore could not start.
     #[error(transparent)]
     Sidecore(#[from] sidecore_core::SidecoreError),
@@ -520,7 +523,11 @@ fn tsc_f64(v: u64) -> f64 {
 /// Runs the daemon until SIGTERM or SIGINT; `listening` is called once the
 /// socket accepts connections.
 pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
-    if cfg.socket.exists() {
+    // Only a stale socket is removed: never a file, directory or symlink.
+    if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(DaemonError::NotASocket(cfg.socket.clone()));
+        }
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(DaemonError::InUse(cfg.socket.clone()));
         }
