@@ -293,6 +293,50 @@ fn the_daemon_removes_only_a_stale_socket() {
     assert!(status(&stale)["vms"].is_array());
 }
 
+/// Threads of a process.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn idle_and_half_sent_connections_are_capped_and_time_out() {
+    use std::io::{Read, Write};
+    if !kvm_available() {
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket("conns");
+    let d = start_daemon(&sock);
+    let base = threads(d.0.id());
+    // A request without its newline, and 99 connections that send nothing.
+    let mut half = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    half.write_all(br#"{"op":"status""#).expect("write");
+    let idle: Vec<_> = (0..99).map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let most = threads(d.0.id());
+    assert!(most <= base + 64 + 2, "{most} daemon threads for 100 idle connections (base {base}, cap 64)");
+    // Past the cap: an error at once, then the hang-up.
+    let mut refused = 0;
+    for mut c in idle.iter().skip(64) {
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut buf = String::new();
+        let _ = c.read_to_string(&mut buf);
+        refused += usize::from(buf.contains("too many connections"));
+    }
+    assert!(refused >= 30, "only {refused} of the connections past the cap were refused");
+    // The half-sent request and the idle ones are dropped at the deadline.
+    half.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut buf = Vec::new();
+    let t0 = Instant::now();
+    let _ = half.read_to_end(&mut buf);
+    assert!(t0.elapsed() < Duration::from_secs(15), "a request without its newline held the connection");
+    let back = wait_for(Duration::from_secs(20), || threads(d.0.id()) <= base + 1);
+    assert!(back, "daemon threads stayed at {} (base {base})", threads(d.0.id()));
+    // And it still serves.
+    assert!(status(&sock)["vms"].is_array());
+    drop(idle);
+}
+
 #[test]
 fn bad_messages_get_errors_and_the_daemon_lives_on() {
     if !kvm_available() {

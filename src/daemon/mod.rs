@@ -158,6 +158,34 @@ pub struct Daemon {
     /// The TSC rate, read once at start: reading it takes a VM and a
     /// vCPU, which status requests and scrapes must not create.
     tsc: sidecore_core::tsc::TscRate,
+    /// Connections that have not attached a VM (each has a thread until its
+    /// request is answered or its deadline passes).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Most connections at once that have not attached a VM: more are answered
+/// with an error and closed, so idle or slow clients cannot pile up threads.
+pub const MAX_PENDING_CONNECTIONS: usize = 64;
+
+/// How long a connection has to send its first whole request.
+pub const FIRST_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A connection's place among the pending ones, given back once it attaches
+/// or ends.
+struct PendingSlot(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl PendingSlot {
+    fn release(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Daemon {
@@ -181,6 +209,7 @@ impl Daemon {
             started: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
             tsc,
+            pending: Arc::default(),
         }))
     }
 
@@ -403,7 +432,7 @@ impl Daemon {
         }
     }
 
-    fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>) {
+    fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>, mut slot: PendingSlot) {
         let Some(cred) = peer_cred(&stream) else {
             reply_err(&mut stream, "cannot read the peer's credentials");
             return;
@@ -465,6 +494,10 @@ impl Daemon {
                     }
                 };
                 drop(files);
+                // Attached: the connection lives as long as the VM, idle
+                // between its requests.
+                slot.release();
+                let _ = stream.set_read_timeout(None);
                 let _ = writeln!(
                     stream,
                     "{}",
@@ -564,12 +597,21 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     listening(cfg);
     while !daemon.stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                if daemon.pending.load(Ordering::Relaxed) >= MAX_PENDING_CONNECTIONS {
+                    // A short line into a fresh socket's empty buffer: it
+                    // does not block.
+                    reply_err(&mut stream, "too many connections waiting to be served: try again later");
+                    continue;
+                }
+                daemon.pending.fetch_add(1, Ordering::Relaxed);
+                let slot = PendingSlot(Some(daemon.pending.clone()));
                 let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(FIRST_REQUEST_DEADLINE));
                 let d = daemon.clone();
                 let _ = std::thread::Builder::new()
                     .name("sidecore-conn".into())
-                    .spawn(move || d.serve_connection(stream, group));
+                    .spawn(move || d.serve_connection(stream, group, slot));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => tracing::warn!("accept: {e}"),
