@@ -132,6 +132,13 @@ impl<'a> Client<'a> {
     /// sidecore stopped answering a NULL or CPUID call it had claimed (the
     /// caller then takes the exit path).
     pub fn sidecall(&mut self, opcode: u16, args: [u64; WORDS]) -> Option<Reply> {
+        self.sidecall_while(opcode, args, || {})
+    }
+
+    /// As [`Client::sidecall`], running `idle` between polls while the
+    /// reply is awaited (a hostile test reads memory while the sidecore
+    /// works). Generic, so the no-op of `sidecall` costs nothing.
+    pub fn sidecall_while(&mut self, opcode: u16, args: [u64; WORDS], mut idle: impl FnMut()) -> Option<Reply> {
         let vs = self.env.shared;
         let words = cpustate::request_words(self.env.vcpu, opcode, args);
         let Some(t) = self.ring.post(vs, &Body { head: encode_head(opcode, 0), words }) else {
@@ -151,6 +158,7 @@ impl<'a> Client<'a> {
             if arch::rdtsc().wrapping_sub(start) > bound {
                 break;
             }
+            idle();
         }
         match self.ring.withdraw(vs, t) {
             Withdraw::Withdrawn => {

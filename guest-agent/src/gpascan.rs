@@ -24,9 +24,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use shm_proto::args::gpascan as args;
 use shm_proto::layout::{guest_scratch, GUEST_SCRATCH_PER_VCPU, PAGE_SIZE, ZAP_ALIAS_GPA, ZAP_GPA};
-use shm_proto::op::{self, encode_head, Opcode, PteKind, Status};
-use shm_proto::ring::Body;
-use shm_proto::sidecall::{GuestRing, Poll, Withdraw};
+use shm_proto::op::{Opcode, PteKind, Status};
 
 use crate::client::Client;
 use crate::console::Console;
@@ -239,7 +237,6 @@ fn zap(env: &Env, c: &mut Client, (table, idx): (u64, u64), frames: u64, sweep: 
         n => n.min(1_000_000),
     };
     let mut z = Zaps { trap_min: u64::MAX, ..Zaps::default() };
-    let mut ring = GuestRing::resume(env.shared);
     let mut i = 0u64;
     while z.by_sidecall + z.by_trap < want && z.refused < 16 {
         let entry = match i % 3 {
@@ -251,11 +248,13 @@ fn zap(env: &Env, c: &mut Client, (table, idx): (u64, u64), frames: u64, sweep: 
         i += 1;
         let mut r = None;
         if by_sidecall {
-            r = sidecall_scanning(env, &mut ring, [table, idx, entry], &mut || scan_zap_page(t));
+            r = c
+                .sidecall_while(Opcode::PteUpdate as u16, [table, idx, entry, 0, 0, 0], || scan_zap_page(t))
+                .map(|r| (r.status, PteKind::from_u64(r.words[0]).unwrap_or(PteKind::Noop)));
         }
         let mut via_trap = false;
         let (status, kind) = match r {
-            Some((Status::UseExitPath, _)) | None => {
+            Some((Status::UseExitPath | Status::BadSequence, _)) | None => {
                 via_trap = true;
                 let t0 = arch::rdtsc();
                 let u = pagetable::update(c, PtPath::Trap, table, idx, entry);
@@ -280,72 +279,7 @@ fn zap(env: &Env, c: &mut Client, (table, idx): (u64, u64), frames: u64, sweep: 
             sweep_once(env, sweep, t);
         }
     }
-    env.shared.producer.value.store(ring.ticket(), Ordering::Relaxed);
     z
-}
-
-/// One `PTE_UPDATE` sidecall posted on the ring, `scan` run while the reply
-/// is awaited (the sidecore zaps meanwhile). `None`: no reply in time and
-/// cancelled (the caller takes the trap path).
-fn sidecall_scanning(
-    env: &Env,
-    ring: &mut GuestRing,
-    w: [u64; 3],
-    scan: &mut dyn FnMut(),
-) -> Option<(Status, PteKind)> {
-    let vs = env.shared;
-    let me =
-        ring.post(vs, &Body { head: encode_head(Opcode::PteUpdate as u16, 0), words: [w[0], w[1], w[2], 0, 0, 0] })?;
-    vs.producer.value.store(ring.ticket(), Ordering::Relaxed);
-    if env.header.parked.value.load(Ordering::Relaxed) != 0 {
-        arch::outl(shm_proto::boot::PORT_DOORBELL, 0);
-    }
-    let bound = env.boot.sidecall_timeout[op::op_class(Opcode::PteUpdate as u16)];
-    let start = arch::rdtsc();
-    let replied = |r: &Body| {
-        // Counted as the client counts its replies (only this vCPU writes
-        // it), for the VMM's reconciliation with a daemon.
-        let n = &vs.guest.sidecalls;
-        n.store(n.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-        let status = op::decode_status(r.head).unwrap_or(Status::HostError);
-        (status, PteKind::from_u64(r.words[0]).unwrap_or(PteKind::Noop))
-    };
-    let mut claimed = false;
-    loop {
-        match GuestRing::poll(vs, me) {
-            Poll::Done(r) => {
-                let out = replied(&r);
-                if out.0 == Status::BadSequence {
-                    ring.resync(vs);
-                    return None;
-                }
-                return Some(out);
-            }
-            Poll::Gone => {
-                ring.resync(vs);
-                return Some((Status::HostError, PteKind::Noop));
-            }
-            Poll::Pending | Poll::Claimed => {}
-        }
-        let waited = arch::rdtsc().wrapping_sub(start);
-        if waited > bound && !claimed {
-            match ring.withdraw(vs, me) {
-                Withdraw::Withdrawn => return None,
-                Withdraw::Done(r) => return Some(replied(&r)),
-                Withdraw::Claimed => claimed = true,
-                Withdraw::Gone => {
-                    ring.resync(vs);
-                    return Some((Status::HostError, PteKind::Noop));
-                }
-            }
-        }
-        if waited > bound.saturating_mul(100) {
-            // Claimed and never answered: whether it was applied is unknown.
-            ring.resync(vs);
-            return Some((Status::HostError, PteKind::Noop));
-        }
-        scan();
-    }
 }
 
 /// One read of ZAP_GPA (and its last word), checked, then the marker
