@@ -32,21 +32,45 @@ use shm_proto::ring::VcpuShared;
 use crate::ring::SharedRegion;
 
 /// Writes 1 to an eventfd that KVM_IRQFD turns into the vCPU's interrupt.
+///
+/// The eventfd may come from another process (a VMM attached to the
+/// daemon), which can fill its counter and clear `O_NONBLOCK` on it: the
+/// write is bounded ([`crate::nowait::bounded_write_u64`]), and after one
+/// that would have blocked the kick stops writing (counted in
+/// [`Kick::blocked`]): that VM loses its wake-ups, no one else loses time.
 #[derive(Clone)]
-pub struct Kick(Arc<OwnedFd>);
+pub struct Kick {
+    fd: Arc<OwnedFd>,
+    blocked: Arc<AtomicU64>,
+}
 
 impl Kick {
     /// A kick through this irqfd eventfd.
     pub fn new(fd: Arc<OwnedFd>) -> Kick {
-        Kick(fd)
+        // A failure shows as a failed kick, never as a blocked sidecore.
+        let _ = crate::nowait::install_handler();
+        Kick { fd, blocked: Arc::default() }
     }
 
-    /// Raises the interrupt.
-    pub fn kick(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold
-        // open; an eventfd write has no other effect.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    /// Raises the interrupt; false if it could not (the fd would block, or
+    /// did once before).
+    pub fn kick(&self) -> bool {
+        if self.blocked.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        match crate::nowait::bounded_write_u64(self.fd.as_raw_fd(), 1) {
+            crate::nowait::WriteOutcome::Done => true,
+            crate::nowait::WriteOutcome::Blocked => {
+                self.blocked.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            crate::nowait::WriteOutcome::Failed => false,
+        }
+    }
+
+    /// Kicks that would have blocked (at most 1: the kick stops then).
+    pub fn blocked(&self) -> Arc<AtomicU64> {
+        self.blocked.clone()
     }
 }
 
@@ -76,8 +100,7 @@ pub fn post(v: &VcpuShared, bits: u64, kick: Option<&Kick>) -> bool {
     match kick {
         Some(k) if v.guest_events.halting.load(Ordering::SeqCst) != 0 => {
             v.events.kicks.fetch_add(1, Ordering::Relaxed);
-            k.kick();
-            true
+            k.kick()
         }
         _ => false,
     }
@@ -178,9 +201,10 @@ pub struct PacketDevice {
 
 impl PacketDevice {
     /// A device for `vcpu`'s queues, its buffers in `window`, talking over
-    /// `socket`. Packets go back to whoever sent the last one. With
-    /// [`Delivery::Posted`] the socket is made non-blocking (the sidecore
-    /// polls it); otherwise the caller receives on it.
+    /// `socket`. Packets go back to whoever sent the last one. The socket's
+    /// flags are left alone (its file description may be another process's
+    /// too): the device sends and, with [`Delivery::Posted`], receives with
+    /// `MSG_DONTWAIT`; otherwise the caller receives on it.
     pub fn new(
         region: Arc<SharedRegion>,
         vcpu: u32,
@@ -190,9 +214,6 @@ impl PacketDevice {
     ) -> std::io::Result<PacketDevice> {
         if region.vcpu(vcpu).is_none() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no vCPU {vcpu} in the region")));
-        }
-        if matches!(delivery, Delivery::Posted(_)) {
-            socket.set_nonblocking(true)?;
         }
         Ok(PacketDevice {
             region,
@@ -281,7 +302,13 @@ impl PacketDevice {
                     // garble its own packet.
                     unsafe { std::ptr::copy_nonoverlapping(p, self.buf.as_mut_ptr(), len) };
                     if let Some(peer) = self.peer {
-                        if self.socket.send_to(&self.buf[..len], peer).is_ok() {
+                        let to = socket2::SockAddr::from(peer);
+                        let sent = socket2::SockRef::from(&self.socket).send_to_with_flags(
+                            &self.buf[..len],
+                            &to,
+                            libc::MSG_DONTWAIT,
+                        );
+                        if sent.is_ok() {
                             self.counters.tx.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -301,9 +328,16 @@ impl PacketDevice {
     /// Receives one packet without blocking and delivers it; `false` if
     /// none was waiting.
     fn recv_one(&mut self) -> bool {
-        match self.socket.recv_from(&mut self.buf) {
+        // SAFETY: u8 and MaybeUninit<u8> have the same layout, and every
+        // byte of `buf` is initialised already: the kernel only writes.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(), self.buf.len())
+        };
+        match socket2::SockRef::from(&self.socket).recv_from_with_flags(buf, libc::MSG_DONTWAIT) {
             Ok((n, from)) => {
-                self.peer = Some(from);
+                if let Some(from) = from.as_socket() {
+                    self.peer = Some(from);
+                }
                 let pkt = std::mem::take(&mut self.buf);
                 self.deliver(&pkt[..n]);
                 self.buf = pkt;

@@ -17,6 +17,7 @@
 //! * [`hostmem`]: host-private state a VMM and a daemon share.
 //! * [`throughput`]: calls per second with synthetic producers, and the
 //!   capacity model.
+//! * [`nowait`]: I/O on fds a VMM shares that cannot block a sidecore.
 //! * [`pin`]: pinning a thread to a CPU, with the errno on failure.
 //! * [`tsc`]: the time-stamp counter the fast path times itself with.
 
@@ -24,6 +25,7 @@ pub mod cpuid;
 pub mod device;
 pub mod hostmem;
 pub mod hypercalls;
+pub mod nowait;
 pub mod pin;
 pub mod poll;
 pub mod pte;

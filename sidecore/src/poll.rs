@@ -84,6 +84,7 @@ pub struct CoreStats {
 enum Command {
     Add(RingRef),
     AddDevice(Box<dyn Device>),
+    AddParts(Parts),
 }
 
 /// Serve the rings.
@@ -167,6 +168,12 @@ impl Sidecore {
     /// Adds a ring while running (picked up within [`HEARTBEAT_SWEEPS`] sweeps).
     pub fn add_ring(&self, ring: RingRef) -> Result<(), SidecoreError> {
         self.commands.send(Command::Add(ring)).map_err(|_| SidecoreError::Died(self.name.clone()))
+    }
+
+    /// Adds a VM's rings and devices in one step: the sidecore takes all of
+    /// them at the same sweep, or (if it died) none.
+    pub fn add_parts(&self, parts: Parts) -> Result<(), SidecoreError> {
+        self.commands.send(Command::AddParts(parts)).map_err(|_| SidecoreError::Died(self.name.clone()))
     }
 
     /// Adds a device, polled every sweep after the rings.
@@ -315,10 +322,7 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
             stats.busy_sweeps.store(busy, Ordering::Relaxed);
             stats.served.store(served, Ordering::Relaxed);
             while let Ok(c) = commands.try_recv() {
-                match c {
-                    Command::Add(r) => rings.push(r),
-                    Command::AddDevice(d) => devices.push(d),
-                }
+                take(c, &mut rings, &mut devices);
             }
             // Drop detached VMs' rings (and, with the last one, the mapping).
             rings.retain(|r| !r.control().detached.load(Ordering::Relaxed));
@@ -332,10 +336,7 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
     // What was sent but not yet picked up goes back too: a device added
     // just before the stop survives it.
     while let Ok(c) = commands.try_recv() {
-        match c {
-            Command::Add(r) => rings.push(r),
-            Command::AddDevice(d) => devices.push(d),
-        }
+        take(c, &mut rings, &mut devices);
     }
     // Nobody serves them until they are handed to a sidecore again: their
     // guests go to the exit path without waiting out a bound.
@@ -343,6 +344,18 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
         r.show_paused(true);
     }
     Parts { rings, devices }
+}
+
+/// Takes in what a command brings.
+fn take(c: Command, rings: &mut Vec<RingRef>, devices: &mut Vec<Box<dyn Device>>) {
+    match c {
+        Command::Add(r) => rings.push(r),
+        Command::AddDevice(d) => devices.push(d),
+        Command::AddParts(p) => {
+            rings.extend(p.rings);
+            devices.extend(p.devices);
+        }
+    }
 }
 
 /// Tells the guests of these rings whether to ring the doorbell.
@@ -381,10 +394,9 @@ fn wait_doorbells(rings: &[RingRef], devices: &[Box<dyn Device>], nap: std::time
     let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), n, &ts, std::ptr::null()) };
     if rc > 0 {
         for p in fds[..doorbells].iter().filter(|p| p.revents & libc::POLLIN != 0) {
-            let mut buf = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into `buf` from an eventfd the
-            // ring holds open; a non-blocking eventfd never blocks here.
-            let _ = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            // RWF_NOWAIT, not the fd's flags: a VMM shares the file
+            // description and may clear O_NONBLOCK, or read the count first.
+            let _ = crate::nowait::read_u64_nowait(p.fd);
         }
     }
 }
