@@ -4,9 +4,33 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
+fn sockopt_int(sock: &File, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a c_int.
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
+    (rc == 0).then_some(v)
+}
+
+/// Whether `sock` is a UDP socket (IPv4 or IPv6), else what it is.
+pub(super) fn check_udp(sock: &File, what: &str) -> Result<(), String> {
+    let domain = sockopt_int(sock, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    let ty = sockopt_int(sock, libc::SOL_SOCKET, libc::SO_TYPE);
+    let proto = sockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL);
+    let udp = matches!(domain, Some(libc::AF_INET | libc::AF_INET6))
+        && ty == Some(libc::SOCK_DGRAM)
+        && proto == Some(libc::IPPROTO_UDP);
+    if udp {
+        Ok(())
+    } else {
+        Err(format!("{what}: not a UDP socket ({}): pass the device's bound UDP socket", fd_kind(sock)))
+    }
+}
+
 /// The packet device of an attaching VM: its UDP socket (checked to be
 /// one), vCPU 0's irqfd (checked to be an eventfd), and a mapping of the
-/// guest's free RAM for the buffers.
+/// guest's free RAM for the buffers; with the counter of its kicks that
+/// would have blocked.
 pub(super) fn packet_device(
     req: &AttachRequest,
     guest: &File,
@@ -15,27 +39,11 @@ pub(super) fn packet_device(
     irq: &File,
     region: Arc<SharedRegion>,
     control: Arc<VmControl>,
-) -> Result<sidecore_core::device::PacketDevice, String> {
+) -> Result<(sidecore_core::device::PacketDevice, Arc<AtomicU64>), String> {
     use std::os::fd::OwnedFd;
-    let is_eventfd = std::fs::read_link(format!("/proc/self/fd/{}", irq.as_raw_fd()))
-        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]");
-    if !is_eventfd {
-        return Err("packet_device: the fifth fd is not an eventfd (vCPU 0's irqfd)".into());
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || ty != libc::SOCK_DGRAM {
-        return Err("packet_device: the fourth fd is not a datagram socket".into());
+    check_udp(sock, "packet_device: the fourth fd")?;
+    if !is_eventfd(irq) {
+        return Err(format!("packet_device: the fifth fd is not an eventfd ({}): pass vCPU 0's irqfd", fd_kind(irq)));
     }
     if !req.free_gpa.is_multiple_of(4096) || req.free_gpa >= req.ram_size.min(guest_size) {
         return Err("packet_device: free RAM is empty or misaligned".into());
@@ -50,6 +58,7 @@ pub(super) fn packet_device(
     let socket = std::net::UdpSocket::from(OwnedFd::from(sock.try_clone().map_err(|e| format!("socket fd: {e}"))?));
     let kick =
         sidecore_core::device::Kick::new(Arc::new(OwnedFd::from(irq.try_clone().map_err(|e| format!("irqfd: {e}"))?)));
+    let blocked = kick.blocked();
     let mut dev = sidecore_core::device::PacketDevice::new(
         region,
         0,
@@ -59,7 +68,7 @@ pub(super) fn packet_device(
     )
     .map_err(|e| format!("packet_device: {e}"))?;
     dev.set_control(control);
-    Ok(dev)
+    Ok((dev, blocked))
 }
 
 /// Checks an attach request against the sizes of the two memfds that came

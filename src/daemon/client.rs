@@ -3,6 +3,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use std::io::BufReader;
 
 /// A VMM's connection to the daemon, kept open while its VM runs.
 pub struct Attachment {
@@ -201,6 +202,9 @@ pub fn format_status(r: &StatusReport) -> String {
                 "      packet device: {} rx, {} tx, {} dropped (no buffer), {} bad descriptors, {} wake-up interrupts\n",
                 d.rx, d.tx, d.rx_no_buffer, d.bad_desc, d.interrupts
             );
+        }
+        if vm.device.as_ref().is_some_and(|d| d.kicks_blocked > 0) {
+            s += "      packet device: its irqfd would block (the VMM filled it): wake-up interrupts stopped\n";
         }
     }
     s

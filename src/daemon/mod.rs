@@ -33,7 +33,7 @@ use transport::*;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -53,7 +53,7 @@ use sidecore_core::{RingRef, Services, SharedRegion, Sidecore, SidecoreConfig, V
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
-use crate::host::memfd::Mapping;
+use crate::host::memfd::{check_sealed, fd_kind, is_eventfd, Mapping};
 use sidecore_core::hypercalls::vm_services;
 pub use status::{CallCount, CoreStatus, DeviceStatus, PteStatus, Quantiles, StatusReport, VmStatus};
 
@@ -143,8 +143,9 @@ struct VmEntry {
     stats: Arc<VmStats>,
     services: Arc<Services>,
     attached: Instant,
-    /// The packet device's counters, when the daemon serves one.
-    device: Option<Arc<sidecore_core::device::DeviceCounters>>,
+    /// The packet device's counters and its kicks that would have blocked,
+    /// when the daemon serves one.
+    device: Option<(Arc<sidecore_core::device::DeviceCounters>, Arc<AtomicU64>)>,
 }
 
 /// The running daemon's state.
@@ -244,14 +245,20 @@ impl Daemon {
             ))
             }
         };
+        // Every fd is checked for what it must be before anything is built:
+        // memory must be a memfd that can never shrink under a mapping (a
+        // truncated mapping would kill the daemon with SIGBUS).
+        let guest_size = check_sealed(guest, "guest memory (fd 1)")?;
+        let host_size = check_sealed(host, "host state (fd 2)")?;
         let doorbell = match doorbell {
+            Some(d) if !is_eventfd(d) => {
+                return Err(format!("doorbell (fd 3): not an eventfd ({}): pass the doorbell eventfd", fd_kind(d)))
+            }
             Some(d) => {
                 Some(Arc::new(std::os::fd::OwnedFd::from(d.try_clone().map_err(|e| format!("doorbell fd: {e}"))?)))
             }
             None => None,
         };
-        let guest_size = guest.metadata().map_err(|e| format!("guest memfd: {e}"))?.len();
-        let host_size = host.metadata().map_err(|e| format!("host memfd: {e}"))?.len();
         let (pool_pages, host_len) = validate_attach(req, guest_size, host_size)?;
         let too_big = |_| "range too large".to_string();
         let shared_map = Mapping::new(guest, req.shared_gpa, usize::try_from(req.shared_size).map_err(too_big)?)
@@ -287,7 +294,9 @@ impl Daemon {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(VmControl { id, ..Default::default() });
         let stats = Arc::new(VmStats::default());
-        let core = self.least_loaded();
+        // All or nothing: every ring and the device are built before any
+        // reaches a sidecore, which then takes them in one step.
+        let mut parts = sidecore_core::Parts::default();
         for v in 0..req.vcpus {
             let mut ring = RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone())
                 .ok_or("ring outside the region")?;
@@ -295,17 +304,19 @@ impl Daemon {
             if let Some(d) = &doorbell {
                 ring.set_doorbell(d.clone());
             }
-            self.cores[core].add_ring(ring).map_err(|e| e.to_string())?;
+            parts.rings.push(ring);
         }
         let device = match device {
             Some((sock, irq)) => {
-                let dev = packet_device(req, guest, guest_size, sock, irq, region.clone(), control.clone())?;
+                let (dev, kicks_blocked) =
+                    packet_device(req, guest, guest_size, sock, irq, region.clone(), control.clone())?;
                 let counters = dev.counters.clone();
-                self.cores[core].add_device(Box::new(dev)).map_err(|e| e.to_string())?;
-                Some(counters)
+                parts.devices.push(Box::new(dev));
+                Some((counters, kicks_blocked))
             }
             None => None,
         };
+        let core = self.least_loaded();
         let entry = VmEntry {
             pid: cred.pid,
             uid: cred.uid,
@@ -318,6 +329,11 @@ impl Daemon {
             device,
         };
         self.vms.lock().map_err(|_| "daemon state poisoned")?.insert(id, entry);
+        if let Err(e) = self.cores[core].add_parts(parts) {
+            // Nothing reached the sidecore: undo the entry.
+            self.detach(id);
+            return Err(e.to_string());
+        }
         tracing::info!(vm = id, pid = cred.pid, vcpus = req.vcpus, core, "attached");
         Ok((id, core))
     }
@@ -407,12 +423,13 @@ impl Daemon {
                                 to_exit_path: p.counters.to_exit_path.load(Ordering::Relaxed),
                                 refused: p.counters.refused.load(Ordering::Relaxed),
                             }),
-                            device: vm.device.as_ref().map(|d| DeviceStatus {
+                            device: vm.device.as_ref().map(|(d, kicks_blocked)| DeviceStatus {
                                 rx: d.rx.load(Ordering::Relaxed),
                                 tx: d.tx.load(Ordering::Relaxed),
                                 rx_no_buffer: d.rx_no_buffer.load(Ordering::Relaxed),
                                 bad_desc: d.bad_desc.load(Ordering::Relaxed),
                                 interrupts: d.interrupts.load(Ordering::Relaxed),
+                                kicks_blocked: kicks_blocked.load(Ordering::Relaxed),
                             }),
                             service_ns: Quantiles { p50: q(0.5), p90: q(0.9), p99: q(0.99), p999: q(0.999) },
                             service_buckets: buckets,
@@ -443,105 +460,102 @@ impl Daemon {
             reply_err(&mut stream, "permission denied: not the daemon's user or group");
             return;
         }
-        let (first, files) = match recv_first(&stream) {
-            Ok(x) => x,
-            Err(e) => {
-                reply_err(&mut stream, &e);
-                return;
-            }
-        };
-        let Ok(reader_stream) = stream.try_clone() else { return };
-        let mut reader = BufReader::new(reader_stream);
-        // The first recvmsg may have stopped before the end of the line.
-        let mut line = first;
-        if !line.contains(&b'\n') && !line.is_empty() {
-            match read_line(&mut reader) {
-                Ok(Some(rest)) => line.extend_from_slice(rest.as_bytes()),
-                Ok(None) => {}
+        let mut conn = Conn::new(stream);
+        // Until it attaches, each request must arrive whole within the
+        // deadline; requests sent in one write are answered in order.
+        loop {
+            let line = match conn.next_line(Wait::Within(FIRST_REQUEST_DEADLINE)) {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
                 Err(e) => {
-                    reply_err(&mut stream, &e);
+                    conn.reply_err(&e);
                     return;
                 }
+            };
+            if line.trim_ascii().is_empty() {
+                continue;
             }
-        }
-        if line.is_empty() {
-            return;
-        }
-        if line.len() > MAX_MESSAGE {
-            reply_err(&mut stream, "message too long");
-            return;
-        }
-        let req: Request = match serde_json::from_slice(line.trim_ascii_end()) {
-            Ok(r) => r,
-            Err(e) => {
-                reply_err(&mut stream, &format!("malformed request: {e}"));
-                return;
-            }
-        };
-        match req {
-            Request::Status => {
-                let _ = writeln!(stream, "{}", self.status());
-            }
-            Request::Pause | Request::Resume => {
-                reply_err(&mut stream, "pause/resume need an attached VM on this connection")
-            }
-            Request::Attach(a) => {
-                let (id, core) = match self.attach(&a, &files, &cred) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        reply_err(&mut stream, &format!("attach refused: {e}"));
+            let req: Request = match serde_json::from_slice(line.trim_ascii()) {
+                Ok(r) => r,
+                Err(e) => {
+                    conn.reply_err(&format!("malformed request: {e}"));
+                    return;
+                }
+            };
+            match req {
+                Request::Status => {
+                    if !conn.reply(&self.status()) {
                         return;
                     }
-                };
-                drop(files);
-                // Attached: the connection lives as long as the VM, idle
-                // between its requests.
-                slot.release();
-                let _ = stream.set_read_timeout(None);
-                let _ = writeln!(
-                    stream,
-                    "{}",
-                    serde_json::json!({"ok": true, "vm": id, "sidecore": core, "sidecore_cpu": self.cpus.get(core)})
-                );
-                self.attached_loop(id, &mut stream, &mut reader);
-                self.detach(id);
+                }
+                Request::Pause | Request::Resume => {
+                    conn.reply_err("pause/resume need an attached VM on this connection");
+                    return;
+                }
+                Request::Attach(a) => {
+                    let files = conn.take_files();
+                    let (id, core) = match self.attach(&a, &files, &cred) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(pid = cred.pid, uid = cred.uid, "attach refused: {e}");
+                            conn.reply_err(&format!("attach refused: {e}"));
+                            return;
+                        }
+                    };
+                    // The daemon keeps its own mappings and duplicates.
+                    drop(files);
+                    // Attached: the connection lives as long as the VM.
+                    slot.release();
+                    let ok = serde_json::json!({"ok": true, "vm": id, "sidecore": core, "sidecore_cpu": self.cpus.get(core)});
+                    if conn.reply(&ok.to_string()) {
+                        self.attached_loop(id, &mut conn);
+                    }
+                    self.detach(id);
+                    return;
+                }
             }
         }
     }
 
-    /// Serves an attached VM's connection until it hangs up.
-    fn attached_loop(&self, id: u64, stream: &mut UnixStream, reader: &mut BufReader<UnixStream>) {
+    /// Serves an attached VM's connection until it hangs up: idle as long
+    /// as it likes between requests, [`REQUEST_DEADLINE`] for each line.
+    fn attached_loop(&self, id: u64, conn: &mut Conn) {
         loop {
-            let line = match read_line(reader) {
+            let line = match conn.next_line(Wait::IdleThen(REQUEST_DEADLINE)) {
                 Ok(Some(l)) => l,
                 Ok(None) => return,
                 Err(e) => {
-                    reply_err(stream, &e);
+                    conn.reply_err(&e);
                     return;
                 }
             };
+            conn.drop_files();
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
             let control = self.vms.lock().ok().and_then(|m| m.get(&id).map(|v| v.control.clone()));
             let Some(control) = control else { return };
-            match serde_json::from_str::<Request>(line.trim_end()) {
+            let sent = match serde_json::from_slice::<Request>(line.trim_ascii()) {
                 Ok(Request::Pause) => {
                     control.paused.store(true, Ordering::Relaxed);
-                    let _ = writeln!(stream, "{}", serde_json::json!({"ok": true}));
+                    conn.reply(&serde_json::json!({"ok": true}).to_string())
                 }
                 Ok(Request::Resume) => {
                     control.paused.store(false, Ordering::Relaxed);
-                    let _ = writeln!(stream, "{}", serde_json::json!({"ok": true}));
+                    conn.reply(&serde_json::json!({"ok": true}).to_string())
                 }
-                Ok(Request::Status) => {
-                    let _ = writeln!(stream, "{}", self.status());
-                }
+                Ok(Request::Status) => conn.reply(&self.status()),
                 Ok(Request::Attach(_)) => {
-                    reply_err(stream, "this connection already has a VM attached");
+                    conn.reply_err("this connection already has a VM attached");
                     return;
                 }
                 Err(e) => {
-                    reply_err(stream, &format!("malformed request: {e}"));
+                    conn.reply_err(&format!("malformed request: {e}"));
                     return;
                 }
+            };
+            if !sent {
+                return;
             }
         }
     }

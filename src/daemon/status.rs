@@ -81,6 +81,9 @@ pub struct DeviceStatus {
     pub bad_desc: u64,
     /// Wake-up interrupts.
     pub interrupts: u64,
+    /// Wake-up kicks that would have blocked (the VMM filled its irqfd):
+    /// after the first, the device stops kicking.
+    pub kicks_blocked: u64,
 }
 
 /// Service-time quantiles, ns (none before the first timed request).

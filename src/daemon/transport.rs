@@ -33,8 +33,149 @@ pub(super) fn group_gid(name: &str) -> Option<u32> {
     (!g.is_null()).then(|| unsafe { (*g).gr_gid })
 }
 
-/// Reads one line of at most [`MAX_MESSAGE`] bytes; `Ok(None)` at EOF.
-pub(super) fn read_line(r: &mut BufReader<UnixStream>) -> Result<Option<String>, String> {
+/// Most fds a connection may pass (an attach with a packet device).
+pub const MAX_FDS: usize = 5;
+
+/// How long an attached VM's connection has to finish a request line once
+/// its first byte came (between requests it may stay idle for good).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long a reply may take to go out before the connection is dropped
+/// (a client that does not read cannot hold a thread).
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long [`Conn::next_line`] waits.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Wait {
+    /// The whole line, from now.
+    Within(Duration),
+    /// Any time for the first byte, then this long for the rest.
+    IdleThen(Duration),
+}
+
+/// A control connection: its socket, the bytes received but not yet
+/// consumed (so that requests sent in one write are answered one by one,
+/// in order), and the fds passed so far that no request has taken.
+pub(super) struct Conn {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+    files: Vec<File>,
+    eof: bool,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream) -> Conn {
+        let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+        Conn { stream, buf: Vec::new(), files: Vec::new(), eof: false }
+    }
+
+    /// The fds passed so far, handed over (to an attach).
+    pub fn take_files(&mut self) -> Vec<File> {
+        std::mem::take(&mut self.files)
+    }
+
+    /// The next request line, without its newline; `Ok(None)` once the peer
+    /// has hung up with nothing pending. A last line without a newline
+    /// before the hang-up counts. Errors: a line over [`MAX_MESSAGE`], more
+    /// than [`MAX_FDS`] fds, the deadline, a socket error.
+    pub fn next_line(&mut self, wait: Wait) -> Result<Option<Vec<u8>>, String> {
+        let mut deadline = match wait {
+            Wait::Within(d) => Some(Instant::now() + d),
+            Wait::IdleThen(_) => None,
+        };
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                if i > MAX_MESSAGE {
+                    return Err(format!("message longer than {MAX_MESSAGE} bytes"));
+                }
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.buf.len() > MAX_MESSAGE {
+                return Err(format!("message longer than {MAX_MESSAGE} bytes"));
+            }
+            if self.eof {
+                return Ok((!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf)));
+            }
+            if let (None, Wait::IdleThen(d), false) = (deadline, wait, self.buf.is_empty()) {
+                deadline = Some(Instant::now() + d);
+            }
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.late(wait));
+                    }
+                    Some(left.max(Duration::from_millis(1)))
+                }
+                None => None,
+            };
+            self.stream.set_read_timeout(timeout).map_err(|e| format!("setting the read deadline: {e}"))?;
+            match self.fill() {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(self.late(wait))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    return Err(format!("more than {MAX_FDS} fds in one message: the daemon closed them all"))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("recvmsg: {e}")),
+            }
+            if self.files.len() > MAX_FDS {
+                return Err(format!("more than {MAX_FDS} fds passed on one connection"));
+            }
+        }
+    }
+
+    fn late(&self, wait: Wait) -> String {
+        let d = match wait {
+            Wait::Within(d) | Wait::IdleThen(d) => d,
+        };
+        format!("no complete request line within {} s: closing the connection", d.as_secs())
+    }
+
+    /// One recvmsg: bytes to the buffer, fds to the fds in hand.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+        let mut iov = [libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() }];
+        // SAFETY: the iovec points at `chunk`, which lives across the call
+        // and may take any bytes; `fds` has room for MAX_FDS descriptors
+        // (more are closed by recv_with_fds, which then fails with ENOBUFS).
+        let (n, nfds) = unsafe { self.stream.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
+        self.files.extend(fds[..nfds.min(MAX_FDS)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }));
+        if n == 0 && nfds == 0 {
+            self.eof = true;
+        }
+        self.buf.extend_from_slice(&chunk[..n.min(chunk.len())]);
+        Ok(())
+    }
+
+    /// Sends one reply line; false if the peer is gone or not reading.
+    pub fn reply(&mut self, line: &str) -> bool {
+        writeln!(self.stream, "{line}").is_ok()
+    }
+
+    /// Sends an error reply.
+    pub fn reply_err(&mut self, msg: &str) {
+        reply_err(&mut self.stream, msg);
+    }
+
+    /// Drops fds passed where no request takes them (on an attached
+    /// connection): they must not accumulate.
+    pub fn drop_files(&mut self) {
+        self.files.clear();
+    }
+}
+
+/// Reads one reply line of at most [`MAX_MESSAGE`] bytes (the client's
+/// side); `Ok(None)` at EOF.
+pub(super) fn read_line(r: &mut std::io::BufReader<UnixStream>) -> Result<Option<String>, String> {
+    use std::io::{BufRead, Read};
     let mut buf = Vec::new();
     let n = r.by_ref().take(MAX_MESSAGE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| e.to_string())?;
     if n == 0 {
@@ -44,18 +185,4 @@ pub(super) fn read_line(r: &mut BufReader<UnixStream>) -> Result<Option<String>,
         return Err(format!("message longer than {MAX_MESSAGE} bytes"));
     }
     String::from_utf8(buf).map(Some).map_err(|_| "message is not UTF-8".into())
-}
-
-/// Receives the first message of a connection, with any fds passed along.
-pub(super) fn recv_first(stream: &UnixStream) -> Result<(Vec<u8>, Vec<File>), String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut fds: [RawFd; 5] = [-1; 5];
-    let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-    // SAFETY: the iovec points at `buf`, which lives across the call and may
-    // take any bytes.
-    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| format!("recvmsg: {e}"))?;
-    // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
-    let files = fds[..nfds.min(5)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }).collect();
-    buf.truncate(n);
-    Ok((buf, files))
 }
