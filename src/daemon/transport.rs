@@ -139,15 +139,19 @@ impl Conn {
     /// One recvmsg: bytes to the buffer, fds to the fds in hand.
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 16 * 1024];
-        let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+        // An even count: the control buffer then has no alignment padding,
+        // which would let the kernel install one fd more than
+        // recv_with_fds looks at (and closes) when the message is truncated.
+        let mut fds: [RawFd; MAX_FDS + 1] = [-1; MAX_FDS + 1];
         let mut iov = [libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() }];
         // SAFETY: the iovec points at `chunk`, which lives across the call
-        // and may take any bytes; `fds` has room for MAX_FDS descriptors
+        // and may take any bytes; `fds` has room for MAX_FDS + 1 descriptors
         // (more are closed by recv_with_fds, which then fails with ENOBUFS).
         let (n, nfds) = unsafe { self.stream.recv_with_fds(&mut iov, &mut fds) }
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
-        self.files.extend(fds[..nfds.min(MAX_FDS)].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }));
+        // SAFETY: the first `nfds` entries are fresh descriptors now owned
+        // here (dropped, so closed, if there are too many).
+        self.files.extend(fds[..nfds.min(fds.len())].iter().map(|fd| unsafe { File::from_raw_fd(*fd) }));
         if n == 0 && nfds == 0 {
             self.eof = true;
         }

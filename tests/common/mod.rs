@@ -3,6 +3,7 @@
 use std::io::Write;
 
 pub mod daemon;
+pub mod hostile;
 
 /// Records that the running test skips, and why: printed, and appended to
 /// the file `SIDECORE_TEST_SKIPS` names (the test runners count these as
