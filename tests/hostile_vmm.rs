@@ -86,6 +86,14 @@ fn memory_that_could_shrink_under_the_daemon_is_refused() {
     refused(&r, "not a memfd");
     file.set_len(0).expect("truncate");
     let _ = std::fs::remove_file(&path);
+    // A file on tmpfs, which answers F_GET_SEALS like a memfd.
+    let shm = std::path::PathBuf::from(format!("/dev/shm/sidecore-hostile-{}", std::process::id()));
+    if let Ok(f) = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&shm) {
+        f.set_len(RAM).expect("size");
+        let (_s, r) = attach(&sock, &req, &[raw(&f), raw(&host)]);
+        refused(&r, "not a memfd");
+        let _ = std::fs::remove_file(&shm);
+    }
     let (p, _w) = pipe();
     let (_s, r) = attach(&sock, &req, &[raw(&p), raw(&host)]);
     refused(&r, "not a memfd");

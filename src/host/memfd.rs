@@ -71,8 +71,10 @@ pub fn check_sealed(file: &File, what: &str) -> Result<u64, String> {
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let make_it = "create it with memfd_create(MFD_ALLOW_SEALING), size it, then F_ADD_SEALS \
                    F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL";
-    if seals < 0 {
-        let kind = fd_kind(file);
+    // A file on tmpfs answers F_GET_SEALS too (with F_SEAL_SEAL): what
+    // /proc calls it tells a memfd from it.
+    let kind = fd_kind(file);
+    if seals < 0 || !kind.starts_with("/memfd:") {
         return Err(format!("{what}: not a memfd ({kind}): {make_it}"));
     }
     if seals & FORBIDDEN_SEALS != 0 {
@@ -192,6 +194,11 @@ mod tests {
         let e = check_sealed(&plain, "guest memory").unwrap_err();
         assert!(e.contains("not a memfd"), "{e}");
         let _ = std::fs::remove_file(&dir);
+        // A file on tmpfs (where F_GET_SEALS answers), if there is one.
+        if let Ok(shm) = std::fs::File::create(format!("/dev/shm/sidecore-memfd-{}", std::process::id())) {
+            assert!(check_sealed(&shm, "g").unwrap_err().contains("not a memfd"));
+            let _ = std::fs::remove_file(format!("/dev/shm/sidecore-memfd-{}", std::process::id()));
+        }
 
         // SAFETY: a fresh memfd; the flags are valid.
         let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
