@@ -110,12 +110,13 @@ fn flooder(region: Arc<SharedRegion>, on: Arc<AtomicBool>, stop: Arc<AtomicBool>
             for (v, t) in next.iter_mut().enumerate() {
                 let Some(vs) = region.vcpu(u32::try_from(v).unwrap_or(0)) else { continue };
                 let consumer = vs.consumer.value.load(Ordering::Acquire);
-                while ticket_distance(consumer, *t) < RING_SLOTS as i64 {
+                while ticket_distance(consumer, *t) < i64::try_from(RING_SLOTS).unwrap_or(64) {
                     // Past every class's range: out of range, answered from
                     // 0xD.0 or 0xD.1 with both XSAVE sizes computed for
                     // every component (XCR0 and XSS all ones).
                     leaf = leaf.wrapping_add(1);
-                    let words = [u64::from(0x8000_1000 + (leaf & 0xfff)), u64::from(leaf & 1), 0, u64::MAX, u64::MAX, 0];
+                    let words =
+                        [u64::from(0x8000_1000 + (leaf & 0xfff)), u64::from(leaf & 1), 0, u64::MAX, u64::MAX, 0];
                     vs.slots[slot_index(*t)].post(*t, &Body { head: encode_head(Opcode::Cpuid as u16, 0), words });
                     *t = next_ticket(*t);
                     posted.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +190,7 @@ fn attempt(sock: &Path, attacker: &Attacker) -> Result<Attempt, String> {
         let (r, on, stop, posted) = (attacker.region.clone(), on.clone(), stop.clone(), posted.clone());
         std::thread::spawn(move || flooder(r, on, stop, posted))
     };
-    let linger_ms = u64::try_from((PHASE * 2 * PHASES as u32).as_millis()).unwrap_or(3000) + 1500;
+    let linger_ms = u64::try_from(PHASE.as_millis()).unwrap_or(250) * 2 * PHASES as u64 + 1500;
     let mut v = victim(sock, linger_ms);
     let stdout = v.stdout.take().expect("victim stdout");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -222,11 +223,8 @@ fn attempt(sock: &Path, attacker: &Attacker) -> Result<Attempt, String> {
     let o = v.wait_with_output().map_err(|e| format!("victim: {e}"))?;
     stop.store(true, Ordering::Relaxed);
     let _ = f.join();
-    let out = format!(
-        "stdout:\n{}\nstderr:\n{}",
-        reader.join().unwrap_or_default(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out =
+        format!("stdout:\n{}\nstderr:\n{}", reader.join().unwrap_or_default(), String::from_utf8_lossy(&o.stderr));
     if !lingering {
         return Err(format!("the victim never reached its linger phase: {out}"));
     }
@@ -268,7 +266,12 @@ fn a_flooding_24_vcpu_vm_keeps_its_neighbours_p99_within_2x() {
         let a = attempt(&sock, &attacker).unwrap_or_else(|e| panic!("attempt {i}: {e}"));
         // Enough samples in both conditions for a p99 (a bucket's worth of
         // calls past the 99th percentile at least).
-        assert!(a.with.0 >= 10_000 && a.without.0 >= 10_000, "too few calls: {} with, {} without", a.with.0, a.without.0);
+        assert!(
+            a.with.0 >= 10_000 && a.without.0 >= 10_000,
+            "too few calls: {} with, {} without",
+            a.with.0,
+            a.without.0
+        );
         assert!(a.posted > 100_000, "the flood posted only {} requests", a.posted);
         #[allow(clippy::cast_precision_loss)]
         let ratio = a.with.1 as f64 / a.without.1.max(1) as f64;

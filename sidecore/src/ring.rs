@@ -35,6 +35,13 @@ pub const MAX_PER_SWEEP: usize = 16;
 /// bounded: see [`crate::cpuid::MAX_CPUID_ENTRIES`]).
 pub const MAX_PER_SWEEP_SHARED: usize = 1;
 
+/// The two quanta as the share counters hold them (both fit: checked).
+#[allow(clippy::cast_possible_truncation)]
+const QUANTUM: u32 = MAX_PER_SWEEP as u32;
+#[allow(clippy::cast_possible_truncation)]
+const SHARED_QUANTUM: u32 = MAX_PER_SWEEP_SHARED as u32;
+const _: () = assert!(MAX_PER_SWEEP <= u32::MAX as usize && MAX_PER_SWEEP_SHARED <= MAX_PER_SWEEP);
+
 /// Sweeps for which a sidecore stays in the shared regime after two VMs had
 /// work in the same sweep. A VM making one call at a time has an idle ring
 /// between its calls; this keeps it counted as busy meanwhile.
@@ -62,7 +69,7 @@ impl Sweep {
     pub fn begin(&mut self) {
         self.round = self.round.wrapping_add(1);
         self.busy_vms = 0;
-        self.quantum = if self.round < self.contended_until { MAX_PER_SWEEP_SHARED } else { MAX_PER_SWEEP } as u32;
+        self.quantum = if self.round < self.contended_until { SHARED_QUANTUM } else { QUANTUM };
     }
 
     /// Ends a sweep: two VMs or more with work start (or prolong) the
@@ -125,7 +132,7 @@ impl Share {
             return 0;
         }
         let left = self.left.load(Ordering::Relaxed);
-        let q = left.min(MAX_PER_SWEEP as u32);
+        let q = left.min(QUANTUM);
         self.left.store(left - q, Ordering::Relaxed);
         q
     }
