@@ -40,6 +40,12 @@
 /// KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
 pub const FLAG_SIGNIFICANT_INDEX: u32 = 1;
 
+/// Most entries a CPUID table may have: KVM's `KVM_MAX_CPUID_ENTRIES`
+/// (`arch/x86/include/asm/kvm_host.h`); KVM_SET_CPUID2 refuses a longer
+/// table with E2BIG, so no VM that KVM runs has one. The daemon refuses a
+/// longer table at attach, and [`CpuidTable::new`] keeps only this many.
+pub const MAX_CPUID_ENTRIES: usize = 256;
+
 /// One entry of a KVM CPUID table (the fields of `kvm_cpuid_entry2`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuidEntry {
@@ -72,7 +78,9 @@ impl CpuidEntry {
     }
 }
 
-/// One table per vCPU from their wire form.
+/// One table per vCPU from their wire form. A table is cut to
+/// [`MAX_CPUID_ENTRIES`] (the daemon's `validate_attach` has refused longer
+/// ones before this: the cut only keeps the cost bounded).
 pub fn tables_from_words(wire: &[Vec<[u32; 7]>]) -> Vec<CpuidTable> {
     wire.iter().map(|t| CpuidTable::for_this_host(t.iter().map(|w| CpuidEntry::from_words(*w)).collect())).collect()
 }
@@ -121,9 +129,18 @@ struct XstateComponent {
 }
 
 /// A vCPU's CPUID table.
+///
+/// Looked up through an index built once, so that a lookup costs a few
+/// binary searches over at most [`MAX_CPUID_ENTRIES`] keys whatever the
+/// table holds (a VMM chooses the table: a linear scan let it set the cost
+/// of every CPUID request its guest makes of a shared sidecore).
 #[derive(Clone, Debug, Default)]
 pub struct CpuidTable {
     entries: Vec<CpuidEntry>,
+    /// One per function, sorted by function.
+    functions: Vec<FunctionKey>,
+    /// The first index-significant entry of each (function, index), sorted.
+    indexed: Vec<IndexKey>,
     /// Index in `entries` of the entries KVM rewrites at run time.
     leaf1: Option<usize>,
     leaf7: Option<usize>,
@@ -133,6 +150,30 @@ pub struct CpuidTable {
     /// are all zero and add nothing to a size).
     xstate: Vec<XstateComponent>,
 }
+
+/// Where a function's entries are in table order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FunctionKey {
+    function: u32,
+    /// The first entry with this function (KVM_CPUID_INDEX_NOT_SIGNIFICANT).
+    first: u16,
+    /// The first entry with this function that is not index-significant
+    /// (it matches any subleaf), or `u16::MAX`.
+    any_index: u16,
+}
+
+/// An index-significant entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IndexKey {
+    function: u32,
+    index: u32,
+    /// Its position in the table.
+    at: u16,
+}
+
+/// No entry.
+const NONE: u16 = u16::MAX;
+const _: () = assert!(MAX_CPUID_ENTRIES < NONE as usize);
 
 fn is_amd_or_hygon(e: &CpuidEntry) -> bool {
     let v = [e.ebx, e.edx, e.ecx];
@@ -157,12 +198,15 @@ impl CpuidTable {
     }
 
     /// A table of these entries, in KVM's order (the first match wins),
-    /// sizing leaf 0xD from its own 0xD subleaves.
-    pub fn new(entries: Vec<CpuidEntry>) -> CpuidTable {
+    /// sizing leaf 0xD from its own 0xD subleaves. Only the first
+    /// [`MAX_CPUID_ENTRIES`] entries are kept (KVM takes no more).
+    pub fn new(mut entries: Vec<CpuidEntry>) -> CpuidTable {
+        entries.truncate(MAX_CPUID_ENTRIES);
         let mut t = CpuidTable { entries, ..CpuidTable::default() };
+        t.build_index();
         // KVM's cpuid_entry2_find: leaf 1 with KVM_CPUID_INDEX_NOT_SIGNIFICANT,
         // the others with subleaf 0 or 1.
-        t.leaf1 = t.entries.iter().position(|e| e.function == 1);
+        t.leaf1 = t.first_of(1);
         t.leaf7 = t.position(7, 0);
         t.leafd0 = t.position(0xd, 0);
         t.leafd1 = t.position(0xd, 1);
@@ -170,23 +214,69 @@ impl CpuidTable {
         // index-significant describes no component.
         t.xstate = (0..64u32)
             .map(|i| {
-                t.entries
-                    .iter()
-                    .find(|e| e.function == 0xd && e.index == i && e.flags & FLAG_SIGNIFICANT_INDEX != 0)
-                    .map_or_else(XstateComponent::default, |e| XstateComponent {
-                        size: e.eax,
-                        offset: e.ebx,
-                        align64: e.ecx & 2 != 0,
-                    })
+                t.indexed_at(0xd, i).and_then(|at| t.entries.get(at)).map_or_else(XstateComponent::default, |e| {
+                    XstateComponent { size: e.eax, offset: e.ebx, align64: e.ecx & 2 != 0 }
+                })
             })
             .collect();
         t
     }
 
+    /// Builds `functions` and `indexed` from `entries` (at most
+    /// [`MAX_CPUID_ENTRIES`], so every position fits a u16 below [`NONE`]).
+    fn build_index(&mut self) {
+        let mut functions: Vec<FunctionKey> = Vec::new();
+        let mut indexed: Vec<IndexKey> = Vec::new();
+        for (at, e) in self.entries.iter().enumerate() {
+            let Ok(at) = u16::try_from(at) else { break };
+            if e.flags & FLAG_SIGNIFICANT_INDEX != 0 {
+                indexed.push(IndexKey { function: e.function, index: e.index, at });
+            }
+            let any_index = if e.flags & FLAG_SIGNIFICANT_INDEX == 0 { at } else { NONE };
+            functions.push(FunctionKey { function: e.function, first: at, any_index });
+        }
+        // Stable sorts: among equal keys, table order stays, and the first
+        // in table order is the one kept.
+        functions.sort_by_key(|k| k.function);
+        functions.dedup_by(|later, first| {
+            if later.function != first.function {
+                return false;
+            }
+            first.any_index = first.any_index.min(later.any_index);
+            true
+        });
+        indexed.sort_by_key(|k| (k.function, k.index));
+        indexed.dedup_by_key(|k| (k.function, k.index));
+        self.functions = functions;
+        self.indexed = indexed;
+    }
+
+    /// The function's key, if the table has an entry for it.
+    fn function_key(&self, function: u32) -> Option<&FunctionKey> {
+        self.functions.binary_search_by_key(&function, |k| k.function).ok().and_then(|i| self.functions.get(i))
+    }
+
+    /// Position of the first index-significant entry for (function, index).
+    fn indexed_at(&self, function: u32, index: u32) -> Option<usize> {
+        let i = self.indexed.binary_search_by_key(&(function, index), |k| (k.function, k.index)).ok()?;
+        self.indexed.get(i).map(|k| usize::from(k.at))
+    }
+
+    /// Position of KVM's match for `function`/`index`: the first entry in
+    /// table order with this function that is either not index-significant
+    /// or has this index.
     fn position(&self, function: u32, index: u32) -> Option<usize> {
-        self.entries
-            .iter()
-            .position(|e| e.function == function && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == index))
+        let key = self.function_key(function)?;
+        let any = (key.any_index != NONE).then_some(usize::from(key.any_index));
+        match (any, self.indexed_at(function, index)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Position of the first entry for `function`, whatever its index.
+    fn first_of(&self, function: u32) -> Option<usize> {
+        self.function_key(function).map(|k| usize::from(k.first))
     }
 
     /// The entries.
@@ -195,15 +285,13 @@ impl CpuidTable {
     }
 
     fn find(&self, function: u32, index: u32) -> Option<&CpuidEntry> {
-        self.entries
-            .iter()
-            .find(|e| e.function == function && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == index))
+        self.position(function, index).and_then(|i| self.entries.get(i))
     }
 
     /// The first entry for `function`, whatever its index (KVM's lookup with
     /// KVM_CPUID_INDEX_NOT_SIGNIFICANT).
     fn find_any(&self, function: u32) -> Option<&CpuidEntry> {
-        self.entries.iter().find(|e| e.function == function)
+        self.first_of(function).and_then(|i| self.entries.get(i))
     }
 
     /// KVM's `get_out_of_range_cpuid_entry`.
@@ -232,7 +320,9 @@ impl CpuidTable {
     }
 
     /// EAX, EBX, ECX, EDX for `leaf`/`subleaf`, as KVM answers a vCPU in
-    /// `state`. Costs at most one pass over the table and 62 components.
+    /// `state`. Costs at most eight binary searches over at most
+    /// [`MAX_CPUID_ENTRIES`] keys and one pass over 61 components, whatever
+    /// the table holds.
     pub fn lookup_in(&self, leaf: u32, subleaf: u32, state: &GuestState) -> [u32; 4] {
         self.answer(leaf, subleaf, Some(state))
     }
@@ -363,6 +453,7 @@ pub fn set_signature(entries: &mut Vec<CpuidEntry>, leaf: u32, sig: [u32; 3]) {
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn e(function: u32, index: u32, flags: u32, r: [u32; 4]) -> CpuidEntry {
         CpuidEntry { function, index, flags, eax: r[0], ebx: r[1], ecx: r[2], edx: r[3] }
@@ -573,6 +664,188 @@ mod tests {
         // describes no component.
         let flat = CpuidTable::new(vec![e(0xd, 0, 0, [7, 0x340, 0x340, 0xf])]);
         assert_eq!(flat.lookup_in(0xd, 3, &st(0, 7, 0, 0)), [7, 576, 0x340, 0xf]);
+    }
+
+    /// The lookup as it was before the index: linear scans in table order,
+    /// KVM's code read literally. The indexed table must answer the same.
+    mod linear {
+        use super::super::*;
+
+        fn find(t: &[CpuidEntry], function: u32, index: u32) -> Option<usize> {
+            t.iter().position(|e| e.function == function && (e.flags & FLAG_SIGNIFICANT_INDEX == 0 || e.index == index))
+        }
+
+        fn find_any(t: &[CpuidEntry], function: u32) -> Option<usize> {
+            t.iter().position(|e| e.function == function)
+        }
+
+        fn out_of_range(t: &[CpuidEntry], function: u32, index: u32) -> Option<usize> {
+            let basic = &t[find_any(t, 0)?];
+            if is_amd_or_hygon(basic) {
+                return None;
+            }
+            let class = if (0x4000_0000..=0x4fff_ffff).contains(&function) {
+                find_any(t, function & 0xffff_ff00)
+            } else if function >= 0xc000_0000 {
+                find_any(t, 0xc000_0000)
+            } else {
+                find_any(t, function & 0x8000_0000)
+            };
+            if class.is_some_and(|c| function <= t[c].eax) {
+                return None;
+            }
+            find(t, basic.eax, index)
+        }
+
+        /// The old `CpuidTable::new` and `answer`, with the runtime rewrite
+        /// of `CpuidTable` (which only reads the positions computed here).
+        pub fn answer(entries: &[CpuidEntry], leaf: u32, sub: u32, state: Option<&GuestState>) -> [u32; 4] {
+            let t = entries;
+            let mut table = CpuidTable::new(entries.to_vec());
+            table.leaf1 = t.iter().position(|e| e.function == 1);
+            table.leaf7 = find(t, 7, 0);
+            table.leafd0 = find(t, 0xd, 0);
+            table.leafd1 = find(t, 0xd, 1);
+            table.xstate = (0..64u32)
+                .map(|i| {
+                    t.iter()
+                        .find(|e| e.function == 0xd && e.index == i && e.flags & FLAG_SIGNIFICANT_INDEX != 0)
+                        .map_or_else(XstateComponent::default, |e| XstateComponent {
+                            size: e.eax,
+                            offset: e.ebx,
+                            align64: e.ecx & 2 != 0,
+                        })
+                })
+                .collect();
+            if let Some(i) = find(t, leaf, sub).or_else(|| out_of_range(t, leaf, sub)) {
+                let e = &table.entries()[i];
+                let r = [e.eax, e.ebx, e.ecx, e.edx];
+                return match state {
+                    Some(s) => table.runtime(e, r, s),
+                    None => r,
+                };
+            }
+            if leaf == 0xb || leaf == 0x1f {
+                if let Some(i) = find(t, leaf, 1) {
+                    return [0, 0, sub & 0xff, t[i].edx];
+                }
+            }
+            [0; 4]
+        }
+    }
+
+    #[test]
+    fn the_index_answers_the_fixed_tables_as_the_linear_lookup() {
+        let s = st(CR4_OSXSAVE | CR4_PKE, 0x2e7, 0x1800, APIC_BASE_ENABLE);
+        for t in [intel_table(), epyc_table()] {
+            for leaf in [0, 1, 2, 4, 7, 0xb, 0xd, 0xe, 0x1f, 0x4000_0000, 0x4000_0002, 0x8000_0000, 0x8000_0009] {
+                for sub in [0, 1, 2, 5, 9, 0x1234] {
+                    assert_eq!(t.lookup(leaf, sub), linear::answer(t.entries(), leaf, sub, None), "{leaf:#x}.{sub}");
+                    assert_eq!(t.lookup_in(leaf, sub, &s), linear::answer(t.entries(), leaf, sub, Some(&s)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn duplicates_answer_from_the_first_in_table_order() {
+        // A significant entry before a non-significant one of the same
+        // function wins for its own subleaf; the non-significant one takes
+        // every other subleaf; a later duplicate never answers.
+        let t = CpuidTable::new(vec![
+            e(4, 3, 1, [1, 0, 0, 0]),
+            e(4, 0, 0, [2, 0, 0, 0]),
+            e(4, 3, 1, [3, 0, 0, 0]),
+            e(4, 5, 1, [4, 0, 0, 0]),
+            e(4, 0, 0, [5, 0, 0, 0]),
+        ]);
+        assert_eq!(t.lookup(4, 3)[0], 1);
+        assert_eq!(t.lookup(4, 5)[0], 2, "the non-significant entry comes first");
+        assert_eq!(t.lookup(4, 77)[0], 2);
+    }
+
+    #[test]
+    fn tables_are_capped_at_kvms_limit() {
+        let big: Vec<CpuidEntry> = (0..4096u32).map(|i| e(0x100 + i, 0, 0, [i, 0, 0, 0])).collect();
+        let t = CpuidTable::new(big);
+        assert_eq!(t.entries().len(), MAX_CPUID_ENTRIES);
+        assert_eq!(t.lookup(0x100 + 255, 0)[0], 255);
+        assert_eq!(t.lookup(0x100 + 256, 0), [0; 4], "past the cap: not in the table");
+        let wire: Vec<Vec<[u32; 7]>> = vec![(0..1000u32).map(|i| [i, 0, 0, i, 0, 0, 0]).collect()];
+        assert_eq!(tables_from_words(&wire)[0].entries().len(), MAX_CPUID_ENTRIES);
+    }
+
+    fn arb_entry() -> impl Strategy<Value = CpuidEntry> {
+        // Few functions and indexes, so that duplicates, classes and the
+        // max-basic redirect are all common; values are anything.
+        let function = prop_oneof![
+            0u32..16,
+            Just(0xb),
+            Just(0xd),
+            Just(0x1f),
+            (0u32..4).prop_map(|i| 0x4000_0000 + i),
+            (0u32..3).prop_map(|i| 0x4000_0100 + i),
+            (0u32..10).prop_map(|i| 0x8000_0000 + i),
+            (0u32..3).prop_map(|i| 0xc000_0000 + i),
+            any::<u32>(),
+        ];
+        let eax = prop_oneof![0u32..20, (0u32..12).prop_map(|i| 0x8000_0000 + i), any::<u32>()];
+        (function, 0u32..6, 0u32..4, eax, any::<[u32; 3]>()).prop_map(|(function, index, flags, eax, r)| CpuidEntry {
+            function,
+            index,
+            flags,
+            eax,
+            ebx: r[0],
+            ecx: r[1],
+            edx: r[2],
+        })
+    }
+
+    fn arb_table() -> impl Strategy<Value = Vec<CpuidEntry>> {
+        let vendor = prop_oneof![
+            Just(None),
+            Just(Some(*b"GenuineIntel")),
+            Just(Some(*b"AuthenticAMD")),
+            Just(Some(*b"HygonGenuine"))
+        ];
+        (proptest::collection::vec(arb_entry(), 0..80), vendor, 0u32..20, any::<prop::sample::Index>()).prop_map(
+            |(mut v, vendor, max, at)| {
+                if let Some(name) = vendor {
+                    let w = |i: usize| u32::from_le_bytes([name[i], name[i + 1], name[i + 2], name[i + 3]]);
+                    let leaf0 = e(0, 0, 0, [max, w(0), w(8), w(4)]);
+                    let at = at.index(v.len() + 1);
+                    v.insert(at, leaf0);
+                }
+                v
+            },
+        )
+    }
+
+    fn arb_leaf() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            0u32..24,
+            (0u32..6).prop_map(|i| 0x4000_0000 + i),
+            (0u32..6).prop_map(|i| 0x4000_0100 + i),
+            (0u32..14).prop_map(|i| 0x8000_0000 + i),
+            (0u32..4).prop_map(|i| 0xc000_0000 + i),
+            any::<u32>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_index_answers_as_the_linear_lookup(
+            entries in arb_table(),
+            queries in proptest::collection::vec((arb_leaf(), prop_oneof![0u32..8, any::<u32>()]), 1..40),
+            state in any::<[u64; 4]>(),
+        ) {
+            let t = CpuidTable::new(entries.clone());
+            let s = GuestState { cr4: state[0], xcr0: state[1] | 1, xss: state[2], apic_base: state[3] };
+            for (leaf, sub) in queries {
+                prop_assert_eq!(t.lookup(leaf, sub), linear::answer(&entries, leaf, sub, None), "{:#x}.{}", leaf, sub);
+                prop_assert_eq!(t.lookup_in(leaf, sub, &s), linear::answer(&entries, leaf, sub, Some(&s)), "{:#x}.{} in state", leaf, sub);
+            }
+        }
     }
 
     #[test]

@@ -22,9 +22,132 @@ use shm_proto::ring::{
 use crate::service::{CallCtx, Services};
 use crate::stats::VmStats;
 
-/// Most requests one ring may have served in one sweep, so that a flooding
-/// guest cannot starve the other rings of the same sidecore.
+/// Most requests one VM may have served in one sweep, over all its rings,
+/// while it is the only VM with work on its sidecore (and most requests one
+/// ring may have served by [`RingRef::serve`]).
 pub const MAX_PER_SWEEP: usize = 16;
+
+/// Most requests one VM may have served in one sweep while another VM on
+/// the same sidecore has had work within the last [`CONTENDED_SWEEPS`]
+/// sweeps: requests then alternate between the VMs one by one, so that a
+/// neighbour's request waits behind at most one of each other VM's, however
+/// many rings those VMs flood and whatever their requests cost (each is
+/// bounded: see [`crate::cpuid::MAX_CPUID_ENTRIES`]).
+pub const MAX_PER_SWEEP_SHARED: usize = 1;
+
+/// The two quanta as the share counters hold them (both fit: checked).
+#[allow(clippy::cast_possible_truncation)]
+const QUANTUM: u32 = MAX_PER_SWEEP as u32;
+#[allow(clippy::cast_possible_truncation)]
+const SHARED_QUANTUM: u32 = MAX_PER_SWEEP_SHARED as u32;
+const _: () = assert!(MAX_PER_SWEEP <= u32::MAX as usize && MAX_PER_SWEEP_SHARED <= MAX_PER_SWEEP);
+
+/// Sweeps for which a sidecore stays in the shared regime after two VMs had
+/// work in the same sweep. A VM making one call at a time has an idle ring
+/// between its calls; this keeps it counted as busy meanwhile.
+pub const CONTENDED_SWEEPS: u64 = 4096;
+
+/// One sidecore's bookkeeping of the per-VM shares, passed to
+/// [`RingRef::serve_in`] for every ring of a sweep: [`Sweep::begin`] before
+/// the first ring, [`Sweep::end`] after the last. Plain fields: it belongs to
+/// the sidecore thread.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Sweeps begun (the per-VM shares are renewed when it changes).
+    round: u64,
+    /// VMs that had work in this sweep.
+    busy_vms: u32,
+    /// The shared regime lasts until this round.
+    contended_until: u64,
+    /// Requests per VM in this sweep.
+    quantum: u32,
+}
+
+impl Sweep {
+    /// Starts a sweep: every VM's share is renewed.
+    #[inline]
+    pub fn begin(&mut self) {
+        self.round = self.round.wrapping_add(1);
+        self.busy_vms = 0;
+        self.quantum = if self.round < self.contended_until { SHARED_QUANTUM } else { QUANTUM };
+    }
+
+    /// Ends a sweep: two VMs or more with work start (or prolong) the
+    /// shared regime.
+    #[inline]
+    pub fn end(&mut self) {
+        if self.busy_vms >= 2 {
+            self.contended_until = self.round.saturating_add(CONTENDED_SWEEPS);
+        }
+    }
+
+    /// Whether the sweep under way shares its sidecore between VMs one
+    /// request at a time.
+    pub fn contended(&self) -> bool {
+        self.round < self.contended_until
+    }
+}
+
+/// A VM's share of its sidecore's sweeps, kept in its [`VmControl`] (shared
+/// by its rings). Written only by the sidecore thread serving the VM: the
+/// atomics are Relaxed and uncontended (a VM whose rings were split over
+/// two sidecores would only get imprecise shares, never unsafety).
+#[derive(Debug, Default)]
+pub struct Share {
+    /// The sweep `left` belongs to.
+    round: std::sync::atomic::AtomicU64,
+    /// Requests it may still have served in that sweep.
+    left: std::sync::atomic::AtomicU32,
+    /// Round robin over its rings: rings of a lower vCPU index wait until
+    /// the turn wraps.
+    turn: std::sync::atomic::AtomicU32,
+    /// Highest vCPU index of its rings with work, this sweep and the one
+    /// before (past it, the turn wraps).
+    top: std::sync::atomic::AtomicU32,
+    top_before: std::sync::atomic::AtomicU32,
+}
+
+impl Share {
+    /// How many requests ring `vcpu`, which has work, may have served now.
+    #[inline]
+    fn take(&self, sweep: &mut Sweep, vcpu: u32) -> u32 {
+        if self.round.load(Ordering::Relaxed) != sweep.round {
+            // This VM's first ring with work in this sweep.
+            self.round.store(sweep.round, Ordering::Relaxed);
+            sweep.busy_vms += 1;
+            self.left.store(sweep.quantum, Ordering::Relaxed);
+            let top = self.top.swap(0, Ordering::Relaxed);
+            self.top_before.store(top, Ordering::Relaxed);
+            if self.turn.load(Ordering::Relaxed) > top {
+                self.turn.store(0, Ordering::Relaxed);
+            }
+        }
+        if vcpu > self.top.load(Ordering::Relaxed) {
+            self.top.store(vcpu, Ordering::Relaxed);
+        }
+        let turn = self.turn.load(Ordering::Relaxed);
+        // A ring below the turn waits, unless no ring at or past the turn
+        // had work in the last sweep (then the turn is stale: wrap).
+        if vcpu < turn && turn <= self.top_before.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let left = self.left.load(Ordering::Relaxed);
+        let q = left.min(QUANTUM);
+        self.left.store(left - q, Ordering::Relaxed);
+        q
+    }
+
+    /// Ring `vcpu` was given `q` and used `used` of it.
+    #[inline]
+    fn settle(&self, vcpu: u32, q: u32, used: u32) {
+        if q > used {
+            self.left.fetch_add(q - used, Ordering::Relaxed);
+        }
+        if used > 0 {
+            self.turn.store(vcpu.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+}
 
 /// A VM's shared region as the host maps it.
 pub struct SharedRegion {
@@ -169,6 +292,8 @@ pub struct VmControl {
     /// Once set, the sidecore drops the rings (and with them its mapping of
     /// the VM's memory) at its next command check.
     pub detached: std::sync::atomic::AtomicBool,
+    /// Its share of the sweeps, over all its rings.
+    pub share: Share,
 }
 
 /// One vCPU's ring, as a sidecore serves it.
@@ -285,6 +410,47 @@ impl RingRef {
             handled += 1;
         }
         handled
+    }
+
+    /// Serves what is posted within the VM's share of this sweep (see
+    /// [`Sweep`]): at most [`MAX_PER_SWEEP`] requests per VM per sweep over
+    /// all its rings, or [`MAX_PER_SWEEP_SHARED`] while other VMs on the
+    /// sidecore have work; its rings take turns. Returns the number of slots
+    /// handled. An idle ring costs what it costs [`RingRef::serve`]: one load
+    /// of the expected slot's state word (the share is only looked at when
+    /// there is work).
+    #[inline]
+    pub fn serve_in(&mut self, sweep: &mut Sweep) -> usize {
+        let paused = self.control.paused.load(Ordering::Relaxed);
+        if paused != self.shown_paused {
+            self.show_paused(paused);
+        }
+        if paused || !self.has_work() {
+            return 0;
+        }
+        let vcpu = self.ctx.vcpu;
+        let q = self.control.share.take(sweep, vcpu);
+        let mut handled = 0u32;
+        while handled < q {
+            if !self.serve_slot() {
+                break;
+            }
+            handled += 1;
+        }
+        self.control.share.settle(vcpu, q, handled);
+        handled as usize
+    }
+
+    /// Whether the expected slot holds something [`RingRef::serve_slot`]
+    /// would act on (one Acquire load of its state word).
+    #[inline]
+    fn has_work(&self) -> bool {
+        let seen = self.shared().slots[slot_index(self.next)].state.load(Ordering::Acquire);
+        match SlotState::from_bits(seen) {
+            Some(SlotState::Posted | SlotState::Claimed) => true,
+            Some(SlotState::Cancelled | SlotState::Done | SlotState::Skipped) => word_ticket(seen) == self.next,
+            _ => false,
+        }
     }
 
     /// Handles the slot of the expected ticket if it holds work, paused or
@@ -629,6 +795,135 @@ mod tests {
             total += ring.serve();
         }
         assert_eq!(ring.expected(), RING_SLOTS as u64);
+    }
+
+    /// A VM of `n` rings (one control shared by all), each ring's region
+    /// its own for simplicity of posting.
+    fn vm(n: u32, id: u64) -> (Arc<SharedRegion>, Vec<RingRef>) {
+        let region = SharedRegion::alloc(n).unwrap();
+        let services = Arc::new(Services::new((0..n).map(|_| CpuidTable::default()).collect()));
+        let stats = Arc::new(VmStats::default());
+        let control = Arc::new(VmControl { id, ..Default::default() });
+        let rings = (0..n)
+            .map(|v| {
+                RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone()).unwrap()
+            })
+            .collect();
+        (region, rings)
+    }
+
+    /// Fills every slot of every ring of `region` from `first[v]` on.
+    fn flood(region: &SharedRegion, first: &mut [u64]) {
+        for (v, t0) in first.iter_mut().enumerate() {
+            let vs = region.vcpu(v as u32).unwrap();
+            for t in *t0..*t0 + RING_SLOTS as u64 {
+                vs.slots[slot_index(t)].post(t, &null(t));
+            }
+            *t0 += RING_SLOTS as u64;
+        }
+    }
+
+    fn sweep_all(sweep: &mut Sweep, rings: &mut [&mut RingRef]) -> Vec<usize> {
+        sweep.begin();
+        let got = rings.iter_mut().map(|r| r.serve_in(sweep)).collect();
+        sweep.end();
+        got
+    }
+
+    #[test]
+    fn one_vm_alone_gets_max_per_sweep_over_all_its_rings() {
+        let (r, mut rings) = vm(24, 1);
+        let mut first = vec![0u64; 24];
+        flood(&r, &mut first);
+        let mut sweep = Sweep::default();
+        let mut served = [0usize; 24];
+        for _ in 0..48 {
+            let mut refs: Vec<&mut RingRef> = rings.iter_mut().collect();
+            let got = sweep_all(&mut sweep, &mut refs);
+            assert_eq!(got.iter().sum::<usize>(), MAX_PER_SWEEP, "{got:?}");
+            for (s, g) in served.iter_mut().zip(got) {
+                *s += g;
+            }
+        }
+        assert!(!sweep.contended());
+        // Round robin: 48 sweeps of 16 = 768 requests, 32 a ring.
+        assert!(served.iter().all(|&n| n == 32), "{served:?}");
+    }
+
+    #[test]
+    fn a_single_ring_is_served_every_sweep() {
+        let (r, mut ring, _stats) = setup();
+        let mut sweep = Sweep::default();
+        for t in 0..40u64 {
+            slot(&r, t).post(t, &null(t));
+            sweep.begin();
+            assert_eq!(ring.serve_in(&mut sweep), 1, "call {t}");
+            sweep.end();
+        }
+        for t in 40..40 + RING_SLOTS as u64 {
+            slot(&r, t).post(t, &null(t));
+        }
+        sweep.begin();
+        assert_eq!(ring.serve_in(&mut sweep), MAX_PER_SWEEP);
+        sweep.end();
+        sweep.begin();
+        assert_eq!(ring.serve_in(&mut sweep), MAX_PER_SWEEP);
+    }
+
+    #[test]
+    fn a_flooding_vm_of_many_rings_gets_one_share_beside_a_neighbour() {
+        // 24 rings x 64 slots: more than the 255 requests the sweeps take.
+        let (ra, mut a) = vm(24, 1);
+        let (rb, mut b) = vm(1, 2);
+        let mut fa = vec![0u64; 24];
+        flood(&ra, &mut fa);
+        let mut sweep = Sweep::default();
+        let mut served_a = [0usize; 24];
+        let mut tb = 0u64;
+        for i in 0..240 {
+            // The neighbour makes one call at a time, most sweeps.
+            if i % 3 != 2 {
+                rb.vcpu(0).unwrap().slots[slot_index(tb)].post(tb, &null(tb));
+            }
+            let mut refs: Vec<&mut RingRef> = a.iter_mut().chain(b.iter_mut()).collect();
+            let got = sweep_all(&mut sweep, &mut refs);
+            let from_a: usize = got[..24].iter().sum();
+            if i % 3 != 2 {
+                assert_eq!(got[24], 1, "the neighbour's call is served in the sweep it was posted in");
+                tb += 1;
+            }
+            if i > 0 {
+                // Once both were seen busy: one request of A per sweep.
+                assert!(sweep.contended());
+                assert_eq!(from_a, MAX_PER_SWEEP_SHARED, "sweep {i}: {got:?}");
+            }
+            for (s, g) in served_a.iter_mut().zip(&got[..24]) {
+                *s += g;
+            }
+        }
+        // No ring of A starves: 16 + 239 requests over 24 rings, round robin.
+        assert!(served_a.iter().all(|&n| n >= 9), "{served_a:?}");
+        // Alone again, A gets the whole share back after the window.
+        for _ in 0..CONTENDED_SWEEPS {
+            sweep.begin();
+            sweep.end();
+        }
+        let mut refs: Vec<&mut RingRef> = a.iter_mut().collect();
+        assert_eq!(sweep_all(&mut sweep, &mut refs).iter().sum::<usize>(), MAX_PER_SWEEP);
+    }
+
+    #[test]
+    fn idle_and_paused_rings_do_not_count_as_busy() {
+        let (_ra, mut a) = vm(4, 1);
+        let (rb, mut b) = vm(1, 2);
+        b[0].control().paused.store(true, Ordering::Relaxed);
+        rb.vcpu(0).unwrap().slots[0].post(0, &null(0));
+        let mut sweep = Sweep::default();
+        for _ in 0..10 {
+            let mut refs: Vec<&mut RingRef> = a.iter_mut().chain(b.iter_mut()).collect();
+            assert_eq!(sweep_all(&mut sweep, &mut refs), vec![0; 5]);
+        }
+        assert!(!sweep.contended());
     }
 
     #[test]

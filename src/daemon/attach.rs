@@ -81,8 +81,11 @@ pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> 
     if req.cpuid.len() != req.vcpus as usize {
         return Err(format!("{} CPUID tables for {} vCPUs", req.cpuid.len(), req.vcpus));
     }
-    if req.cpuid.iter().any(|t| t.len() > 4096) {
-        return Err("a CPUID table has more than 4096 entries".into());
+    if req.cpuid.iter().any(|t| t.len() > sidecore_core::cpuid::MAX_CPUID_ENTRIES) {
+        return Err(format!(
+            "a CPUID table has more than {} entries (KVM_SET_CPUID2 takes no more)",
+            sidecore_core::cpuid::MAX_CPUID_ENTRIES
+        ));
     }
     let inside = |gpa: u64, len: u64| {
         gpa.checked_add(len).is_some_and(|e| e <= req.ram_size) && gpa.is_multiple_of(4096) && len > 0
