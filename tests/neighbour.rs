@@ -245,13 +245,6 @@ fn a_flooding_24_vcpu_vm_keeps_its_neighbours_p99_within_2x() {
     if !kvm_available() {
         return;
     }
-    if cfg!(debug_assertions) {
-        // Unoptimized, one CPUID request costs the sidecore several µs, more
-        // than the victim's whole round trip: the bound is the optimized
-        // sidecore's (`cargo test --release --test neighbour`).
-        common::skip("a timed bound on the optimized sidecore: run it with cargo test --release");
-        return;
-    }
     let online = sidecore_vmm::host::online_cpus().unwrap_or_default();
     if !online.contains(&0) || !online.contains(&1) {
         common::skip("needs CPUs 0 and 1 online (the daemon's sidecore on 0, the vCPUs on 1)");
