@@ -647,8 +647,15 @@ fn bind_socket(cfg: &DaemonConfig, group: Option<u32>) -> Result<UnixListener, D
     };
     match group {
         Some(gid) => {
-            std::os::unix::fs::chown(&cfg.socket, None, Some(gid))
+            // Created with the daemon's gid: when that is the group already
+            // (the systemd unit's Group=), no chown, which its system call
+            // filter does not allow.
+            let created = std::fs::metadata(&cfg.socket)
                 .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })?;
+            if std::os::unix::fs::MetadataExt::gid(&created) != gid {
+                std::os::unix::fs::chown(&cfg.socket, None, Some(gid))
+                    .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })?;
+            }
             chmod(0o660)?;
         }
         None => chmod(0o600)?,

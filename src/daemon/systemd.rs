@@ -99,7 +99,9 @@ fn check_listening_unix_stream(fd: RawFd) -> Result<(), String> {
         return Err(format!("{what}: {}", std::io::Error::last_os_error()));
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(format!("{what} is not a socket: the .socket unit must use ListenStream=/run/sidecore/sidecore.sock"));
+        return Err(format!(
+            "{what} is not a socket: the .socket unit must use ListenStream=/run/sidecore/sidecore.sock"
+        ));
     }
     let opt = |o, name: &str| sockopt_int(fd, o).map_err(|e| format!("{what}: getsockopt {name}: {e}"));
     let domain = opt(libc::SO_DOMAIN, "SO_DOMAIN")?;
@@ -109,7 +111,9 @@ fn check_listening_unix_stream(fd: RawFd) -> Result<(), String> {
         ));
     }
     if opt(libc::SO_TYPE, "SO_TYPE")? != libc::SOCK_STREAM {
-        return Err(format!("{what} is not a stream socket: use ListenStream=, not ListenDatagram= or ListenSequentialPacket="));
+        return Err(format!(
+            "{what} is not a stream socket: use ListenStream=, not ListenDatagram= or ListenSequentialPacket="
+        ));
     }
     if opt(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? == 0 {
         return Err(format!("{what} is not listening: the .socket unit must have Accept=no"));
