@@ -248,16 +248,24 @@ fn a_socket_passed_by_systemd_is_used_and_left_alone() {
 
 #[test]
 fn a_passed_fd_that_is_not_a_listening_unix_stream_socket_is_refused() {
-    // fd 3 is /dev/null, passed the way systemd passes sockets.
-    let o = Command::new("sh")
+    // fd 3 is /dev/null, passed the way systemd passes sockets. Bounded: a
+    // daemon that ignored fd 3 would bind and serve on.
+    let child = Command::new("sh")
         .args(["-c", "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" daemon --cores 0 --socket \"$1\" 3</dev/null"])
         .arg(bin())
-        .arg(std::env::temp_dir().join("sidecore-never.sock"))
-        .output()
+        .arg(std::env::temp_dir().join(format!("sidecore-never-{}.sock", std::process::id())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run the daemon");
-    let t = text(&o);
-    assert!(!o.status.success(), "{t}");
+    let mut d = Killed(child);
+    assert!(!wait_exit(&mut d.0).success(), "the daemon took /dev/null as its socket");
+    let mut t = String::new();
+    if let Some(mut e) = d.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut t);
+    }
     assert!(t.contains("socket activation") && t.contains("fd 3") && t.contains("is not a socket"), "{t}");
+    drop(d);
 
     if !have("systemd-socket-activate") {
         skip("systemd-socket-activate is not installed: the datagram-socket case is not run");
