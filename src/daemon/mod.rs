@@ -23,6 +23,7 @@ pub mod client;
 pub mod metrics;
 pub mod protocol;
 pub mod status;
+mod systemd;
 mod transport;
 
 pub use attach::validate_attach;
@@ -108,6 +109,9 @@ pub enum DaemonError {
     /// Signal handling could not be set up.
     #[error("cannot install the SIGTERM handler")]
     Signal(#[source] std::io::Error),
+    /// The socket systemd passed (socket activation) cannot be used.
+    #[error("socket activation: {0}")]
+    Activation(String),
     /// The metrics endpoint could not be bound.
     #[error("cannot serve metrics on {addr}")]
     Metrics {
@@ -199,9 +203,15 @@ impl Daemon {
                 Vec::new(),
             )?);
         }
-        let tsc = sidecore_core::tsc::TscRate::from_khz(
-            crate::host::open_kvm().ok().and_then(|k| crate::host::tsc_khz(&k).ok()).map_or(1_000_000, |t| t.khz),
-        );
+        // /dev/kvm only here, and only if usable: unprivileged, without
+        // devices, the rate comes from CPUID or a 20 ms calibration.
+        let freq = crate::host::open_kvm()
+            .and_then(|k| crate::host::tsc_khz(&k))
+            .ok()
+            .or_else(crate::host::tsc_khz_without_kvm)
+            .unwrap_or(crate::host::TscFreq { khz: 1_000_000, source: "nowhere (assumed 1 GHz: times are wrong)" });
+        tracing::info!(khz = freq.khz, source = freq.source, "TSC rate");
+        let tsc = sidecore_core::tsc::TscRate::from_khz(freq.khz);
         Ok(Arc::new(Daemon {
             cores,
             cpus: cfg.cores.clone(),
@@ -450,16 +460,14 @@ impl Daemon {
     }
 
     fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>, mut slot: PendingSlot) {
-        let Some(cred) = peer_cred(&stream) else {
-            reply_err(&mut stream, "cannot read the peer's credentials");
-            return;
-        };
         // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if cred.uid != 0 && cred.uid != me && group != Some(cred.gid) {
-            reply_err(&mut stream, "permission denied: not the daemon's user or group");
-            return;
-        }
+        let cred = match peer_allowed(&stream, unsafe { libc::geteuid() }, group) {
+            Ok(c) => c,
+            Err(e) => {
+                reply_err(&mut stream, &e);
+                return;
+            }
+        };
         let mut conn = Conn::new(stream);
         // Until it attaches, each request must arrive whole within the
         // deadline; requests sent in one write are answered in order.
@@ -570,34 +578,18 @@ fn tsc_f64(v: u64) -> f64 {
 /// Runs the daemon until SIGTERM or SIGINT; `listening` is called once the
 /// socket accepts connections.
 pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
-    // Only a stale socket is removed: never a file, directory or symlink.
-    if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
-        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            return Err(DaemonError::NotASocket(cfg.socket.clone()));
-        }
-        if UnixStream::connect(&cfg.socket).is_ok() {
-            return Err(DaemonError::InUse(cfg.socket.clone()));
-        }
-        let _ = std::fs::remove_file(&cfg.socket);
-    }
+    // A socket passed by systemd is its to own: not chmod-ed, chown-ed or
+    // removed here.
+    let activated = systemd::activated_listener(&cfg.socket).map_err(DaemonError::Activation)?;
     let group = match &cfg.group {
         Some(g) => Some(group_gid(g).ok_or_else(|| DaemonError::Group(g.clone()))?),
         None => None,
     };
-    let listener =
-        UnixListener::bind(&cfg.socket).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
-    let chmod = |mode| {
-        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))
-            .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })
+    let owns_socket = activated.is_none();
+    let listener = match activated {
+        Some(l) => l,
+        None => bind_socket(cfg, group)?,
     };
-    match group {
-        Some(gid) => {
-            std::os::unix::fs::chown(&cfg.socket, None, Some(gid))
-                .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })?;
-            chmod(0o660)?;
-        }
-        None => chmod(0o600)?,
-    }
     let daemon = Daemon::new(cfg)?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, daemon.stop.clone()).map_err(DaemonError::Signal)?;
@@ -609,6 +601,11 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
     listening(cfg);
+    systemd::notify_ready(&format!(
+        "serving on {} with sidecores on CPU {}",
+        cfg.socket.display(),
+        crate::host::format_cpu_list(&cfg.cores)
+    ));
     while !daemon.stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, _)) => {
@@ -632,13 +629,52 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
         }
     }
     // Drain: detach everyone (their guests fall back to the exit paths), stop
-    // the sidecores, remove the socket.
+    // the sidecores, remove the socket (unless systemd owns it).
+    systemd::notify_stopping();
     let ids: Vec<u64> = daemon.vms.lock().map(|m| m.keys().copied().collect()).unwrap_or_default();
     for id in ids {
         daemon.detach(id);
     }
-    let _ = std::fs::remove_file(&cfg.socket);
+    if owns_socket {
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     Ok(())
+}
+
+/// Binds `--socket`, 0600 or 0660 for `group`. Only a stale socket at the
+/// path is removed: never a file, directory or symlink.
+fn bind_socket(cfg: &DaemonConfig, group: Option<u32>) -> Result<UnixListener, DaemonError> {
+    if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(DaemonError::NotASocket(cfg.socket.clone()));
+        }
+        if UnixStream::connect(&cfg.socket).is_ok() {
+            return Err(DaemonError::InUse(cfg.socket.clone()));
+        }
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
+    let listener =
+        UnixListener::bind(&cfg.socket).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
+    let chmod = |mode| {
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))
+            .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })
+    };
+    match group {
+        Some(gid) => {
+            // Created with the daemon's gid: when that is the group already
+            // (the systemd unit's Group=), no chown, which its system call
+            // filter does not allow.
+            let created = std::fs::metadata(&cfg.socket)
+                .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })?;
+            if std::os::unix::fs::MetadataExt::gid(&created) != gid {
+                std::os::unix::fs::chown(&cfg.socket, None, Some(gid))
+                    .map_err(|source| DaemonError::Chmod { path: cfg.socket.clone(), source })?;
+            }
+            chmod(0o660)?;
+        }
+        None => chmod(0o600)?,
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -43,6 +43,14 @@ pub const TSC_FROM_PVM_MSR: &str = "PVM MSR 0x4b564d13";
 /// [`TscFreq::source`] when only /proc/cpuinfo had a value (approximate: it
 /// is the current core clock, which equals the TSC only without scaling).
 pub const TSC_FROM_CPUINFO: &str = "/proc/cpuinfo cpu MHz";
+/// [`TscFreq::source`] when CPUID leaf 0x15 gave the crystal clock and the
+/// TSC/crystal ratio (with leaf 0x16's base clock when the crystal is not
+/// listed), as the kernel computes it.
+pub const TSC_FROM_CPUID_15H: &str = "CPUID leaf 0x15";
+/// [`TscFreq::source`] when the hypervisor's timing leaf 0x40000010 gave it.
+pub const TSC_FROM_CPUID_HV: &str = "CPUID leaf 0x40000010 (hypervisor timing)";
+/// [`TscFreq::source`] when it was measured against CLOCK_MONOTONIC.
+pub const TSC_FROM_CALIBRATION: &str = "rdtsc calibrated against CLOCK_MONOTONIC over 20 ms";
 
 /// Finding out about the host failed.
 #[derive(Debug, thiserror::Error)]
@@ -493,6 +501,84 @@ pub fn tsc_khz(kvm: &Kvm) -> Result<TscFreq, HostError> {
     Err(HostError::TscUnknown { tried: tried.join("; ") })
 }
 
+/// TSC kHz from CPUID leaf 0x15 (`eax` denominator, `ebx` numerator, `ecx`
+/// crystal Hz) as the kernel's `native_calibrate_tsc` computes it (without
+/// its per-model crystal table); when the crystal is not listed, leaf 0x16's
+/// base MHz, which is then the TSC rate.
+fn cpuid15_khz(eax: u32, ebx: u32, ecx: u32, base_mhz: Option<u32>) -> Option<u64> {
+    if eax == 0 || ebx == 0 {
+        return None;
+    }
+    let khz = if ecx != 0 {
+        u64::from(ecx) * u64::from(ebx) / u64::from(eax) / 1000
+    } else {
+        // The crystal is base × eax / ebx, so the TSC is the base clock.
+        u64::from(base_mhz?) * 1000
+    };
+    (khz > 0).then_some(khz)
+}
+
+/// kHz from `cycles` counted over `ns` nanoseconds.
+fn calibrated_khz(cycles: u64, ns: u64) -> Option<u64> {
+    if ns == 0 {
+        return None;
+    }
+    let khz = u64::try_from(u128::from(cycles) * 1_000_000 / u128::from(ns)).ok()?;
+    (khz > 0).then_some(khz)
+}
+
+/// The TSC and CLOCK_MONOTONIC read together: of a few tries, the one with
+/// the shortest gap between the two TSC reads around the clock read (an
+/// interrupt in between would skew the pair). Returns (TSC midpoint, ns).
+fn tsc_with_monotonic() -> (u64, u64) {
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..8 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let t0 = sidecore_core::tsc::rdtsc();
+        // SAFETY: ts is a valid timespec to write; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let t1 = sidecore_core::tsc::rdtsc();
+        let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0);
+        let gap = t1.wrapping_sub(t0);
+        if gap < best.0 {
+            best = (gap, t0 + gap / 2, ns);
+        }
+    }
+    (best.1, best.2)
+}
+
+/// The TSC frequency without /dev/kvm (for the daemon, which runs without
+/// devices): CPUID leaf 0x15 when the CPU lists its TSC ratio, else the
+/// hypervisor's timing leaf, else rdtsc measured against CLOCK_MONOTONIC
+/// over 20 ms (the kernel's clock, itself calibrated at boot). Takes up to
+/// 20 ms; `None` only if the clocks do not advance.
+pub fn tsc_khz_without_kvm() -> Option<TscFreq> {
+    use core::arch::x86_64::__cpuid;
+    let max = __cpuid(0).eax;
+    if max >= 0x15 {
+        let l15 = __cpuid(0x15);
+        let base = (max >= 0x16).then(|| __cpuid(0x16).eax & 0xffff);
+        if let Some(khz) = cpuid15_khz(l15.eax, l15.ebx, l15.ecx, base) {
+            return Some(TscFreq { khz, source: TSC_FROM_CPUID_15H });
+        }
+    }
+    // Leaf 0x40000000 and up mean something only under a hypervisor.
+    if __cpuid(1).ecx & (1 << 31) != 0 {
+        let hv_max = __cpuid(0x4000_0000).eax;
+        if (0x4000_0010..0x4001_0000).contains(&hv_max) {
+            let khz = u64::from(__cpuid(0x4000_0010).eax);
+            if khz > 0 {
+                return Some(TscFreq { khz, source: TSC_FROM_CPUID_HV });
+            }
+        }
+    }
+    let (t0, ns0) = tsc_with_monotonic();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (t1, ns1) = tsc_with_monotonic();
+    calibrated_khz(t1.wrapping_sub(t0), ns1.saturating_sub(ns0))
+        .map(|khz| TscFreq { khz, source: TSC_FROM_CALIBRATION })
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
@@ -503,6 +589,32 @@ mod tests {
             Err(HostError::CpuList { token, reason }) => (token, reason),
             other => panic!("{s:?}: expected a CpuList error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn tsc_rate_from_cpuid_leaf_15_and_calibration() {
+        // A 24 MHz crystal with ratio 176/2: 2.112 GHz.
+        assert_eq!(cpuid15_khz(2, 176, 24_000_000, None), Some(2_112_000));
+        // Crystal not listed: derived from a 2100 MHz base clock.
+        assert_eq!(cpuid15_khz(2, 176, 0, Some(2100)), Some(2_100_000));
+        assert_eq!(cpuid15_khz(0, 176, 24_000_000, None), None, "no ratio");
+        assert_eq!(cpuid15_khz(2, 0, 24_000_000, None), None, "no ratio");
+        assert_eq!(cpuid15_khz(2, 176, 0, None), None, "no crystal, no base clock");
+        assert_eq!(cpuid15_khz(2, 176, 0, Some(0)), None);
+        assert_eq!(calibrated_khz(46_000_000, 20_000_000), Some(2_300_000));
+        assert_eq!(calibrated_khz(1, 0), None);
+        assert_eq!(calibrated_khz(0, 20_000_000), None);
+    }
+
+    #[test]
+    fn the_tsc_rate_without_kvm_is_near_the_measured_one() {
+        let f = tsc_khz_without_kvm().expect("a TSC rate without KVM");
+        let (t0, ns0) = tsc_with_monotonic();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (t1, ns1) = tsc_with_monotonic();
+        let measured = calibrated_khz(t1 - t0, ns1 - ns0).expect("clocks advance");
+        let off = f.khz.abs_diff(measured);
+        assert!(off * 100 < measured, "{} kHz from {} vs {measured} kHz measured", f.khz, f.source);
     }
 
     #[test]
