@@ -55,6 +55,11 @@ struct DaemonArgs {
     /// Let this group use the socket too.
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// Debugging aid: run without the per-thread seccomp filters (by default
+    /// each thread may make only the system calls its job needs; others fail
+    /// with EPERM).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Args)]

@@ -197,6 +197,7 @@ fn messages_oversized_malformed_pipelined_and_half_sent() {
         ("pool_size", serde_json::json!(0)),
         ("ram_size", serde_json::json!(u64::MAX)),
         ("cpuid", serde_json::json!([vec![[0u32; 7]; 100_000]])),
+        ("cpuid", serde_json::json!([vec![[0u32; 7]; sidecore_core::cpuid::MAX_CPUID_ENTRIES + 1]])),
     ] {
         let mut req = attach_request(false);
         req[field] = value;

@@ -9,7 +9,10 @@ use sidecore_core::{Sidecore, SidecoreConfig};
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let sc = match Sidecore::spawn(SidecoreConfig { cpu: 0, name: "sidecore0".into(), idle_park: None }, Vec::new()) {
+    let sc = match Sidecore::spawn(
+        SidecoreConfig { cpu: 0, name: "sidecore0".into(), idle_park: None, on_start: None },
+        Vec::new(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("floor: {e}");

@@ -35,7 +35,7 @@ pub mod stats;
 pub mod throughput;
 pub mod tsc;
 
-pub use crate::poll::{Parts, Sidecore, SidecoreConfig, SidecoreError};
+pub use crate::poll::{Parts, Sidecore, SidecoreConfig, SidecoreError, StartHook};
 pub use crate::ring::{RingRef, SharedRegion, VmControl};
 pub use crate::service::{CallCtx, Services};
 pub use crate::stats::VmStats;

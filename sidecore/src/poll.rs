@@ -43,6 +43,33 @@ pub enum SidecoreError {
     /// The thread died (a bug: it never panics on guest input).
     #[error("sidecore thread {0} died")]
     Died(String),
+    /// The thread's start hook ([`SidecoreConfig::on_start`]) failed.
+    #[error("sidecore thread {name} could not start: {reason}")]
+    Hook {
+        /// Thread name.
+        name: String,
+        /// What the hook said.
+        reason: String,
+    },
+}
+
+/// Code a sidecore thread runs once it has pinned itself and before it
+/// serves anything (e.g. the daemon installs its seccomp filter there); an
+/// error stops the thread and makes [`Sidecore::spawn_with`] fail.
+#[derive(Clone)]
+pub struct StartHook(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl StartHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> StartHook {
+        StartHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for StartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartHook")
+    }
 }
 
 /// How to run a sidecore.
@@ -55,6 +82,8 @@ pub struct SidecoreConfig {
     /// Park after this long with every ring idle: sleep [`PARK_NAP`]
     /// between sweeps until a ring has work again (`None`: always spin).
     pub idle_park: Option<std::time::Duration>,
+    /// Run in the thread right after pinning, before serving (`None`: nothing).
+    pub on_start: Option<StartHook>,
 }
 
 /// How long a parked sidecore sleeps between sweeps at first; each idle nap
@@ -141,15 +170,21 @@ impl Sidecore {
         let pong = Arc::new(PongLine::default());
         let stats = Arc::new(CoreStats::default());
         let (tx, rx) = channel::unbounded();
-        let (ready_tx, ready_rx) = channel::bounded::<Result<(), PinError>>(1);
+        let (ready_tx, ready_rx) = channel::bounded::<Result<(), SidecoreError>>(1);
         let (mode2, pong2, stats2, active2, cpu) = (mode.clone(), pong.clone(), stats.clone(), active.clone(), cfg.cpu);
         let cfg2_park = cfg.idle_park;
+        let (hook, name2) = (cfg.on_start.clone(), cfg.name.clone());
         let thread = std::thread::Builder::new()
             .name(cfg.name.clone())
             .spawn(move || {
-                let pinned = pin_current_thread(cpu);
-                let ok = pinned.is_ok();
-                let _ = ready_tx.send(pinned);
+                let started = pin_current_thread(cpu)
+                    .map_err(|source| SidecoreError::Pin { name: name2.clone(), source })
+                    .and_then(|()| match &hook {
+                        Some(h) => (h.0)().map_err(|reason| SidecoreError::Hook { name: name2, reason }),
+                        None => Ok(()),
+                    });
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
                 if !ok {
                     return parts;
                 }
@@ -158,9 +193,9 @@ impl Sidecore {
             .map_err(|source| SidecoreError::Spawn { name: cfg.name.clone(), source })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(source)) => {
+            Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(SidecoreError::Pin { name: cfg.name, source });
+                return Err(e);
             }
             Err(_) => return Err(SidecoreError::Died(cfg.name)),
         }

@@ -87,8 +87,10 @@ pub fn measure(
             Some(r)
         })
         .collect();
-    let sc =
-        Sidecore::spawn(SidecoreConfig { cpu: sidecore_cpu, name: "sidecore-tput".into(), idle_park: None }, refs)?;
+    let sc = Sidecore::spawn(
+        SidecoreConfig { cpu: sidecore_cpu, name: "sidecore-tput".into(), idle_park: None, on_start: None },
+        refs,
+    )?;
     let result = std::thread::scope(|s| {
         s.spawn(|| -> Result<Throughput, ThroughputError> {
             pin_current_thread(producer_cpu)?;
@@ -145,7 +147,8 @@ pub fn sweep_cost_per_ring(cpu: usize, idle: u32, duration: Duration) -> Result<
     let services = Arc::new(Services::new(Vec::new()));
     let stats = Arc::new(VmStats::default());
     let refs = (0..idle).filter_map(|v| RingRef::new(region.clone(), v, services.clone(), stats.clone())).collect();
-    let sc = Sidecore::spawn(SidecoreConfig { cpu, name: "sidecore-sweep".into(), idle_park: None }, refs)?;
+    let sc =
+        Sidecore::spawn(SidecoreConfig { cpu, name: "sidecore-sweep".into(), idle_park: None, on_start: None }, refs)?;
     let t0 = Instant::now();
     std::thread::sleep(duration);
     let core_stats = sc.stats().clone();

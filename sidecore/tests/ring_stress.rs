@@ -24,8 +24,11 @@ fn million_calls_through_one_ring() {
     let stats = Arc::new(VmStats::default());
     let ring = RingRef::new(region.clone(), 0, Arc::new(services), stats.clone()).expect("ring");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let sc = Sidecore::spawn(SidecoreConfig { cpu: 0, name: "sidecore-test".into(), idle_park: None }, vec![ring])
-        .expect("sidecore");
+    let sc = Sidecore::spawn(
+        SidecoreConfig { cpu: 0, name: "sidecore-test".into(), idle_park: None, on_start: None },
+        vec![ring],
+    )
+    .expect("sidecore");
     if cpus > 1 {
         sidecore_core::pin::pin_current_thread(cpus - 1).expect("pin producer");
     }

@@ -32,7 +32,7 @@ fn polled_again(c: &AtomicU64) -> bool {
 }
 
 fn cfg() -> SidecoreConfig {
-    SidecoreConfig { cpu: 0, name: "sidecore-dev-test".into(), idle_park: None }
+    SidecoreConfig { cpu: 0, name: "sidecore-dev-test".into(), idle_park: None, on_start: None }
 }
 
 #[test]

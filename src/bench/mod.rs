@@ -474,7 +474,7 @@ fn path_rank(p: &str) -> usize {
 /// to `other_cpu` and an idle sidecore pinned to `side_cpu`, in TSC cycles.
 pub fn measure_floor(side_cpu: usize, other_cpu: usize, n: usize) -> Result<Vec<u64>, String> {
     let sc = sidecore_core::Sidecore::spawn(
-        sidecore_core::SidecoreConfig { cpu: side_cpu, name: "sidecore-floor".into(), idle_park: None },
+        sidecore_core::SidecoreConfig { cpu: side_cpu, name: "sidecore-floor".into(), idle_park: None, on_start: None },
         Vec::new(),
     )
     .map_err(|e| crate::error_chain(&e))?;

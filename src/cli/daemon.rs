@@ -20,6 +20,7 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
         idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
         group: a.group,
         metrics: a.metrics,
+        seccomp: !a.no_seccomp,
     };
     let listening = |cfg: &sidecore_vmm::daemon::DaemonConfig| {
         eprintln!(

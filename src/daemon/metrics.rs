@@ -252,9 +252,47 @@ pub fn serve<F>(addr: &str, snapshot: F) -> io::Result<()>
 where
     F: Fn() -> MetricsSnapshot + Send + 'static,
 {
-    let listener = TcpListener::bind(addr)?;
+    serve_with(addr, snapshot, None::<fn() -> Result<(), String>>).map_err(|e| match e {
+        ServeError::Io(e) => e,
+        ServeError::Start(reason) => io::Error::other(reason),
+    })
+}
+
+/// Why [`serve_with`] failed.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The bind or the thread's creation.
+    Io(io::Error),
+    /// The thread's start hook (e.g. its seccomp filter).
+    Start(String),
+}
+
+/// [`serve`], with `on_start` run first in the metrics thread (the daemon
+/// installs its seccomp filter there); returns once it has run, with its
+/// error if it failed (the thread then serves nothing).
+pub fn serve_with<F, S>(addr: &str, snapshot: F, on_start: Option<S>) -> Result<(), ServeError>
+where
+    F: Fn() -> MetricsSnapshot + Send + 'static,
+    S: FnOnce() -> Result<(), String> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).map_err(ServeError::Io)?;
     let bound = listener.local_addr().map_or_else(|_| addr.to_owned(), |a| a.to_string());
-    std::thread::Builder::new().name("sidecore-metrics".to_owned()).spawn(move || accept_loop(&listener, &snapshot))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    std::thread::Builder::new()
+        .name("sidecore-metrics".to_owned())
+        .spawn(move || {
+            let started = on_start.map_or(Ok(()), |f| f());
+            let ok = started.is_ok();
+            let _ = ready_tx.send(started);
+            if ok {
+                accept_loop(&listener, &snapshot);
+            }
+        })
+        .map_err(ServeError::Io)?;
+    ready_rx
+        .recv()
+        .map_err(|_| ServeError::Start("the metrics thread died at its start".into()))?
+        .map_err(ServeError::Start)?;
     tracing::info!(addr = %bound, "serving metrics");
     Ok(())
 }

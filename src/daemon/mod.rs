@@ -22,6 +22,7 @@ mod attach;
 pub mod client;
 pub mod metrics;
 pub mod protocol;
+pub mod seccomp;
 pub mod status;
 mod systemd;
 mod transport;
@@ -112,6 +113,9 @@ pub enum DaemonError {
     /// The socket systemd passed (socket activation) cannot be used.
     #[error("socket activation: {0}")]
     Activation(String),
+    /// A thread's seccomp filter could not be built or installed.
+    #[error("{0} (`sidecore daemon --no-seccomp` runs without the filters)")]
+    Seccomp(String),
     /// The metrics endpoint could not be bound.
     #[error("cannot serve metrics on {addr}")]
     Metrics {
@@ -136,6 +140,8 @@ pub struct DaemonConfig {
     pub group: Option<String>,
     /// Prometheus endpoint.
     pub metrics: Option<String>,
+    /// Run each thread under its seccomp filter ([`seccomp`]).
+    pub seccomp: bool,
 }
 
 struct VmEntry {
@@ -197,9 +203,21 @@ impl Daemon {
     /// Starts the sidecores.
     pub fn new(cfg: &DaemonConfig) -> Result<Arc<Daemon>, DaemonError> {
         let mut cores = Vec::new();
+        let on_start = if cfg.seccomp {
+            let prog = seccomp::program(seccomp::ThreadKind::Sidecore, &seccomp::Context::here(None))
+                .map_err(DaemonError::Seccomp)?;
+            Some(sidecore_core::StartHook::new(move || seccomp::install(seccomp::ThreadKind::Sidecore, &prog)))
+        } else {
+            None
+        };
         for (k, cpu) in cfg.cores.iter().enumerate() {
             cores.push(Sidecore::spawn(
-                SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: cfg.idle_park },
+                SidecoreConfig {
+                    cpu: *cpu,
+                    name: format!("sidecore{k}"),
+                    idle_park: cfg.idle_park,
+                    on_start: on_start.clone(),
+                },
                 Vec::new(),
             )?);
         }
@@ -590,18 +608,46 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
         Some(l) => l,
         None => bind_socket(cfg, group)?,
     };
+    let remover = match owns_socket {
+        true => Some(seccomp::SocketRemover::new(&cfg.socket).map_err(DaemonError::Seccomp)?),
+        false => None,
+    };
+    // The signal that bounds a sidecore's write to a VMM's irqfd: its
+    // handler is installed now, before the filters forbid rt_sigaction.
+    sidecore_core::nowait::install_handler().map_err(DaemonError::Signal)?;
     let daemon = Daemon::new(cfg)?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, daemon.stop.clone()).map_err(DaemonError::Signal)?;
     }
     if let Some(addr) = &cfg.metrics {
         let d = daemon.clone();
-        crate::daemon::metrics::serve(addr, move || d.metrics_snapshot())
-            .map_err(|source| DaemonError::Metrics { addr: addr.clone(), source })?;
+        let filter = match cfg.seccomp {
+            true => Some(
+                seccomp::program(seccomp::ThreadKind::Metrics, &seccomp::Context::here(None))
+                    .map_err(DaemonError::Seccomp)?,
+            ),
+            false => None,
+        };
+        let on_start = filter.map(|p| move || seccomp::install(seccomp::ThreadKind::Metrics, &p));
+        crate::daemon::metrics::serve_with(addr, move || d.metrics_snapshot(), on_start).map_err(|e| match e {
+            metrics::ServeError::Io(source) => DaemonError::Metrics { addr: addr.clone(), source },
+            metrics::ServeError::Start(reason) => DaemonError::Seccomp(reason),
+        })?;
     }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
+    // From here on the main thread (and every connection thread it starts)
+    // runs under the control filter.
+    let notifier = systemd::Notifier::connect();
+    if cfg.seccomp {
+        let prog = seccomp::program(
+            seccomp::ThreadKind::Control,
+            &seccomp::Context::here(remover.as_ref().map(seccomp::SocketRemover::dir_fd)),
+        )
+        .map_err(DaemonError::Seccomp)?;
+        seccomp::install(seccomp::ThreadKind::Control, &prog).map_err(DaemonError::Seccomp)?;
+    }
     listening(cfg);
-    systemd::notify_ready(&format!(
+    notifier.ready(&format!(
         "serving on {} with sidecores on CPU {}",
         cfg.socket.display(),
         crate::host::format_cpu_list(&cfg.cores)
@@ -630,13 +676,13 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     }
     // Drain: detach everyone (their guests fall back to the exit paths), stop
     // the sidecores, remove the socket (unless systemd owns it).
-    systemd::notify_stopping();
+    notifier.stopping();
     let ids: Vec<u64> = daemon.vms.lock().map(|m| m.keys().copied().collect()).unwrap_or_default();
     for id in ids {
         daemon.detach(id);
     }
-    if owns_socket {
-        let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(r) = remover {
+        r.remove();
     }
     Ok(())
 }

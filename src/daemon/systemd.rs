@@ -8,29 +8,62 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sd_notify::NotifyState;
-
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 
 /// Whether fd 3 has been made a listener already: it has one owner.
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// Tells the service manager the socket accepts connections (Type=notify),
-/// with a one-line status for `systemctl status`.
-pub(super) fn notify_ready(status: &str) {
-    notify(&[NotifyState::Ready, NotifyState::Status(status)], "READY=1");
-}
+/// The service manager's notification socket (NOTIFY_SOCKET), connected
+/// at start-up: the control thread's seccomp filter forbids creating
+/// sockets and sending to an address, so the notices later go out with a
+/// plain send on this one. Empty without NOTIFY_SOCKET.
+pub(super) struct Notifier(Option<std::os::unix::net::UnixDatagram>);
 
-/// Tells the service manager the daemon is draining after SIGTERM/SIGINT.
-pub(super) fn notify_stopping() {
-    notify(&[NotifyState::Stopping, NotifyState::Status("draining: detaching VMs")], "STOPPING=1");
-}
+impl Notifier {
+    /// Connects to NOTIFY_SOCKET (a path, or `@name` for an abstract one).
+    pub fn connect() -> Notifier {
+        let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else { return Notifier(None) };
+        let connected = (|| -> std::io::Result<std::os::unix::net::UnixDatagram> {
+            use std::os::unix::ffi::OsStrExt;
+            let sock = std::os::unix::net::UnixDatagram::unbound()?;
+            let bytes = addr.as_bytes();
+            match bytes.strip_prefix(b"@") {
+                Some(name) => {
+                    use std::os::linux::net::SocketAddrExt;
+                    sock.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)?;
+                }
+                None => sock.connect(Path::new(&addr))?,
+            }
+            Ok(sock)
+        })();
+        match connected {
+            Ok(s) => Notifier(Some(s)),
+            Err(e) => {
+                // Not fatal: systemd then times the start out, which says why.
+                tracing::warn!("cannot reach the service manager at NOTIFY_SOCKET={}: {e}", addr.to_string_lossy());
+                Notifier(None)
+            }
+        }
+    }
 
-fn notify(state: &[NotifyState], what: &str) {
-    if let Err(e) = sd_notify::notify(state) {
-        // Not fatal: systemd then times the start out, which says why.
-        tracing::warn!("cannot send {what} to the service manager at NOTIFY_SOCKET: {e}");
+    /// Tells the service manager the socket accepts connections
+    /// (Type=notify), with a one-line status for `systemctl status`.
+    pub fn ready(&self, status: &str) {
+        self.send(&format!("READY=1\nSTATUS={status}\n"), "READY=1");
+    }
+
+    /// Tells the service manager the daemon is draining after SIGTERM/SIGINT.
+    pub fn stopping(&self) {
+        self.send("STOPPING=1\nSTATUS=draining: detaching VMs\n", "STOPPING=1");
+    }
+
+    fn send(&self, msg: &str, what: &str) {
+        if let Some(s) = &self.0 {
+            if let Err(e) = s.send(msg.as_bytes()) {
+                tracing::warn!("cannot send {what} to the service manager: {e}");
+            }
+        }
     }
 }
 

@@ -181,7 +181,7 @@ fn spawn_sharded(cpus: &[usize], parts: &mut Parts, park: Option<Duration>) -> R
     let mut cores = Vec::new();
     for (k, cpu) in cpus.iter().enumerate() {
         cores.push(Sidecore::spawn(
-            SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: park },
+            SidecoreConfig { cpu: *cpu, name: format!("sidecore{k}"), idle_park: park, on_start: None },
             Vec::new(),
         )?);
     }
