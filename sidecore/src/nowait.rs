@@ -6,10 +6,11 @@
 //! `RWF_NOWAIT` (eventfd honours it), socket I/O uses `MSG_DONTWAIT`; both
 //! are per call. An eventfd write has no per-call non-blocking flag (it
 //! refuses `RWF_NOWAIT`), and it blocks when the counter is full, which the
-//! other process controls. [`bounded_write_u64`] therefore arms a per-thread
-//! timer before the write: if the write blocks, the timer's signal
-//! interrupts it (the handler is installed without `SA_RESTART`) after
-//! [`WRITE_BOUND`], and the caller hears that the fd is hostile.
+//! other process controls. [`bounded_write_u64`] therefore arms a periodic
+//! per-thread timer before the write: if the write blocks, the timer's
+//! signal interrupts it (the handler is installed without `SA_RESTART`)
+//! within about [`WRITE_BOUND`] (two periods if the first signal came before
+//! the write began), and the caller hears that the fd is hostile.
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
@@ -98,10 +99,11 @@ fn thread_timer() -> Option<libc::timer_t> {
 fn arm(t: libc::timer_t, after: Duration) {
     let nanos = libc::c_long::from(after.subsec_nanos());
     let secs = libc::time_t::try_from(after.as_secs()).unwrap_or(0);
-    let spec = libc::itimerspec {
-        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-        it_value: libc::timespec { tv_sec: secs, tv_nsec: nanos },
-    };
+    // Periodic, not one-shot: if the thread is preempted between arming and
+    // the write for longer than `after`, the first signal lands before the
+    // write starts, and only a later one can interrupt it.
+    let every = libc::timespec { tv_sec: secs, tv_nsec: nanos };
+    let spec = libc::itimerspec { it_interval: every, it_value: every };
     // SAFETY: `t` is this thread's timer; `spec` is a valid itimerspec.
     unsafe { libc::timer_settime(t, 0, &spec, std::ptr::null_mut()) };
 }
