@@ -1,9 +1,7 @@
 //! The sidecore thread: pinned to one CPU, it sweeps its rings until told to
 //! stop. Its hot loop does not log, allocate or lock: it loads one state word
 //! per idle ring, and the only other shared traffic is a heartbeat store every
-//! [`HEARTBEAT_SWEEPS`] sweeps and a Relaxed load of the stop flag. Each VM
-//! gets a share of every sweep over all its rings, whatever its vCPU count
-//! ([`crate::ring::Sweep`]).
+//! [`HEARTBEAT_SWEEPS`] sweeps and a Relaxed load of the stop flag.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,7 +11,7 @@ use crossbeam::channel::{self, Receiver, Sender};
 
 use crate::device::Device;
 use crate::pin::{pin_current_thread, PinError};
-use crate::ring::{RingRef, Sweep};
+use crate::ring::RingRef;
 use crate::tsc::rdtsc;
 
 /// Sweeps between heartbeat stores and command checks.
@@ -301,7 +299,6 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
     let mut idle_since: Option<std::time::Instant> = None;
     let mut parked = false;
     let mut nap = PARK_NAP;
-    let mut sweep = Sweep::default();
     loop {
         match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
@@ -313,13 +310,9 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
         }
         let active = ctl.active.load(Ordering::Relaxed).min(rings.len());
         let mut n = 0;
-        // Each VM gets its share of the sweep over all its rings, not one
-        // per ring (ring.rs: Sweep, Share).
-        sweep.begin();
         for r in rings[..active].iter_mut() {
-            n += r.serve_in(&mut sweep);
+            n += r.serve();
         }
-        sweep.end();
         for d in devices.iter_mut() {
             n += d.poll();
         }
