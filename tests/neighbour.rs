@@ -38,7 +38,7 @@ use shm_proto::op::{encode_head, Opcode};
 use shm_proto::ring::{next_ticket, slot_index, ticket_distance, Body, RING_SLOTS};
 use sidecore_core::cpuid::{FLAG_SIGNIFICANT_INDEX, MAX_CPUID_ENTRIES};
 use sidecore_core::SharedRegion;
-use sidecore_vmm::daemon::{AttachRequest, Attachment};
+use sidecore_vmm::daemon::Attachment;
 use sidecore_vmm::vmm::vm::{Vm, VmSpec};
 
 const ATTACKER_VCPUS: u32 = shm_proto::layout::MAX_VCPUS;
@@ -79,20 +79,8 @@ fn attach_attacker(sock: &Path) -> Attacker {
     spec.sidecalls = true;
     spec.shareable = true;
     let vm = Vm::build(&spec).expect("build the attacker's VM");
-    let req = AttachRequest {
-        packet_device: false,
-        vcpus: vm.boot.nr_vcpus,
-        backend: vm.backend.backend.name().into(),
-        ram_size: vm.layout.ram_size,
-        shared_gpa: vm.layout.shared_gpa,
-        shared_size: vm.layout.shared_size,
-        pool_gpa: shm_proto::layout::PT_POOL_GPA,
-        pool_size: shm_proto::layout::PT_POOL_SIZE,
-        image_gpa: shm_proto::layout::IMAGE_GPA,
-        image_end: vm.layout.image_end,
-        free_gpa: vm.layout.free_gpa,
-        cpuid: (0..ATTACKER_VCPUS).map(|_| attacker_table()).collect(),
-    };
+    let mut req = sidecore_vmm::vmm::attach_request(&vm, false);
+    req.cpuid = (0..ATTACKER_VCPUS).map(|_| attacker_table()).collect();
     let host = vm.host_memfd.as_ref().expect("a shareable VM has a host-state memfd");
     let a = Attachment::attach(sock, req, &vm.memfd, host, &vm.doorbell, &[]).expect("attach the attacker");
     let region = vm.region.clone();

@@ -209,6 +209,30 @@ fn the_daemon_says_ready_once_it_answers_and_stopping_on_sigterm() {
     assert!(wait_exit(&mut d.0).success());
 }
 
+/// `systemd-socket-activate [extra] -l SOCK sidecore daemon --cores 0
+/// --socket SOCK`, once its socket exists (the daemon starts on the first
+/// connection or datagram).
+fn socket_activate(extra: &[&str], sock: &Path, stdio: fn() -> Stdio) -> Killed {
+    let child = Command::new("systemd-socket-activate")
+        .args(extra)
+        .arg("-l")
+        .arg(sock)
+        .arg(bin())
+        .args(["daemon", "--cores", "0", "--socket"])
+        .arg(sock)
+        .stdout(stdio())
+        .stderr(stdio())
+        .spawn()
+        .expect("start systemd-socket-activate");
+    let d = Killed(child);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "systemd-socket-activate made no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d
+}
+
 #[test]
 fn a_socket_passed_by_systemd_is_used_and_left_alone() {
     if !have("systemd-socket-activate") {
@@ -219,22 +243,7 @@ fn a_socket_passed_by_systemd_is_used_and_left_alone() {
     let sock = dir.0.join("act.sock");
     // It listens on the path at once and execs the daemon (same pid, fd 3)
     // on the first connection.
-    let child = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&sock)
-        .arg(bin())
-        .args(["daemon", "--cores", "0", "--socket"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start systemd-socket-activate");
-    let mut d = Killed(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "systemd-socket-activate made no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut d = socket_activate(&[], &sock, Stdio::null);
     let before = std::fs::metadata(&sock).expect("stat the socket");
     // Binding --socket itself would find it in use and refuse: that status
     // answers shows the passed fd is served.
@@ -273,22 +282,7 @@ fn a_passed_fd_that_is_not_a_listening_unix_stream_socket_is_refused() {
     }
     let dir = TempDir::new("dgram");
     let sock = dir.0.join("dgram.sock");
-    let child = Command::new("systemd-socket-activate")
-        .args(["--datagram", "-l"])
-        .arg(&sock)
-        .arg(bin())
-        .args(["daemon", "--cores", "0", "--socket"])
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start systemd-socket-activate");
-    let mut d = Killed(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "systemd-socket-activate made no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut d = socket_activate(&["--datagram"], &sock, Stdio::piped);
     // A datagram wakes it: it execs the daemon with the datagram socket.
     UnixDatagram::unbound().expect("datagram socket").send_to(b"x", &sock).expect("send a datagram");
     assert!(!wait_exit(&mut d.0).success(), "the daemon took a datagram socket");

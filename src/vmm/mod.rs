@@ -235,7 +235,7 @@ struct Shared {
 }
 
 /// What a daemon needs to serve this VM.
-fn attach_request(vm: &Vm, packet_device: bool) -> crate::daemon::AttachRequest {
+pub fn attach_request(vm: &Vm, packet_device: bool) -> crate::daemon::AttachRequest {
     crate::daemon::AttachRequest {
         packet_device,
         vcpus: vm.boot.nr_vcpus,
