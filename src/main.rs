@@ -150,7 +150,8 @@ struct BenchArgs {
     vcpu_cpus: Option<String>,
     /// Add R idle host-side rings to the sidecore's sweep in every other
     /// sidecall block, to measure what idle rings cost a busy one
-    /// (`sidecall+Ridle` rows).
+    /// (`sidecall+Ridle` rows). Each is a VM of its own, as a daemon's idle
+    /// VMs are, so the sweep is the one with per-VM shares.
     #[arg(long, default_value_t = 0, value_name = "R")]
     idle_rings: u32,
     /// CPU of the sidecore [default: the first online CPU].

@@ -11,8 +11,15 @@ use crossbeam::channel::{self, Receiver, Sender};
 
 use crate::device::Device;
 use crate::pin::{pin_current_thread, PinError};
-use crate::ring::RingRef;
-use crate::tsc::rdtsc;
+use crate::ring::{RingRef, MAX_PER_SWEEP};
+use crate::tsc::{rdtsc, TscRate};
+
+/// Each VM's time share of a sweep when several VMs share a sidecore: once
+/// a VM's requests in this sweep have taken this long, the sweep moves on
+/// to the next VM (a VM always gets at least one request a sweep). It bounds
+/// what a VM's flood adds to a neighbour's call, whatever its requests
+/// cost: about one share per busy VM ahead of it.
+pub const VM_QUANTUM: std::time::Duration = std::time::Duration::from_micros(1);
 
 /// Sweeps between heartbeat stores and command checks.
 pub const HEARTBEAT_SWEEPS: u64 = 1024;
@@ -299,6 +306,8 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
     let mut idle_since: Option<std::time::Instant> = None;
     let mut parked = false;
     let mut nap = PARK_NAP;
+    let mut plan = Plan::group(&mut rings);
+    let quantum = quantum_cycles(measure_tsc_rate());
     loop {
         match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
@@ -310,8 +319,13 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
         }
         let active = ctl.active.load(Ordering::Relaxed).min(rings.len());
         let mut n = 0;
-        for r in rings[..active].iter_mut() {
-            n += r.serve();
+        if plan.shared {
+            n += sweep_shared(&mut rings, &mut plan.groups, active, quantum);
+        } else {
+            // One VM here: nobody to share with but its own vCPUs.
+            for r in rings[..active].iter_mut() {
+                n += r.serve();
+            }
         }
         for d in devices.iter_mut() {
             n += d.poll();
@@ -356,11 +370,17 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
             stats.sweeps.store(sweeps, Ordering::Relaxed);
             stats.busy_sweeps.store(busy, Ordering::Relaxed);
             stats.served.store(served, Ordering::Relaxed);
+            let before = rings.len();
+            let mut added = false;
             while let Ok(c) = commands.try_recv() {
                 take(c, &mut rings, &mut devices);
+                added = true;
             }
             // Drop detached VMs' rings (and, with the last one, the mapping).
             rings.retain(|r| !r.control().detached.load(Ordering::Relaxed));
+            if added || rings.len() != before {
+                plan = Plan::group(&mut rings);
+            }
             devices.retain(|d| !d.done());
             stats.rings.store(rings.len(), Ordering::Relaxed);
         }
@@ -379,6 +399,117 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
         r.show_paused(true);
     }
     Parts { rings, devices }
+}
+
+/// Which rings are one VM's, so that each VM gets one share of a sweep
+/// ([`MAX_PER_SWEEP`] requests over all its rings, within [`VM_QUANTUM`]),
+/// not one per ring. Worked out when the ring set changes, never in the
+/// sweep.
+struct Plan {
+    /// Each VM's rings: a run of the (regrouped) ring list.
+    groups: Vec<Group>,
+    /// Several VMs share this sidecore; else there is nobody to be fair to
+    /// and the sweep is the plain loop, [`MAX_PER_SWEEP`] per ring.
+    shared: bool,
+}
+
+/// One VM's run of rings, `start..end`, and the ring its share starts at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    start: usize,
+    end: usize,
+    turn: usize,
+}
+
+impl Plan {
+    /// Reorders `rings` so that each VM's rings are next to each other (VMs
+    /// in the order their first ring came, a VM's rings in their order) and
+    /// maps the runs.
+    fn group(rings: &mut [RingRef]) -> Plan {
+        let mut first: std::collections::HashMap<*const crate::ring::VmControl, usize> =
+            std::collections::HashMap::new();
+        for (i, r) in rings.iter().enumerate() {
+            first.entry(Arc::as_ptr(r.control())).or_insert(i);
+        }
+        // Stable: a VM's rings keep their order.
+        rings.sort_by_key(|r| first.get(&Arc::as_ptr(r.control())).copied().unwrap_or(usize::MAX));
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, r) in rings.iter().enumerate() {
+            let same = i > 0 && Arc::ptr_eq(rings[i - 1].control(), r.control());
+            match groups.last_mut() {
+                Some(g) if same => g.end = i + 1,
+                _ => groups.push(Group { start: i, end: i + 1, turn: 0 }),
+            }
+        }
+        let shared = groups.len() > 1;
+        Plan { groups, shared }
+    }
+}
+
+/// One sweep of the rings `..active` when several VMs share the sidecore:
+/// each VM gets at most [`MAX_PER_SWEEP`] requests over all its rings and,
+/// past its first, only while its requests of this sweep have taken under
+/// `quantum` TSC cycles. The next sweep starts at the ring after the one its
+/// share ran out on, so that none of a VM's rings waits behind the others
+/// for good.
+fn sweep_shared(rings: &mut [RingRef], groups: &mut [Group], active: usize, quantum: u64) -> usize {
+    let mut n = 0;
+    // The sweep's clock: read here and after each request served, never
+    // for an idle ring.
+    let mut now = rdtsc();
+    for g in groups.iter_mut() {
+        if g.start >= active {
+            break;
+        }
+        let end = g.end.min(active);
+        let len = end - g.start;
+        let start = now;
+        if len == 1 {
+            // A VM with one ring here (the common case, and every idle VM's
+            // cost): no turn to keep.
+            n += rings[g.start].serve_for(MAX_PER_SWEEP, start, quantum, &mut now);
+            continue;
+        }
+        let first = if g.turn < len { g.turn } else { 0 };
+        let mut left = MAX_PER_SWEEP;
+        let mut next = first + 1;
+        for i in 0..len {
+            let k = if first + i < len { first + i } else { first + i - len };
+            left -= rings[g.start + k].serve_for(left, start, quantum, &mut now);
+            if left == 0 || now.wrapping_sub(start) >= quantum {
+                // The share ran out here: the next sweep starts after.
+                next = k + 1;
+                break;
+            }
+        }
+        if left < MAX_PER_SWEEP {
+            n += MAX_PER_SWEEP - left;
+            g.turn = next;
+        }
+    }
+    n
+}
+
+/// [`VM_QUANTUM`] in TSC cycles at `rate`.
+fn quantum_cycles(rate: TscRate) -> u64 {
+    let ns = u64::try_from(VM_QUANTUM.as_nanos()).unwrap_or(u64::MAX);
+    ns.saturating_mul(rate.khz()) / 1_000_000
+}
+
+/// The TSC rate measured against the monotonic clock over 200 µs, once
+/// per sidecore thread (to within a fraction of a percent, which is plenty
+/// for a time share): no `/dev/kvm`, no sysfs.
+fn measure_tsc_rate() -> TscRate {
+    let over = std::time::Duration::from_micros(200);
+    let (t0, c0) = (std::time::Instant::now(), rdtsc());
+    let mut t = t0.elapsed();
+    while t < over {
+        std::hint::spin_loop();
+        t = t0.elapsed();
+    }
+    let cycles = rdtsc().wrapping_sub(c0);
+    let us = u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1);
+    TscRate::from_khz(cycles.saturating_mul(1000) / us)
 }
 
 /// Takes in what a command brings.
@@ -447,6 +578,180 @@ fn serve_pong(mode: &AtomicU8, pong: &PongLine) {
         k = k.wrapping_add(1);
         if k.is_multiple_of(1024) && mode.load(Ordering::Relaxed) != MODE_PONG {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{SharedRegion, VmControl};
+    use crate::service::Services;
+    use crate::stats::VmStats;
+    use proptest::prelude::*;
+    use shm_proto::op::{encode_head, Opcode};
+    use shm_proto::ring::{slot_index, Body, RING_SLOTS};
+
+    /// A VM with `vcpus` rings, all sharing one control, as the daemon makes them.
+    fn vm(id: u64, vcpus: u32) -> (Arc<SharedRegion>, Vec<RingRef>) {
+        let region = SharedRegion::alloc(vcpus).unwrap();
+        let services = Arc::new(Services::new(Vec::new()));
+        let stats = Arc::new(VmStats::default());
+        let control = Arc::new(VmControl { id, ..Default::default() });
+        let rings = (0..vcpus)
+            .map(|v| {
+                RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone()).unwrap()
+            })
+            .collect();
+        (region, rings)
+    }
+
+    /// Posts `n` null calls on vCPU `v`'s ring, as a guest would.
+    fn flood(region: &SharedRegion, v: u32, n: u64) {
+        let vs = region.vcpu(v).unwrap();
+        for t in 0..n {
+            let body = Body { head: encode_head(Opcode::Null as u16, 0), words: [t, 0, 0, 0, 0, 0] };
+            vs.slots[slot_index(t)].post(t, &body);
+        }
+    }
+
+    fn served_by(rings: &[RingRef], id: u64) -> u64 {
+        rings.iter().filter(|r| r.control().id == id).map(RingRef::expected).sum()
+    }
+
+    #[test]
+    fn a_vm_with_many_rings_gets_one_share_of_a_sweep() {
+        // VM 1 (8 vCPUs) floods every ring; VM 2 (1 vCPU) floods its one.
+        // Per ring, VM 1 would get 8 shares to VM 2's one.
+        let (big_region, big) = vm(1, 8);
+        let (small_region, small) = vm(2, 1);
+        for v in 0..8 {
+            flood(&big_region, v, RING_SLOTS as u64);
+        }
+        flood(&small_region, 0, RING_SLOTS as u64);
+        let mut rings: Vec<RingRef> = big.into_iter().chain(small).collect();
+        let mut plan = Plan::group(&mut rings);
+        assert!(plan.shared);
+        let all = rings.len();
+        let n = sweep_shared(&mut rings, &mut plan.groups, all, u64::MAX);
+        assert_eq!(n, 2 * MAX_PER_SWEEP);
+        assert_eq!(served_by(&rings, 1), MAX_PER_SWEEP as u64);
+        assert_eq!(served_by(&rings, 2), MAX_PER_SWEEP as u64);
+        // Round after round, the shares stay equal until the small VM is done.
+        for _ in 1..RING_SLOTS / MAX_PER_SWEEP {
+            sweep_shared(&mut rings, &mut plan.groups, all, u64::MAX);
+        }
+        assert_eq!(served_by(&rings, 2), RING_SLOTS as u64);
+        assert_eq!(served_by(&rings, 1), RING_SLOTS as u64);
+        // The share moves round the big VM's rings: in as many sweeps as it
+        // has rings, every one of them is served once.
+        for _ in RING_SLOTS / MAX_PER_SWEEP..8 {
+            assert_eq!(sweep_shared(&mut rings, &mut plan.groups, all, u64::MAX), MAX_PER_SWEEP);
+        }
+        assert!(
+            rings.iter().filter(|r| r.control().id == 1).all(|r| r.expected() == MAX_PER_SWEEP as u64),
+            "no ring of a VM waits for good"
+        );
+        while served_by(&rings, 1) < 8 * RING_SLOTS as u64 {
+            assert_eq!(sweep_shared(&mut rings, &mut plan.groups, all, u64::MAX), MAX_PER_SWEEP);
+        }
+        assert_eq!(sweep_shared(&mut rings, &mut plan.groups, all, u64::MAX), 0);
+    }
+
+    #[test]
+    fn one_vm_alone_keeps_the_plain_sweep_and_two_share() {
+        let (_a, a) = vm(1, 4);
+        let mut alone = a;
+        let plan = Plan::group(&mut alone);
+        assert!(!plan.shared, "one VM, however many rings: per-ring shares");
+        assert_eq!(plan.groups.len(), 1);
+        let (_b, b) = vm(2, 1);
+        let (_c, c) = vm(3, 1);
+        let mut two: Vec<RingRef> = b.into_iter().chain(c).collect();
+        let plan = Plan::group(&mut two);
+        assert!(plan.shared, "two VMs, one ring each: per-VM shares");
+        assert_eq!(plan.groups.len(), 2);
+    }
+
+    #[test]
+    fn a_vm_whose_time_share_ran_out_yields_after_one_request() {
+        // A quantum already spent after one request: every VM gets exactly
+        // one request a sweep, however much it has posted, and the share
+        // still moves round its rings.
+        let (big_region, big) = vm(1, 3);
+        let (small_region, small) = vm(2, 1);
+        for v in 0..3 {
+            flood(&big_region, v, 8);
+        }
+        flood(&small_region, 0, 8);
+        let mut rings: Vec<RingRef> = big.into_iter().chain(small).collect();
+        let mut plan = Plan::group(&mut rings);
+        for sweep in 1..=3u64 {
+            assert_eq!(sweep_shared(&mut rings, &mut plan.groups, 4, 0), 2);
+            assert_eq!(served_by(&rings, 1), sweep);
+            assert_eq!(served_by(&rings, 2), sweep);
+        }
+        assert!(rings[..3].iter().all(|r| r.expected() == 1), "one request on each of the big VM's rings");
+    }
+
+    #[test]
+    fn the_quantum_is_the_share_in_tsc_cycles() {
+        assert_eq!(quantum_cycles(TscRate::from_khz(2_500_000)), 2_500);
+        let measured = measure_tsc_rate().khz();
+        assert!(measured > 100_000, "a TSC of {measured} kHz: the measurement is broken");
+    }
+
+    #[test]
+    fn only_the_active_rings_are_swept() {
+        let (region, a) = vm(1, 4);
+        for v in 0..4 {
+            flood(&region, v, 4);
+        }
+        let mut rings = a;
+        let mut plan = Plan::group(&mut rings);
+        assert_eq!(sweep_shared(&mut rings, &mut plan.groups, 2, u64::MAX), 8);
+        assert_eq!(rings[2].expected() + rings[3].expected(), 0);
+    }
+
+    proptest! {
+        /// Grouping keeps every ring, puts each VM's rings in one run in
+        /// their order, and orders VMs by their first ring.
+        #[test]
+        fn grouping_is_a_stable_partition(owners in proptest::collection::vec(0u64..5, 0..24)) {
+            let controls: Vec<Arc<VmControl>> = (0..5).map(|id| Arc::new(VmControl { id, ..Default::default() })).collect();
+            let region = SharedRegion::alloc(24).unwrap();
+            let services = Arc::new(Services::new(Vec::new()));
+            let stats = Arc::new(VmStats::default());
+            let mut rings: Vec<RingRef> = (0u32..)
+                .zip(owners.iter())
+                .map(|(v, &o)| {
+                    let c = controls.iter().find(|c| c.id == o).unwrap().clone();
+                    RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), c).unwrap()
+                })
+                .collect();
+            let plan = Plan::group(&mut rings);
+            let mut order: Vec<u64> = Vec::new();
+            for &o in &owners {
+                if !order.contains(&o) {
+                    order.push(o);
+                }
+            }
+            let expect: Vec<(u64, u32)> = order
+                .iter()
+                .flat_map(|&o| (0u32..).zip(owners.iter()).filter(move |(_, &x)| x == o).map(move |(v, _)| (o, v)))
+                .collect();
+            let got: Vec<(u64, u32)> = rings.iter().map(|r| (r.control().id, r.vcpu())).collect();
+            prop_assert_eq!(got, expect);
+            prop_assert_eq!(plan.groups.len(), order.len());
+            let mut at = 0;
+            for g in &plan.groups {
+                prop_assert_eq!(g.start, at);
+                prop_assert!(g.end > g.start);
+                prop_assert!(rings[g.start..g.end].iter().all(|r| Arc::ptr_eq(r.control(), rings[g.start].control())));
+                at = g.end;
+            }
+            prop_assert_eq!(at, rings.len());
+            prop_assert_eq!(plan.shared, plan.groups.len() > 1);
         }
     }
 }

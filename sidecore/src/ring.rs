@@ -23,7 +23,11 @@ use crate::service::{CallCtx, Services};
 use crate::stats::VmStats;
 
 /// Most requests one ring may have served in one sweep, so that a flooding
-/// guest cannot starve the other rings of the same sidecore.
+/// vCPU cannot starve the others. When several VMs share a sidecore it is
+/// also the most one VM may have served in a sweep over all of its rings
+/// there (rings that share a [`VmControl`] are one VM's), within a time
+/// share too (`crate::poll::VM_QUANTUM`), so that a VM cannot starve its
+/// neighbours however many vCPUs it has or whatever its requests cost.
 pub const MAX_PER_SWEEP: usize = 16;
 
 /// A VM's shared region as the host maps it.
@@ -158,7 +162,9 @@ impl Drop for HeapBlock {
     }
 }
 
-/// Host-side switches of one VM's rings, shared by all of them.
+/// Host-side switches of one VM's rings, shared by all of them. It is also
+/// what makes rings one VM's for the sweep's per-VM shares
+/// ([`MAX_PER_SWEEP`]): a ring made with [`RingRef::new`] has one of its own.
 #[derive(Debug, Default)]
 pub struct VmControl {
     /// Who it is (the daemon's VM id; 0 for a VMM's own sidecore).
@@ -196,7 +202,8 @@ unsafe impl Send for RingRef {}
 
 impl RingRef {
     /// The ring of vCPU `vcpu` in `region`, or `None` if the region has no
-    /// such vCPU.
+    /// such vCPU. It gets a [`VmControl`] of its own, so the sweep counts it
+    /// as a VM of its own: a VM's rings share one ([`RingRef::with_control`]).
     pub fn new(region: Arc<SharedRegion>, vcpu: u32, services: Arc<Services>, stats: Arc<VmStats>) -> Option<RingRef> {
         RingRef::with_control(region, vcpu, services, stats, Arc::new(VmControl::default()))
     }
@@ -283,6 +290,35 @@ impl RingRef {
                 break;
             }
             handled += 1;
+        }
+        handled
+    }
+
+    /// As [`RingRef::serve`], at most `max` slots (what is left of its VM's
+    /// share of the sweep), and stops early once `quantum` TSC cycles have
+    /// passed since `start`: its VM's time share of a sweep when several
+    /// VMs share this sidecore. `now` is the sweep's clock: it
+    /// is read after each request served here, so that an idle ring costs
+    /// no clock read.
+    #[inline(always)]
+    pub fn serve_for(&mut self, max: usize, start: u64, quantum: u64, now: &mut u64) -> usize {
+        let paused = self.control.paused.load(Ordering::Relaxed);
+        if paused != self.shown_paused {
+            self.show_paused(paused);
+        }
+        if paused {
+            return 0;
+        }
+        let mut handled = 0;
+        while handled < max {
+            if !self.serve_slot() {
+                break;
+            }
+            handled += 1;
+            *now = crate::tsc::rdtsc();
+            if now.wrapping_sub(start) >= quantum {
+                break;
+            }
         }
         handled
     }

@@ -80,9 +80,11 @@ pub fn measure(
     let region = SharedRegion::alloc(rings).map_err(|_| ThroughputError::Alloc(rings))?;
     let services = Arc::new(Services::new(vec![CpuidTable::default()]));
     let stats = Arc::new(VmStats::default());
+    // One VM's rings (one control): the plain sweep, 16 per ring.
+    let control = Arc::new(crate::ring::VmControl::default());
     let refs = (0..rings)
         .filter_map(|v| {
-            let mut r = RingRef::new(region.clone(), v, services.clone(), stats.clone())?;
+            let mut r = RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone())?;
             r.set_timed(timed);
             Some(r)
         })
@@ -146,7 +148,11 @@ pub fn sweep_cost_per_ring(cpu: usize, idle: u32, duration: Duration) -> Result<
     let region = SharedRegion::alloc(idle).map_err(|_| ThroughputError::Alloc(idle))?;
     let services = Arc::new(Services::new(Vec::new()));
     let stats = Arc::new(VmStats::default());
-    let refs = (0..idle).filter_map(|v| RingRef::new(region.clone(), v, services.clone(), stats.clone())).collect();
+    // One VM's rings: the plain sweep.
+    let control = Arc::new(crate::ring::VmControl::default());
+    let refs = (0..idle)
+        .filter_map(|v| RingRef::with_control(region.clone(), v, services.clone(), stats.clone(), control.clone()))
+        .collect();
     let sc =
         Sidecore::spawn(SidecoreConfig { cpu, name: "sidecore-sweep".into(), idle_park: None, on_start: None }, refs)?;
     let t0 = Instant::now();

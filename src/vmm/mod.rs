@@ -316,9 +316,17 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     let sidecores = if opts.sidecore_cpus.is_empty() {
         None
     } else {
+        // One control for all of its rings: they are one VM's to the sweep.
+        let control = Arc::new(sidecore_core::VmControl::default());
         let rings = (0..spec.vcpus)
             .filter_map(|i| {
-                let mut r = RingRef::new(vm.region.clone(), i, services.clone(), sidecall_stats.clone())?;
+                let mut r = RingRef::with_control(
+                    vm.region.clone(),
+                    i,
+                    services.clone(),
+                    sidecall_stats.clone(),
+                    control.clone(),
+                )?;
                 r.set_doorbell(vm.doorbell.clone());
                 Some(r)
             })

@@ -62,7 +62,8 @@ impl SidecoreSet {
 
     /// As [`SidecoreSet::start`], plus `idle` host-side rings that nobody
     /// posts to, swept by sidecore 0 after the VM's rings (to measure what
-    /// idle rings cost a busy one). They start switched off: see
+    /// idle rings cost a busy one). Each is a VM of its own (its own
+    /// control), as a daemon's idle VMs are. They start switched off: see
     /// [`SidecoreSet::set_idle_rings`].
     pub fn start_with_idle(
         cpus: Vec<usize>,
