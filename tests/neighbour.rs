@@ -7,10 +7,16 @@
 //! lingering on null sidecalls) measures its own round trips.
 //!
 //! Asserted: the victim's selftest passes with the flood running all along,
-//! and its guest-measured p99 with the flood is within 2x of its p99
-//! without. The two conditions alternate in short phases (`run
+//! and the flood adds to its guest-measured p99 and p99.9 no more than the
+//! per-VM share allows. With several VMs on a sidecore each VM gets, per
+//! sweep, at most `MAX_PER_SWEEP` requests over all its rings and only
+//! while they take under `VM_QUANTUM` (1 µs): a call of the victim waits
+//! for at most about one share of the attacker. Bounds: p99 with the flood
+//! within 2x of without or at most 2 quanta more; p99.9 at most 25 µs more
+//! (per-ring shares, 16 requests on each of the 24 rings, added about 130
+//! µs there). The two conditions alternate in short phases (`run
 //! --latency-phases`, SIGUSR1) so that both see the same host: absolute
-//! figures move 2x between runs here. The better of up to three attempts
+//! figures move 2x between runs here. The best of up to three attempts
 //! counts; every attempt's figures are printed.
 //!
 //! The attacker is a VMM, not a guest: it chooses its tables (a guest
@@ -151,20 +157,30 @@ fn sigusr1(c: &Child) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0, "SIGUSR1 the victim's VMM");
 }
 
-/// `(calls, p99 ns)` of condition `name` from the VMM's `latency:` line.
-fn condition(out: &str, name: &str) -> Option<(u64, u64)> {
+/// `(calls, p99 ns, p99.9 ns)` of condition `name` from the VMM's
+/// `latency:` line.
+fn condition(out: &str, name: &str) -> Option<(u64, u64, u64)> {
     let line = out.lines().find(|l| l.starts_with(&format!("latency: condition {name}:")))?;
     let num_before = |tag: &str| -> Option<u64> {
         let i = line.find(tag)?;
         line[..i].split_whitespace().last()?.parse().ok()
     };
-    let p99 = line.split("p99 ").nth(1)?.split_whitespace().next()?.parse().ok()?;
-    Some((num_before(" calls")?, p99))
+    let after = |tag: &str| -> Option<u64> { line.split(tag).nth(1)?.split_whitespace().next()?.parse().ok() };
+    Some((num_before(" calls")?, after("p99 ")?, after("p99.9 ")?))
 }
 
+/// What the flood may add to the victim's p99: 2x, or 2 time shares.
+fn p99_bound(without: u64) -> u64 {
+    let quanta = u64::try_from(2 * sidecore_core::poll::VM_QUANTUM.as_nanos()).unwrap_or(u64::MAX);
+    (2 * without).max(without + quanta)
+}
+
+/// What the flood may add to the victim's p99.9.
+const P999_SLACK_NS: u64 = 25_000;
+
 struct Attempt {
-    with: (u64, u64),
-    without: (u64, u64),
+    with: (u64, u64, u64),
+    without: (u64, u64, u64),
     posted: u64,
 }
 
@@ -229,7 +245,7 @@ fn attempt(sock: &Path, attacker: &Attacker) -> Result<Attempt, String> {
 }
 
 #[test]
-fn a_flooding_24_vcpu_vm_keeps_its_neighbours_p99_within_2x() {
+fn a_flooding_24_vcpu_vm_adds_at_most_its_share_to_a_neighbours_calls() {
     if !kvm_available() {
         return;
     }
@@ -248,36 +264,45 @@ fn a_flooding_24_vcpu_vm_keeps_its_neighbours_p99_within_2x() {
     let sock = socket("neighbour");
     let _d = start_daemon(&sock);
     let attacker = attach_attacker(&sock);
-    let mut best: Option<f64> = None;
+    let mut held = false;
     let mut report = Vec::new();
     for i in 1..=3 {
         let a = attempt(&sock, &attacker).unwrap_or_else(|e| panic!("attempt {i}: {e}"));
-        // Enough samples in both conditions for a p99 (a bucket's worth of
-        // calls past the 99th percentile at least).
+        // Enough samples in both conditions for a p99.9 (a bucket's worth
+        // of calls past the 99.9th percentile at least).
         assert!(
-            a.with.0 >= 10_000 && a.without.0 >= 10_000,
+            a.with.0 >= 100_000 && a.without.0 >= 100_000,
             "too few calls: {} with, {} without",
             a.with.0,
             a.without.0
         );
         assert!(a.posted > 100_000, "the flood posted only {} requests", a.posted);
-        #[allow(clippy::cast_precision_loss)]
-        let ratio = a.with.1 as f64 / a.without.1.max(1) as f64;
+        let (p99_ok, p999_ok) = (a.with.1 <= p99_bound(a.without.1), a.with.2 <= a.without.2 + P999_SLACK_NS);
         let line = format!(
-            "attempt {i}: p99 with the flood {} ns ({} calls), without {} ns ({} calls): {ratio:.2}x; {} flood requests posted",
-            a.with.1, a.with.0, a.without.1, a.without.0, a.posted
+            "attempt {i}: with the flood p99 {} ns, p99.9 {} ns ({} calls); without p99 {} ns, p99.9 {} ns ({} calls); \
+             bounds p99 {} ns ({}), p99.9 {} ns ({}); {} flood requests posted",
+            a.with.1,
+            a.with.2,
+            a.with.0,
+            a.without.1,
+            a.without.2,
+            a.without.0,
+            p99_bound(a.without.1),
+            if p99_ok { "held" } else { "broken" },
+            a.without.2 + P999_SLACK_NS,
+            if p999_ok { "held" } else { "broken" },
+            a.posted
         );
         eprintln!("{line}");
         report.push(line);
-        best = Some(best.map_or(ratio, |b: f64| b.min(ratio)));
-        if ratio <= 2.0 {
+        if p99_ok && p999_ok {
+            held = true;
             break;
         }
     }
     // The daemon still serves, and counted the flood as the attacker's.
     let o = Command::new(bin()).args(["status", "--json", "--socket"]).arg(&sock).output().expect("status");
     assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
-    let best = best.unwrap_or(f64::INFINITY);
-    assert!(best <= 2.0, "the victim's p99 with the flood is more than 2x its p99 without:\n{}", report.join("\n"));
+    assert!(held, "the flood pushed the victim past its bounds in every attempt:\n{}", report.join("\n"));
     let _ = std::fs::remove_file(&sock);
 }
