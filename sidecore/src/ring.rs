@@ -277,11 +277,7 @@ impl RingRef {
     /// expected slot's state word).
     #[inline]
     pub fn serve(&mut self) -> usize {
-        let paused = self.control.paused.load(Ordering::Relaxed);
-        if paused != self.shown_paused {
-            self.show_paused(paused);
-        }
-        if paused {
+        if self.paused() {
             return 0;
         }
         let mut handled = 0;
@@ -302,11 +298,7 @@ impl RingRef {
     /// no clock read.
     #[inline(always)]
     pub fn serve_for(&mut self, max: usize, start: u64, quantum: u64, now: &mut u64) -> usize {
-        let paused = self.control.paused.load(Ordering::Relaxed);
-        if paused != self.shown_paused {
-            self.show_paused(paused);
-        }
-        if paused {
+        if self.paused() {
             return 0;
         }
         let mut handled = 0;
@@ -321,6 +313,16 @@ impl RingRef {
             }
         }
         handled
+    }
+
+    /// Whether its VM is paused, shown to the guest once it changes.
+    #[inline(always)]
+    fn paused(&mut self) -> bool {
+        let paused = self.control.paused.load(Ordering::Relaxed);
+        if paused != self.shown_paused {
+            self.show_paused(paused);
+        }
+        paused
     }
 
     /// Handles the slot of the expected ticket if it holds work, paused or
