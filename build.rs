@@ -47,4 +47,35 @@ fn main() {
     );
     let elf = target_dir.join("release").join("guest-agent");
     println!("cargo:rustc-env=SIDECORE_GUEST_ELF={}", elf.display());
+    git_commit(&manifest_dir);
+}
+
+/// The commit this build comes from (`SIDECORE_GIT_COMMIT`, with `-dirty`
+/// when the tree has changes), for `hello`, `build_info` and bench results;
+/// nothing when git or the repository is missing (a source tarball).
+fn git_commit(dir: &std::path::Path) {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(head) = git(&["rev-parse", "--git-dir"]) {
+        let head = dir.join(head);
+        println!("cargo:rerun-if-changed={}", head.join("HEAD").display());
+        println!("cargo:rerun-if-changed={}", head.join("index").display());
+        // A commit moves the branch's ref, not HEAD (a worktree's refs live
+        // in the common directory).
+        if let (Some(r), Some(common)) = (git(&["symbolic-ref", "-q", "HEAD"]), git(&["rev-parse", "--git-common-dir"]))
+        {
+            println!("cargo:rerun-if-changed={}", dir.join(common).join(r).display());
+        }
+    }
+    if let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) {
+        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        println!("cargo:rustc-env=SIDECORE_GIT_COMMIT={commit}{}", if dirty { "-dirty" } else { "" });
+    }
 }

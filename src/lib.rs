@@ -20,6 +20,12 @@ pub mod vmm;
 /// The bundled guest-agent ELF, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(env!("SIDECORE_GUEST_ELF"));
 
+/// The commit this binary was built from (`-dirty` if the tree had
+/// changes), or `unknown` outside a git checkout.
+pub fn build_commit() -> &'static str {
+    option_env!("SIDECORE_GIT_COMMIT").unwrap_or("unknown")
+}
+
 /// "what failed: cause: cause" for an error and its sources.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

@@ -346,13 +346,19 @@ fn bad_messages_get_errors_and_the_daemon_lives_on() {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let sock = socket("bad");
     let _d = start_daemon(&sock);
-    for msg in ["garbage\n", "{\"op\":\"nuke\"}\n", "{\"op\":\"pause\"}\n", "{\"op\":\"attach\",\"vcpus\":1}\n"] {
+    for msg in [
+        "garbage\n",
+        "{\"op\":\"status\"}\n",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"nuke\"}\n",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"pause\"}\n",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"attach\",\"params\":{\"vcpus\":1}}\n",
+    ] {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
         s.write_all(msg.as_bytes()).expect("write");
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).expect("reply");
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON reply");
-        assert_eq!(v["ok"], serde_json::Value::Bool(false), "{msg} -> {line}");
+        assert!(v["error"]["code"].is_i64() && v["jsonrpc"] == "2.0", "{msg} -> {line}");
     }
     // Oversized: more than 1 MiB without a newline.
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
@@ -361,7 +367,7 @@ fn bad_messages_get_errors_and_the_daemon_lives_on() {
     let _ = s.write_all(&big);
     let mut line = String::new();
     let _ = BufReader::new(&s).read_line(&mut line);
-    assert!(line.contains("\"ok\":false"), "{line}");
+    assert!(line.contains("\"error\"") && line.contains("longer than"), "{line}");
     assert_eq!(status(&sock)["ok"], serde_json::Value::Bool(true));
     let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(mode.ok(), Some(0o600));

@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// A JSON-RPC error reply (the first of a batch's) saying `needle`.
 fn refused(r: &str, needle: &str) {
     let v: serde_json::Value = serde_json::from_str(r).unwrap_or_else(|e| panic!("reply {r:?} is not JSON: {e}"));
-    assert_eq!(v["ok"], serde_json::Value::Bool(false), "expected a refusal, got {r}");
-    let e = v["error"].as_str().unwrap_or_default();
+    let v = if v.is_array() { v[0].clone() } else { v };
+    assert_eq!(v["jsonrpc"], "2.0", "not a JSON-RPC reply: {r}");
+    assert!(v["error"]["code"].is_i64(), "expected an error, got {r}");
+    let e = v["error"]["message"].as_str().unwrap_or_default();
     assert!(e.contains(needle), "error {e:?} does not say {needle:?}");
 }
 
@@ -170,21 +173,26 @@ fn messages_oversized_malformed_pipelined_and_half_sent() {
     let base = footprint(pid);
 
     // Two (three) requests in one write: each answered, in order.
-    let s = send(&sock, b"{\"op\":\"status\"}\n{\"op\":\"status\"}\n{\"op\":\"nuke\"}\n", &[]);
-    for _ in 0..2 {
+    let three = format!("{}{}{}", rpc(1, "status", None), rpc(2, "status", None), rpc(3, "nuke", None));
+    let s = send(&sock, three.as_bytes(), &[]);
+    for id in 1..=2 {
         let r = reply(&s, Duration::from_secs(10));
-        assert!(r.contains("\"ok\":true") && r.contains("sidecores"), "{r}");
+        let v: serde_json::Value = serde_json::from_str(&r).expect("JSON");
+        assert!(v["id"] == id && v["result"]["sidecores"].is_array(), "{r}");
     }
-    refused(&reply(&s, Duration::from_secs(10)), "malformed request");
+    refused(&reply(&s, Duration::from_secs(10)), "no method");
 
     // Malformed in many ways; each an error, never a crash.
     for msg in [
         &b"garbage\n"[..],
         b"\xff\xfe\n",
-        b"{\"op\":\"attach\"}\n",
-        b"{\"op\":\"attach\",\"vcpus\":4294967295}\n",
+        b"{\"op\":\"status\"}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"attach\"}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"attach\",\"params\":{\"vcpus\":4294967295}}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"status\"}\n",
         b"[1,2,3]\n",
-        b"{\"op\":\"resume\"}\n",
+        b"[]\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resume\"}\n",
     ] {
         refused(&reply(&send(&sock, msg, &[]), Duration::from_secs(10)), "");
     }
@@ -220,7 +228,7 @@ fn messages_oversized_malformed_pipelined_and_half_sent() {
 
     // Disconnect mid-attach, with the fds sent: nothing kept.
     for _ in 0..20 {
-        let line = format!("{}", attach_request(false));
+        let line = rpc(1, "attach", Some(&attach_request(false)));
         let s = send(&sock, &line.as_bytes()[..line.len() / 2], &[raw(&guest), raw(&host)]);
         drop(s);
     }
@@ -241,13 +249,13 @@ fn an_attach_flood_leaves_nothing_behind() {
     // VM; when they go, every ring, mapping and fd goes too.
     for _ in 0..200 {
         let (s, r) = attach(&sock, &req, &[raw(&guest), raw(&host), raw(&bell)]);
-        assert!(r.contains("\"ok\":true"), "{r}");
+        assert!(r.contains("\"result\""), "{r}");
         drop(s);
     }
     let held: Vec<_> = (0..200)
         .map(|_| {
             let (s, r) = attach(&sock, &req, &[raw(&guest), raw(&host), raw(&bell)]);
-            assert!(r.contains("\"ok\":true"), "{r}");
+            assert!(r.contains("\"result\""), "{r}");
             s
         })
         .collect();
@@ -273,7 +281,7 @@ fn a_filled_blocking_irqfd_cannot_stall_the_sidecore() {
     let irq = eventfd(0);
     (&irq).write_all(&(u64::MAX - 1).to_ne_bytes()).expect("fill the irqfd");
     let (_conn, r) = attach(&sock, &attach_request(true), &[raw(&guest), raw(&host), raw(&bell), raw(&udp), raw(&irq)]);
-    assert!(r.contains("\"ok\":true"), "{r}");
+    assert!(r.contains("\"result\""), "{r}");
     udp.set_nonblocking(false).expect("clear O_NONBLOCK on the shared socket");
     // Make the device kick: the vCPU halts with an rx buffer posted, and a
     // packet comes.
@@ -299,7 +307,7 @@ fn a_filled_blocking_irqfd_cannot_stall_the_sidecore() {
     assert_eq!(d.state.load(Ordering::Acquire), shm_proto::event::DESC_USED, "the packet was delivered");
     // The sidecore goes on: status answers and a later attach is served.
     let (_c2, r) = attach(&sock, &attach_request(false), &[raw(&sealed(RAM)), raw(&host), raw(&bell)]);
-    assert!(r.contains("\"ok\":true"), "{r}");
+    assert!(r.contains("\"result\""), "{r}");
     assert_eq!(vm_count(&sock), 2);
 }
 
@@ -314,9 +322,9 @@ fn a_well_behaved_vm_passes_its_selftest_after_the_attacks() {
     // Hold a few hostile connections open while the VM runs: half-sent
     // lines, fds passed and never used, an idle attached VM.
     let (guest, host, bell) = (sealed(RAM), sealed(host_size()), eventfd(libc::EFD_NONBLOCK));
-    let _half = send(&sock, b"{\"op\":\"attach\",", &[raw(&guest), raw(&host)]);
+    let _half = send(&sock, b"{\"jsonrpc\":\"2.0\",\"method\":\"attach\",", &[raw(&guest), raw(&host)]);
     let (_idle, r) = attach(&sock, &attach_request(false), &[raw(&guest), raw(&host), raw(&bell)]);
-    assert!(r.contains("\"ok\":true"), "{r}");
+    assert!(r.contains("\"result\""), "{r}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecore"))
         .args(["run", "--workload", "selftest", "--vcpu-cpus", "1", "--attach"])
         .arg(&sock)

@@ -1,5 +1,5 @@
 // The `daemon_request` fuzz harness: the daemon's control-message parser
-// (`serde_json` into `sidecore_vmm::daemon::Request`) and the validation of
+// (JSON-RPC 2.0, `sidecore_vmm::daemon::protocol::parse_message`) and the validation of
 // an attach request against the sizes of the memfds that came with it
 // (`validate_attach`).
 //
@@ -8,8 +8,8 @@
 // that `cargo test` runs (tests/fuzz_corpus.rs). It uses only std,
 // `serde_json`, `shm_proto`, `sidecore_core` and `sidecore_vmm`.
 //
-// The input is the message itself (a corpus file is one JSON request, as a
-// VMM writes it on the socket). The memfd sizes are derived from the input:
+// The input is the message itself (a corpus file is one JSON-RPC request
+// or batch, as a VMM writes it on the socket). The memfd sizes are derived from the input:
 // the sizes the request needs, those off by a byte or a page, and a few
 // from a hash of the input bytes. For each pair, a request that validates
 // must satisfy everything the daemon relies on afterwards; when its ranges
@@ -29,7 +29,8 @@ mod daemon_harness {
     use sidecore_core::hostmem::HostShared;
     use sidecore_core::pte::{PteLayout, PteService, Visibility};
     use sidecore_core::{RingRef, Services, SharedRegion, VmControl, VmStats};
-    use sidecore_vmm::daemon::{validate_attach, AttachRequest, Request};
+    use sidecore_vmm::daemon::protocol::{parse_message, Message, Method};
+    use sidecore_vmm::daemon::{validate_attach, AttachRequest};
 
     /// Largest shared region / pool the harness allocates to go on as the
     /// daemon does (larger ones are only validated).
@@ -69,16 +70,29 @@ mod daemon_harness {
 
     /// Runs one fuzz input. Panics on a broken invariant.
     pub fn run(data: &[u8]) {
-        let Ok(req) = serde_json::from_slice::<Request>(data) else {
-            return;
+        let calls = match parse_message(data) {
+            Message::One(c) => vec![c],
+            Message::Batch(cs) => cs,
         };
+        for call in calls {
+            match call {
+                Ok(c) => {
+                    if let Method::Attach(a) = c.method {
+                        attach_params(&a);
+                    }
+                }
+                // A bad request is answered under its own id, or a null one.
+                Err(bad) => assert!(bad.id.as_ref().is_none_or(|id| id.is_null() || id.is_number() || id.is_string())),
+            }
+        }
+    }
+
+    fn attach_params(a: &AttachRequest) {
         // What the daemon parsed, it can write back and parse again alike.
-        let text = serde_json::to_string(&req).expect("a parsed request serializes");
-        let again = serde_json::from_str::<Request>(&text).expect("a serialized request parses");
+        let text = serde_json::to_string(a).expect("parsed params serialize");
+        let again = serde_json::from_str::<AttachRequest>(&text).expect("serialized params parse");
         assert_eq!(serde_json::to_string(&again).expect("serializes"), text, "JSON round trip");
-        let Request::Attach(a) = req else {
-            return;
-        };
+        let data = text.as_bytes();
         let h = fnv1a(data);
         let pages = usize::try_from(a.pool_size / 4096).unwrap_or(usize::MAX);
         let host_need = u64::try_from(HostShared::size(pages.min(1 << 40))).unwrap_or(u64::MAX);
@@ -87,14 +101,14 @@ mod daemon_harness {
         let mut validated = None;
         for guest_size in guests {
             for host_size in hosts {
-                if let Some(pages) = check(&a, guest_size, host_size) {
+                if let Some(pages) = check(a, guest_size, host_size) {
                     validated = Some(pages);
                 }
             }
         }
         if let Some(pool_pages) = validated {
             if a.shared_size <= MAX_BLOCK && a.pool_size <= MAX_BLOCK {
-                attach_like_the_daemon(&a, pool_pages);
+                attach_like_the_daemon(a, pool_pages);
             }
         }
     }

@@ -30,17 +30,48 @@ pub fn bucket_floor(b: usize) -> u64 {
     (4 + frac) << (log - 2)
 }
 
+/// Upper bounds of the fixed service-time buckets, ns: powers of two from
+/// 32 ns to about 16.8 ms. They are the same on every host (the TSC rate
+/// only decides which cycle counts fall under each), so histograms of
+/// different hosts can be summed; a last bucket holds everything above.
+pub const FIXED_BOUNDS_NS: [u64; 20] = {
+    let mut b = [0u64; 20];
+    let mut i = 0;
+    while i < b.len() {
+        b[i] = 32 << i;
+        i += 1;
+    }
+    b
+};
+
 /// Counters of one VM.
-#[derive(Default)]
 pub struct VmStats {
     /// Service time (claim to reply) of each request, by bucket.
     service: ServiceHist,
+    /// The same times in the fixed buckets ([`FIXED_BOUNDS_NS`] and one
+    /// above them).
+    fixed: [AtomicU64; FIXED_BOUNDS_NS.len() + 1],
+    /// [`FIXED_BOUNDS_NS`] in cycles at this VM's TSC rate: a time of `c`
+    /// cycles is at most bound `i` iff `c <= fixed_bounds[i]`.
+    fixed_bounds: [u64; FIXED_BOUNDS_NS.len()],
+    /// Sum of the service times, cycles (exact).
+    service_sum: AtomicU64,
+    /// The TSC rate the times are in, kHz.
+    tsc_khz: u64,
     /// Requests by op class and reply status.
     calls: [[AtomicU64; STATUS_COUNT]; OP_CLASS_COUNT],
     /// Slots the guest cancelled before the sidecore claimed them.
     pub cancelled: AtomicU64,
     /// Claims lost to a concurrent guest cancel.
     pub lost_claims: AtomicU64,
+}
+
+impl Default for VmStats {
+    /// Counters at an assumed 1 GHz TSC (1 cycle = 1 ns): for rings whose
+    /// times nobody converts (use [`VmStats::with_tsc`] otherwise).
+    fn default() -> Self {
+        VmStats::with_tsc(crate::tsc::TscRate::from_khz(1_000_000))
+    }
 }
 
 /// The service-time histogram's buckets.
@@ -63,9 +94,33 @@ pub struct StatsSnapshot {
     pub lost_claims: u64,
     /// Service-time buckets.
     pub service: Vec<u64>,
+    /// Fixed service-time buckets, non-cumulative: `fixed[i]` for
+    /// `FIXED_BOUNDS_NS[i]`, the last one above them all.
+    pub fixed: Vec<u64>,
+    /// Sum of the service times, cycles.
+    pub service_sum_cycles: u64,
+    /// The TSC rate of the times, kHz.
+    pub tsc_khz: u64,
 }
 
 impl VmStats {
+    /// Counters whose service times are TSC cycles at `rate`.
+    pub fn with_tsc(rate: crate::tsc::TscRate) -> VmStats {
+        let khz = u128::from(rate.khz());
+        let fixed_bounds =
+            FIXED_BOUNDS_NS.map(|ns| u64::try_from(u128::from(ns) * khz / 1_000_000).unwrap_or(u64::MAX));
+        VmStats {
+            service: ServiceHist::default(),
+            fixed: std::array::from_fn(|_| AtomicU64::new(0)),
+            fixed_bounds,
+            service_sum: AtomicU64::new(0),
+            tsc_khz: rate.khz(),
+            calls: Default::default(),
+            cancelled: AtomicU64::new(0),
+            lost_claims: AtomicU64::new(0),
+        }
+    }
+
     /// Counts one request of `class` answered with `status`.
     #[inline]
     pub fn count(&self, class: usize, status: Status) {
@@ -78,6 +133,11 @@ impl VmStats {
     #[inline]
     pub fn record_service(&self, cycles: u64) {
         self.service.0[service_bucket(cycles)].fetch_add(1, Ordering::Relaxed);
+        let i = self.fixed_bounds.partition_point(|b| *b < cycles);
+        if let Some(f) = self.fixed.get(i) {
+            f.fetch_add(1, Ordering::Relaxed);
+        }
+        self.service_sum.fetch_add(cycles, Ordering::Relaxed);
     }
 
     /// Reads every counter.
@@ -91,6 +151,9 @@ impl VmStats {
         s.cancelled = self.cancelled.load(Ordering::Relaxed);
         s.lost_claims = self.lost_claims.load(Ordering::Relaxed);
         s.service = self.service.0.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        s.fixed = self.fixed.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        s.service_sum_cycles = self.service_sum.load(Ordering::Relaxed);
+        s.tsc_khz = self.tsc_khz;
         s
     }
 }
@@ -141,6 +204,23 @@ impl StatsSnapshot {
         None
     }
 
+    /// The fixed buckets as Prometheus wants them: (upper bound in
+    /// seconds, cumulative count) for every bound of [`FIXED_BOUNDS_NS`],
+    /// then the total count and the exact sum in seconds. Reads of
+    /// different buckets are not one atomic snapshot, so the total is the
+    /// sum of the buckets read, never less than any cumulative count.
+    pub fn fixed_seconds(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut cum = 0u64;
+        let mut out = Vec::with_capacity(FIXED_BOUNDS_NS.len());
+        for (ns, n) in FIXED_BOUNDS_NS.iter().zip(&self.fixed) {
+            cum = cum.saturating_add(*n);
+            out.push((to_f64(*ns) / 1e9, cum));
+        }
+        let count = self.fixed.iter().fold(0u64, |a, n| a.saturating_add(*n));
+        let rate = crate::tsc::TscRate::from_khz(self.tsc_khz);
+        (out, count, rate.ns(self.service_sum_cycles) / 1e9)
+    }
+
     /// Non-zero counters as (op class name, status name, count).
     pub fn nonzero(&self) -> Vec<(&'static str, &'static str, u64)> {
         let mut out = Vec::new();
@@ -153,6 +233,11 @@ impl StatsSnapshot {
         }
         out
     }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn to_f64(v: u64) -> f64 {
+    v as f64
 }
 
 #[cfg(test)]
@@ -194,5 +279,25 @@ mod tests {
         let p50 = snap.service_quantile(0.5).unwrap();
         assert!((400..=500).contains(&p50), "{p50}");
         assert!(snap.service_quantile(1.0).unwrap() <= 1000);
+    }
+
+    #[test]
+    fn fixed_buckets_are_in_ns_whatever_the_tsc_and_the_sum_is_exact() {
+        // 2.5 GHz: 32 ns = 80 cycles, 64 ns = 160.
+        let s = VmStats::with_tsc(crate::tsc::TscRate::from_khz(2_500_000));
+        for c in [1u64, 80, 81, 160, 161, 1 << 40] {
+            s.record_service(c);
+        }
+        let (buckets, count, sum) = s.snapshot().fixed_seconds();
+        assert_eq!(buckets.len(), FIXED_BOUNDS_NS.len());
+        assert!((buckets[0].0 - 32e-9).abs() < 1e-18 && (buckets[1].0 - 64e-9).abs() < 1e-18);
+        assert_eq!((buckets[0].1, buckets[1].1, buckets[2].1), (2, 4, 5), "<= 32 ns, <= 64 ns, <= 128 ns");
+        assert_eq!(buckets.last().map(|b| b.1), Some(5), "the huge one is only in +Inf");
+        assert_eq!(count, 6);
+        let want = (1 + 80 + 81 + 160 + 161 + (1u64 << 40)) as f64 / 2.5e9;
+        assert!((sum - want).abs() < want * 1e-12, "{sum} vs {want}");
+        // Bounds are the same at another rate.
+        let (b2, _, _) = VmStats::with_tsc(crate::tsc::TscRate::from_khz(3_100_123)).snapshot().fixed_seconds();
+        assert_eq!(b2.iter().map(|b| b.0).collect::<Vec<_>>(), buckets.iter().map(|b| b.0).collect::<Vec<_>>());
     }
 }

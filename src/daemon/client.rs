@@ -5,15 +5,112 @@
 use super::*;
 use std::io::BufReader;
 
+/// A connection to the daemon: JSON-RPC 2.0 calls, one at a time, and
+/// the events of a subscription.
+pub struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    next_id: u64,
+    /// Event notifications read while waiting for a reply, in order.
+    pending_events: std::collections::VecDeque<serde_json::Value>,
+}
+
+impl Client {
+    /// Connects to the daemon at `socket`, with [`REQUEST_TIMEOUT`] for
+    /// each reply.
+    pub fn connect(socket: &Path) -> Result<Client, DaemonError> {
+        let stream = UnixStream::connect(socket)
+            .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
+        Client::on(stream, Some(REQUEST_TIMEOUT))
+    }
+
+    fn on(stream: UnixStream, timeout: Option<Duration>) -> Result<Client, DaemonError> {
+        for r in [stream.set_read_timeout(timeout), stream.set_write_timeout(timeout)] {
+            r.map_err(|e| DaemonError::Protocol(format!("setting the connection's time-outs: {e}")))?;
+        }
+        let reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
+        Ok(Client { stream, reader, next_id: 1, pending_events: std::collections::VecDeque::new() })
+    }
+
+    /// Calls `method` with `params` (and `fds` by SCM_RIGHTS) and waits for
+    /// its reply: the result, or the daemon's error as
+    /// [`DaemonError::Refused`]. Events that arrive first are kept for
+    /// [`Client::next_event`].
+    pub fn call_with_fds(
+        &mut self,
+        method: &str,
+        params: Option<serde_json::Value>,
+        fds: &[RawFd],
+    ) -> Result<serde_json::Value, DaemonError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut line = protocol::request_line(id, method, params).into_bytes();
+        line.push(b'\n');
+        if fds.is_empty() {
+            self.stream.write_all(&line).map_err(|e| DaemonError::Protocol(format!("sending {method}: {e}")))?;
+        } else {
+            self.stream
+                .send_with_fds(&[&line[..]], fds)
+                .map_err(|e| DaemonError::Protocol(format!("sendmsg ({method}): {e}")))?;
+        }
+        loop {
+            let msg = self.read_message()?;
+            if msg.get("id").is_none() && msg.get("method").is_some() {
+                self.pending_events.push_back(msg);
+                continue;
+            }
+            return protocol::parse_response(&msg.to_string(), id).map_err(|e| match e {
+                protocol::ResponseError::Rpc(e) => DaemonError::Refused(e.message),
+                protocol::ResponseError::Garbled(why) => DaemonError::Protocol(why),
+            });
+        }
+    }
+
+    /// [`Client::call_with_fds`] without fds.
+    pub fn call(&mut self, method: &str, params: Option<serde_json::Value>) -> Result<serde_json::Value, DaemonError> {
+        self.call_with_fds(method, params, &[])
+    }
+
+    fn read_message(&mut self) -> Result<serde_json::Value, DaemonError> {
+        let line = read_line(&mut self.reader)
+            .map_err(DaemonError::Protocol)?
+            .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
+        serde_json::from_str(&line).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))
+    }
+
+    /// The next notification (an `event`'s or `events_lost`'s whole
+    /// message), waiting at most `timeout`; `Ok(None)` if none came.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<serde_json::Value>, DaemonError> {
+        if let Some(e) = self.pending_events.pop_front() {
+            return Ok(Some(e));
+        }
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|e| DaemonError::Protocol(e.to_string()))?;
+        let got = match self.read_message() {
+            Ok(m) => Ok(Some(m)),
+            Err(DaemonError::Protocol(e)) if e.contains("timed out") || e.contains("temporarily unavailable") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        self.stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
+        got
+    }
+}
+
 /// A VMM's connection to the daemon, kept open while its VM runs.
 pub struct Attachment {
     /// Set once a request went unanswered in time: the stream may be out of
     /// step, and the daemon is stopped or hung.
     broken: std::sync::atomic::AtomicBool,
-    stream: Mutex<UnixStream>,
-    reader: Mutex<BufReader<UnixStream>>,
+    client: Mutex<Client>,
+    /// A second handle on the stream, for [`Attachment::watch`].
+    watch_stream: UnixStream,
     /// The daemon's id for the VM.
     pub vm: u64,
+    /// The name the daemon labels it with.
+    pub name: String,
     /// The CPU of the sidecore serving it.
     pub sidecore_cpu: Option<usize>,
 }
@@ -22,29 +119,6 @@ pub struct Attachment {
 /// a request (not the attach, which maps the VM): a stopped or hung daemon
 /// gets this long.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub(super) fn call(
-    stream: &mut UnixStream,
-    reader: &mut BufReader<UnixStream>,
-    req: &Request,
-) -> Result<serde_json::Value, DaemonError> {
-    let line = serde_json::to_string(req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
-    writeln!(stream, "{line}").map_err(|e| DaemonError::Protocol(e.to_string()))?;
-    read_reply(reader, "error")
-}
-
-/// The daemon's reply line: its JSON if `ok`, else its error (or `refused`).
-fn read_reply(reader: &mut BufReader<UnixStream>, refused: &str) -> Result<serde_json::Value, DaemonError> {
-    let reply = read_line(reader)
-        .map_err(DaemonError::Protocol)?
-        .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(DaemonError::Refused(v["error"].as_str().unwrap_or(refused).to_string()));
-    }
-    Ok(v)
-}
 
 impl Attachment {
     /// Attaches a VM: sends the layout and CPUID tables with the two memfds,
@@ -60,39 +134,41 @@ impl Attachment {
     ) -> Result<Attachment, DaemonError> {
         let stream = UnixStream::connect(socket)
             .map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
-        let mut line = serde_json::to_vec(&Request::Attach(req)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
-        line.push(b'\n');
-        stream
-            .send_with_fds(
-                &[&line[..]],
-                &[&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat(),
-            )
-            .map_err(|e| DaemonError::Protocol(format!("sendmsg: {e}")))?;
-        let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-        let v = read_reply(&mut reader, "attach refused")?;
-        // From now on a daemon that stops answering (stopped, hung) costs a
+        let watch_stream = stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?;
+        // No time-out on the attach itself (the daemon maps the VM); from
+        // then on a daemon that stops answering (stopped, hung) costs a
         // request REQUEST_TIMEOUT, not the VMM's life.
-        for r in [stream.set_read_timeout(Some(REQUEST_TIMEOUT)), stream.set_write_timeout(Some(REQUEST_TIMEOUT))] {
+        let mut client = Client::on(stream, None)?;
+        let params = serde_json::to_value(&req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
+        let fds = [&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat();
+        let v = client.call_with_fds("attach", Some(params), &fds).map_err(|e| match e {
+            DaemonError::Refused(m) => DaemonError::Refused(m),
+            e => e,
+        })?;
+        for r in [
+            client.stream.set_read_timeout(Some(REQUEST_TIMEOUT)),
+            client.stream.set_write_timeout(Some(REQUEST_TIMEOUT)),
+        ] {
             r.map_err(|e| DaemonError::Protocol(format!("setting the daemon connection's time-outs: {e}")))?;
         }
         Ok(Attachment {
             broken: std::sync::atomic::AtomicBool::new(false),
-            stream: Mutex::new(stream),
-            reader: Mutex::new(reader),
+            client: Mutex::new(client),
+            watch_stream,
             vm: v["vm"].as_u64().unwrap_or(0),
+            name: v["name"].as_str().unwrap_or_default().to_string(),
             sidecore_cpu: v["sidecore_cpu"].as_u64().and_then(|c| usize::try_from(c).ok()),
         })
     }
 
     /// One request and its reply on this VM's connection.
-    fn request(&self, req: &Request) -> Result<serde_json::Value, DaemonError> {
+    fn request(&self, method: &str) -> Result<serde_json::Value, DaemonError> {
         use std::sync::atomic::Ordering;
         if self.broken.load(Ordering::Relaxed) {
             return Err(DaemonError::Protocol("the daemon stopped answering earlier".into()));
         }
-        let mut s = self.stream.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        let mut r = self.reader.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
-        let out = call(&mut s, &mut r, req);
+        let mut c = self.client.lock().map_err(|_| DaemonError::Protocol("poisoned".into()))?;
+        let out = c.call(method, None);
         if matches!(out, Err(DaemonError::Protocol(_))) {
             // A time-out or a torn reply leaves the stream out of step (a
             // refusal is a whole reply: it does not).
@@ -103,7 +179,7 @@ impl Attachment {
 
     /// The number of requests the daemon has answered for this VM.
     pub fn served(&self) -> Result<u64, DaemonError> {
-        let report = status_report(self.request(&Request::Status)?)?;
+        let report = status_report(self.request("status")?)?;
         report
             .vms
             .iter()
@@ -118,9 +194,7 @@ impl Attachment {
     /// for the hang-up (never reads), so it does not race [`Self::request`].
     pub fn watch(&self, on_lost: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
         let stream = self
-            .stream
-            .lock()
-            .map_err(|_| DaemonError::Protocol("poisoned".into()))?
+            .watch_stream
             .try_clone()
             .map_err(|e| DaemonError::Protocol(format!("cannot watch the daemon connection: {e}")))?;
         std::thread::Builder::new()
@@ -146,19 +220,19 @@ impl Attachment {
 
     /// Asks the daemon to stop (`true`) or resume serving this VM.
     pub fn set_paused(&self, paused: bool) -> Result<(), DaemonError> {
-        self.request(if paused { &Request::Pause } else { &Request::Resume }).map(|_| ())
+        self.request(if paused { "pause" } else { "resume" }).map(|_| ())
     }
 }
 
 /// `sidecore status`: asks the daemon for its report.
 pub fn query_status(socket: &Path) -> Result<StatusReport, DaemonError> {
-    let mut stream =
-        UnixStream::connect(socket).map_err(|source| DaemonError::Connect { path: socket.to_path_buf(), source })?;
-    for r in [stream.set_read_timeout(Some(REQUEST_TIMEOUT)), stream.set_write_timeout(Some(REQUEST_TIMEOUT))] {
-        r.map_err(|e| DaemonError::Protocol(format!("setting the connection's time-outs: {e}")))?;
-    }
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-    status_report(call(&mut stream, &mut reader, &Request::Status)?)
+    status_report(Client::connect(socket)?.call("status", None)?)
+}
+
+/// Asks the daemon for its versions and capabilities.
+pub fn query_hello(socket: &Path) -> Result<protocol::Hello, DaemonError> {
+    let v = Client::connect(socket)?.call("hello", None)?;
+    serde_json::from_value(v).map_err(|e| DaemonError::Protocol(format!("bad hello reply: {e}")))
 }
 
 /// A status reply, typed.
@@ -183,8 +257,9 @@ pub fn format_status(r: &StatusReport) -> String {
     let ns = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
     for vm in &r.vms {
         s += &format!(
-            "  vm {} pid {} vCPUs {} on CPU {}: {} calls, {} rejected, {} sent to the exit path; service p50 {} ns p99 {} ns\n",
+            "  vm {} ({}) pid {} vCPUs {} on CPU {}: {} calls, {} rejected, {} sent to the exit path; service p50 {} ns p99 {} ns\n",
             vm.vm,
+            vm.name,
             vm.pid,
             vm.vcpus,
             vm.sidecore_cpu.map_or("?".into(), |c| c.to_string()),

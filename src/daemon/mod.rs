@@ -1,26 +1,31 @@
 //! `sidecore daemon`: one process owns dedicated cores and serves the
 //! sidecalls of every VM on the host, whichever VMM process runs it.
 //!
-//! Control socket protocol (Unix stream, one JSON object per line, each
-//! request answered by one line):
+//! Control socket: JSON-RPC 2.0, one message per line ([`protocol`]).
 //!
-//! * `{"op":"attach", ...layout..., "cpuid":[[...]]}` with two fds passed by
-//!   SCM_RIGHTS (the guest memory memfd, the host-shared memfd): the daemon
-//!   maps the shared region and the page-table pool, takes the VM's rings on
-//!   the least-loaded sidecore and answers
-//!   `{"ok":true,"vm":ID,"sidecore":K,"sidecore_cpu":CPU}`. The connection
-//!   stays open for the VM's life; when it hangs up the VM is detached.
-//! * on an attached connection: `{"op":"pause"}` / `{"op":"resume"}` stop and
-//!   restart serving that VM (its calls fall back meanwhile).
-//! * `{"op":"status"}` on a fresh connection: VMs, counters, service-time
-//!   percentiles, sidecore busy fractions (`sidecore status`).
+//! * `attach` (params: the VM's layout and CPUID tables, [`AttachRequest`])
+//!   with the guest memory memfd, the host-state memfd and the doorbell
+//!   passed by SCM_RIGHTS: the daemon maps the shared region and the
+//!   page-table pool, takes the VM's rings on the least-loaded sidecore and
+//!   returns `{"vm":ID,"name":..,"sidecore":K,"sidecore_cpu":CPU}`. The
+//!   connection stays open for the VM's life; its hang-up detaches the VM.
+//! * `pause` / `resume` on that connection stop and restart serving the VM
+//!   (its calls fall back meanwhile).
+//! * `hello` (versions, capabilities), `methods`, `status` (VMs, counters,
+//!   service times, sidecores: `sidecore status`), `subscribe` /
+//!   `unsubscribe` (events, [`events`]), on any connection, many per
+//!   connection, pipelined or batched.
 //!
-//! Errors are `{"ok":false,"error":"..."}`, after which the connection is
-//! closed; the daemon lives on.
+//! A bad request gets a JSON-RPC error under its id and the connection
+//! lives on; a connection that breaks the framing (a line over
+//! [`MAX_MESSAGE`], too many fds, a request not whole in time) gets an
+//! error with a null id and is closed. The daemon lives on either way.
 
 mod attach;
 pub mod client;
+pub mod events;
 pub mod metrics;
+pub mod process;
 pub mod protocol;
 pub mod seccomp;
 pub mod status;
@@ -29,8 +34,8 @@ mod transport;
 
 pub use attach::validate_attach;
 use attach::*;
-pub use client::{format_status, query_status, Attachment};
-pub use protocol::{AttachRequest, Request, MAX_MESSAGE};
+pub use client::{format_status, query_hello, query_status, Attachment, Client};
+pub use protocol::{AttachRequest, MAX_MESSAGE};
 use transport::*;
 
 use std::collections::BTreeMap;
@@ -57,7 +62,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 use crate::host::memfd::{check_sealed, fd_kind, is_eventfd, Mapping};
 use sidecore_core::hypercalls::vm_services;
-pub use status::{CallCount, CoreStatus, DeviceStatus, PteStatus, Quantiles, StatusReport, VmStatus};
+pub use status::{CallCount, CoreStatus, DeviceStatus, PteStatus, Quantiles, ServiceHistogram, StatusReport, VmStatus};
 
 /// Starting the daemon or talking to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +150,8 @@ pub struct DaemonConfig {
 }
 
 struct VmEntry {
+    /// The name metrics and events label it with.
+    name: String,
     pid: i32,
     uid: u32,
     vcpus: u32,
@@ -172,6 +179,8 @@ pub struct Daemon {
     /// Connections that have not attached a VM (each has a thread until its
     /// request is answered or its deadline passes).
     pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Event subscribers.
+    events: events::Events,
 }
 
 /// Most connections at once that have not attached a VM: more are answered
@@ -239,6 +248,7 @@ impl Daemon {
             stop: Arc::new(AtomicBool::new(false)),
             tsc,
             pending: Arc::default(),
+            events: events::Events::default(),
         }))
     }
 
@@ -254,8 +264,14 @@ impl Daemon {
         load.iter().enumerate().min_by_key(|(_, l)| **l).map_or(0, |(i, _)| i)
     }
 
-    /// Sets up an attached VM; returns its id and sidecore index.
-    fn attach(&self, req: &AttachRequest, files: &[File], cred: &libc::ucred) -> Result<(u64, usize), String> {
+    /// Sets up an attached VM; returns its id, sidecore index and name.
+    fn attach(&self, req: &AttachRequest, files: &[File], cred: &libc::ucred) -> Result<(u64, usize, String), String> {
+        if let Some(n) = &req.name {
+            protocol::check_name(n)?;
+            if n.strip_prefix("vm").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+                return Err(format!("VM name {n:?}: names vm<number> are the daemon's defaults; pick another"));
+            }
+        }
         let (guest, host, doorbell, device) = match (files, req.packet_device) {
             ([g, h], false) => (g, h, None, None),
             ([g, h, d], false) => (g, h, Some(d), None),
@@ -321,7 +337,7 @@ impl Daemon {
         let services = Arc::new(vm_services(tables, pte, host_state).map_err(|e| e.to_string())?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(VmControl { id, ..Default::default() });
-        let stats = Arc::new(VmStats::default());
+        let stats = Arc::new(VmStats::with_tsc(self.tsc));
         // All or nothing: every ring and the device are built before any
         // reaches a sidecore, which then takes them in one step.
         let mut parts = sidecore_core::Parts::default();
@@ -345,7 +361,9 @@ impl Daemon {
             None => None,
         };
         let core = self.least_loaded();
+        let name = req.name.clone().unwrap_or_else(|| format!("vm{id}"));
         let entry = VmEntry {
+            name: name.clone(),
             pid: cred.pid,
             uid: cred.uid,
             vcpus: req.vcpus,
@@ -356,22 +374,43 @@ impl Daemon {
             attached: Instant::now(),
             device,
         };
-        self.vms.lock().map_err(|_| "daemon state poisoned")?.insert(id, entry);
+        {
+            let mut vms = self.vms.lock().map_err(|_| "daemon state poisoned")?;
+            if vms.values().any(|v| v.name == name) {
+                return Err(format!("a VM named {name:?} is attached already: names must be unique"));
+            }
+            vms.insert(id, entry);
+        }
         if let Err(e) = self.cores[core].add_parts(parts) {
             // Nothing reached the sidecore: undo the entry.
             self.detach(id);
             return Err(e.to_string());
         }
-        tracing::info!(vm = id, pid = cred.pid, vcpus = req.vcpus, core, "attached");
-        Ok((id, core))
+        let cpu = self.cpus.get(core).copied();
+        tracing::info!(vm = id, name = %name, pid = cred.pid, vcpus = req.vcpus, cpu, "attached");
+        self.events.publish(protocol::Event {
+            event: "attach".into(),
+            vm: Some(id),
+            pid: Some(cred.pid),
+            name: Some(name.clone()),
+            cpu,
+            ..events::now()
+        });
+        Ok((id, core, name))
     }
 
     fn detach(&self, id: u64) {
-        if let Ok(mut m) = self.vms.lock() {
-            if let Some(vm) = m.remove(&id) {
-                vm.control.detached.store(true, Ordering::Relaxed);
-                tracing::info!(vm = id, pid = vm.pid, "detached");
-            }
+        let gone = self.vms.lock().ok().and_then(|mut m| m.remove(&id));
+        if let Some(vm) = gone {
+            vm.control.detached.store(true, Ordering::Relaxed);
+            tracing::info!(vm = id, name = %vm.name, pid = vm.pid, "detached");
+            self.events.publish(protocol::Event {
+                event: "detach".into(),
+                vm: Some(id),
+                pid: Some(vm.pid),
+                name: Some(vm.name),
+                ..events::now()
+            });
         }
     }
 
@@ -416,20 +455,11 @@ impl Daemon {
                 m.iter()
                     .map(|(id, vm)| {
                         let snap = vm.stats.snapshot();
-                        let mut cumulative = 0;
-                        let mut buckets = Vec::new();
-                        let mut sum_ns = 0.0;
-                        for (b, n) in snap.service.iter().enumerate() {
-                            cumulative += n;
-                            let upper_ns = tsc.ns(sidecore_core::stats::bucket_floor(b + 1));
-                            sum_ns += tsc_f64(*n) * tsc.ns(sidecore_core::stats::bucket_floor(b));
-                            if *n > 0 {
-                                buckets.push((upper_ns, cumulative));
-                            }
-                        }
+                        let (buckets, count, sum) = snap.fixed_seconds();
                         let q = |p: f64| snap.service_quantile(p).map(|c| tsc.ns(c));
                         VmStatus {
                             vm: *id,
+                            name: vm.name.clone(),
                             pid: vm.pid,
                             uid: vm.uid,
                             vcpus: vm.vcpus,
@@ -460,9 +490,7 @@ impl Daemon {
                                 kicks_blocked: kicks_blocked.load(Ordering::Relaxed),
                             }),
                             service_ns: Quantiles { p50: q(0.5), p90: q(0.9), p99: q(0.99), p999: q(0.999) },
-                            service_buckets: buckets,
-                            service_count: cumulative,
-                            service_sum_ns: sum_ns,
+                            service_seconds: ServiceHistogram { buckets, count, sum },
                         }
                     })
                     .collect()
@@ -477,113 +505,279 @@ impl Daemon {
         }
     }
 
-    fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>, mut slot: PendingSlot) {
+    fn serve_connection(self: &Arc<Daemon>, mut stream: UnixStream, group: Option<u32>, slot: PendingSlot) {
         // SAFETY: geteuid has no preconditions.
         let cred = match peer_allowed(&stream, unsafe { libc::geteuid() }, group) {
             Ok(c) => c,
             Err(e) => {
-                reply_err(&mut stream, &e);
+                reply_error(&mut stream, protocol::code::PERMISSION_DENIED, &e);
                 return;
             }
         };
-        let mut conn = Conn::new(stream);
-        // Until it attaches, each request must arrive whole within the
-        // deadline; requests sent in one write are answered in order.
+        let mut session = Session { conn: Conn::new(stream), cred, vm: None, sub: None, slot };
+        self.session_loop(&mut session);
+        if let Some(id) = session.vm {
+            self.detach(id);
+        }
+        if let Some(sub) = session.sub {
+            self.events.remove(&sub);
+        }
+    }
+
+    /// Answers a connection's requests, and sends it the events it
+    /// subscribed to, until it hangs up or breaks the framing. Until it
+    /// attaches a VM or subscribes, each request must arrive whole within
+    /// [`FIRST_REQUEST_DEADLINE`]; after, it may idle as long as it likes
+    /// between requests, and has [`REQUEST_DEADLINE`] for each line.
+    fn session_loop(&self, s: &mut Session) {
         loop {
-            let line = match conn.next_line(Wait::Within(FIRST_REQUEST_DEADLINE)) {
+            if let Some(sub) = &s.sub {
+                if !sub.flush(&mut s.conn) {
+                    return;
+                }
+                if !s.conn.has_line() {
+                    match s.conn.wait_readable(sub.wake_fd()) {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::debug!("poll on a subscriber: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            let wait = match s.vm.is_some() || s.sub.is_some() {
+                true => Wait::IdleThen(REQUEST_DEADLINE),
+                false => Wait::Within(FIRST_REQUEST_DEADLINE),
+            };
+            let line = match s.conn.next_line(wait) {
                 Ok(Some(l)) => l,
                 Ok(None) => return,
                 Err(e) => {
-                    conn.reply_err(&e);
+                    s.conn.reply_error(protocol::code::FRAMING, &e);
                     return;
                 }
             };
+            if s.vm.is_some() {
+                // fds no request takes must not accumulate.
+                s.conn.drop_files();
+            }
             if line.trim_ascii().is_empty() {
                 continue;
             }
-            let req: Request = match serde_json::from_slice(line.trim_ascii()) {
-                Ok(r) => r,
-                Err(e) => {
-                    conn.reply_err(&format!("malformed request: {e}"));
-                    return;
+            let reply = match protocol::parse_message(line.trim_ascii()) {
+                protocol::Message::One(call) => self.handle(s, call, false),
+                protocol::Message::Batch(calls) => {
+                    let replies: Vec<_> = calls.into_iter().filter_map(|c| self.handle(s, c, true)).collect();
+                    (!replies.is_empty()).then_some(serde_json::Value::Array(replies))
                 }
             };
-            match req {
-                Request::Status => {
-                    if !conn.reply(&self.status()) {
-                        return;
-                    }
-                }
-                Request::Pause | Request::Resume => {
-                    conn.reply_err("pause/resume need an attached VM on this connection");
-                    return;
-                }
-                Request::Attach(a) => {
-                    let files = conn.take_files();
-                    let (id, core) = match self.attach(&a, &files, &cred) {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(pid = cred.pid, uid = cred.uid, "attach refused: {e}");
-                            conn.reply_err(&format!("attach refused: {e}"));
-                            return;
-                        }
-                    };
-                    // The daemon keeps its own mappings and duplicates.
-                    drop(files);
-                    // Attached: the connection lives as long as the VM.
-                    slot.release();
-                    let ok = serde_json::json!({"ok": true, "vm": id, "sidecore": core, "sidecore_cpu": self.cpus.get(core)});
-                    if conn.reply(&ok.to_string()) {
-                        self.attached_loop(id, &mut conn);
-                    }
-                    self.detach(id);
+            if let Some(r) = reply {
+                if !s.conn.reply(&r.to_string()) {
                     return;
                 }
             }
         }
     }
 
-    /// Serves an attached VM's connection until it hangs up: idle as long
-    /// as it likes between requests, [`REQUEST_DEADLINE`] for each line.
-    fn attached_loop(&self, id: u64, conn: &mut Conn) {
-        loop {
-            let line = match conn.next_line(Wait::IdleThen(REQUEST_DEADLINE)) {
-                Ok(Some(l)) => l,
-                Ok(None) => return,
-                Err(e) => {
-                    conn.reply_err(&e);
-                    return;
-                }
-            };
-            conn.drop_files();
-            if line.trim_ascii().is_empty() {
-                continue;
+    /// Carries out one call; its reply, unless it is a notification.
+    fn handle(
+        &self,
+        s: &mut Session,
+        call: Result<protocol::Call, protocol::BadCall>,
+        in_batch: bool,
+    ) -> Option<serde_json::Value> {
+        use protocol::{code, Method, RpcError};
+        let (id, result) = match call {
+            Err(bad) => (bad.id, Err(bad.error)),
+            Ok(protocol::Call { id, method }) => {
+                let r = match method {
+                    Method::Hello => serde_json::to_value(protocol::Hello::here())
+                        .map_err(|e| RpcError::new(code::INTERNAL_ERROR, e.to_string())),
+                    Method::Methods => Ok(serde_json::json!(protocol::METHODS)),
+                    Method::Status => serde_json::to_value(self.status_report())
+                        .map_err(|e| RpcError::new(code::INTERNAL_ERROR, format!("status report: {e}"))),
+                    Method::Attach(_) if in_batch => Err(RpcError::new(
+                        code::INVALID_REQUEST,
+                        "attach cannot be part of a batch: send it alone, with its fds",
+                    )),
+                    Method::Attach(_) if s.vm.is_some() => {
+                        Err(RpcError::new(code::ALREADY_ATTACHED, "this connection already has a VM attached"))
+                    }
+                    Method::Attach(a) => self.attach_call(s, &a),
+                    Method::Pause | Method::Resume => self.set_paused(s, matches!(method, Method::Pause)),
+                    Method::Subscribe(p) => self.subscribe(s, p),
+                    Method::Unsubscribe => {
+                        if let Some(sub) = &s.sub {
+                            sub.set_kinds(Some(Vec::new()));
+                        }
+                        Ok(serde_json::json!({"events": []}))
+                    }
+                };
+                (id, r)
             }
-            let control = self.vms.lock().ok().and_then(|m| m.get(&id).map(|v| v.control.clone()));
-            let Some(control) = control else { return };
-            let sent = match serde_json::from_slice::<Request>(line.trim_ascii()) {
-                Ok(Request::Pause) => {
-                    control.paused.store(true, Ordering::Relaxed);
-                    conn.reply(&serde_json::json!({"ok": true}).to_string())
-                }
-                Ok(Request::Resume) => {
-                    control.paused.store(false, Ordering::Relaxed);
-                    conn.reply(&serde_json::json!({"ok": true}).to_string())
-                }
-                Ok(Request::Status) => conn.reply(&self.status()),
-                Ok(Request::Attach(_)) => {
-                    conn.reply_err("this connection already has a VM attached");
-                    return;
-                }
-                Err(e) => {
-                    conn.reply_err(&format!("malformed request: {e}"));
-                    return;
-                }
-            };
-            if !sent {
-                return;
+        };
+        let id = id?;
+        Some(match result {
+            Ok(v) => protocol::response(&id, v),
+            Err(e) => protocol::error_response(&id, &e),
+        })
+    }
+
+    fn attach_call(&self, s: &mut Session, a: &AttachRequest) -> Result<serde_json::Value, protocol::RpcError> {
+        let files = s.conn.take_files();
+        let (id, core, name) = self.attach(a, &files, &s.cred).map_err(|e| {
+            tracing::warn!(pid = s.cred.pid, uid = s.cred.uid, "attach refused: {e}");
+            protocol::RpcError::new(protocol::code::ATTACH_REFUSED, format!("attach refused: {e}"))
+        })?;
+        // The daemon keeps its own mappings and duplicates.
+        drop(files);
+        // Attached: the connection lives as long as the VM.
+        s.vm = Some(id);
+        s.slot.release();
+        Ok(serde_json::json!({"vm": id, "name": name, "sidecore": core, "sidecore_cpu": self.cpus.get(core)}))
+    }
+
+    fn set_paused(&self, s: &Session, paused: bool) -> Result<serde_json::Value, protocol::RpcError> {
+        let not_attached = || {
+            protocol::RpcError::new(protocol::code::NOT_ATTACHED, "pause/resume need a VM attached on this connection")
+        };
+        let id = s.vm.ok_or_else(not_attached)?;
+        let (control, pid, name) = self
+            .vms
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).map(|v| (v.control.clone(), v.pid, v.name.clone())))
+            .ok_or_else(not_attached)?;
+        let was = control.paused.swap(paused, Ordering::Relaxed);
+        if was != paused {
+            tracing::info!(vm = id, pid, name = %name, "{}", if paused { "paused" } else { "resumed" });
+            self.events.publish(protocol::Event {
+                event: if paused { "pause" } else { "resume" }.into(),
+                vm: Some(id),
+                pid: Some(pid),
+                name: Some(name),
+                ..events::now()
+            });
+        }
+        Ok(serde_json::json!({"paused": paused}))
+    }
+
+    fn subscribe(
+        &self,
+        s: &mut Session,
+        p: protocol::SubscribeParams,
+    ) -> Result<serde_json::Value, protocol::RpcError> {
+        use protocol::{code, RpcError};
+        if let Some(kinds) = &p.events {
+            if let Some(bad) = kinds.iter().find(|k| !protocol::EVENT_KINDS.contains(&k.as_str())) {
+                return Err(RpcError::new(
+                    code::INVALID_PARAMS,
+                    format!("no event {bad:?}: the daemon has {}", protocol::EVENT_KINDS.join(", ")),
+                ));
             }
         }
+        let listed = p.events.clone().unwrap_or_else(|| protocol::EVENT_KINDS.iter().map(|k| (*k).into()).collect());
+        match &s.sub {
+            Some(sub) => sub.set_kinds(p.events),
+            None => {
+                let sub = self.events.add(p.events).map_err(|e| RpcError::new(code::BUSY, e))?;
+                s.sub = Some(sub);
+                // A subscriber holds a subscriber's place, not a pending one.
+                s.slot.release();
+            }
+        }
+        Ok(serde_json::json!({"events": listed}))
+    }
+}
+
+/// One control connection's state.
+struct Session {
+    conn: Conn,
+    cred: libc::ucred,
+    /// The VM it attached.
+    vm: Option<u64>,
+    /// Its event subscription.
+    sub: Option<Arc<events::Subscriber>>,
+    slot: PendingSlot,
+}
+
+/// Calls per second a VM's sidecore sends to its exit path before that is
+/// a `fallback_storm` event (and `fallback_calm` once it drops below a
+/// tenth of it).
+pub const FALLBACK_STORM_RATE: f64 = 1000.0;
+
+/// Watches, from the accept loop, what no request reports: sidecores
+/// parking and unparking, and VMs whose calls fall back in storms.
+#[derive(Default)]
+struct Monitor {
+    parked: Vec<bool>,
+    last: Option<Instant>,
+    /// Per VM: exit-path count at the last look, and whether it storms.
+    vms: BTreeMap<u64, (u64, bool)>,
+}
+
+impl Monitor {
+    /// Park changes every call (a load per sidecore); fallback rates once a
+    /// second.
+    fn tick(&mut self, d: &Daemon) {
+        self.parked.resize(d.cores.len(), false);
+        for (k, (core, was)) in d.cores.iter().zip(self.parked.iter_mut()).enumerate() {
+            let now = core.stats().parked.load(Ordering::Relaxed) == 1;
+            if now != *was {
+                *was = now;
+                let cpu = d.cpus.get(k).copied();
+                tracing::debug!(cpu, "sidecore {}", if now { "parked" } else { "unparked" });
+                d.events.publish(protocol::Event {
+                    event: if now { "sidecore_park" } else { "sidecore_unpark" }.into(),
+                    cpu,
+                    ..events::now()
+                });
+            }
+        }
+        let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if !due {
+            return;
+        }
+        let dt = self.last.map_or(1.0, |t| t.elapsed().as_secs_f64()).max(1e-3);
+        self.last = Some(Instant::now());
+        let vms: Vec<(u64, u64, i32, String)> = d
+            .vms
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, v)| {
+                        let snap = v.stats.snapshot();
+                        let exits = snap.calls.iter().map(|row| row[Status::UseExitPath as usize]).sum();
+                        (*id, exits, v.pid, v.name.clone())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut seen = BTreeMap::new();
+        for (id, exits, pid, name) in vms {
+            let (before, storming) = self.vms.get(&id).copied().unwrap_or((exits, false));
+            let rate = tsc_f64(exits.saturating_sub(before)) / dt;
+            let now_storming = if storming { rate >= FALLBACK_STORM_RATE / 10.0 } else { rate >= FALLBACK_STORM_RATE };
+            if now_storming != storming {
+                let kind = if now_storming { "fallback_storm" } else { "fallback_calm" };
+                if now_storming {
+                    tracing::warn!(vm = id, name = %name, rate, "calls falling back to the exit path");
+                } else {
+                    tracing::info!(vm = id, name = %name, rate, "fallbacks calmed");
+                }
+                d.events.publish(protocol::Event {
+                    event: kind.into(),
+                    vm: Some(id),
+                    pid: Some(pid),
+                    name: Some(name),
+                    rate: Some(rate),
+                    ..events::now()
+                });
+            }
+            seen.insert(id, (exits, now_storming));
+        }
+        self.vms = seen;
     }
 }
 
@@ -652,13 +846,19 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
         cfg.socket.display(),
         crate::host::format_cpu_list(&cfg.cores)
     ));
+    let mut monitor = Monitor::default();
     while !daemon.stop.load(Ordering::Relaxed) {
+        monitor.tick(&daemon);
         match listener.accept() {
             Ok((mut stream, _)) => {
                 if daemon.pending.load(Ordering::Relaxed) >= MAX_PENDING_CONNECTIONS {
                     // A short line into a fresh socket's empty buffer: it
                     // does not block.
-                    reply_err(&mut stream, "too many connections waiting to be served: try again later");
+                    reply_error(
+                        &mut stream,
+                        protocol::code::BUSY,
+                        "too many connections waiting to be served: try again later",
+                    );
                     continue;
                 }
                 daemon.pending.fetch_add(1, Ordering::Relaxed);
@@ -728,15 +928,6 @@ fn bind_socket(cfg: &DaemonConfig, group: Option<u32>) -> Result<UnixListener, D
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_parse_strictly() {
-        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"status"}"#), Ok(Request::Status)));
-        assert!(matches!(serde_json::from_str::<Request>(r#"{"op":"pause"}"#), Ok(Request::Pause)));
-        assert!(serde_json::from_str::<Request>(r#"{"op":"nuke"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"attach","vcpus":1}"#).is_err());
-        assert!(serde_json::from_str::<Request>("[]").is_err());
-    }
-
     fn good() -> AttachRequest {
         AttachRequest {
             vcpus: 1,
@@ -751,6 +942,7 @@ mod tests {
             free_gpa: 0x60_0000,
             cpuid: vec![vec![[0; 7]]],
             packet_device: false,
+            name: None,
         }
     }
 
@@ -804,16 +996,20 @@ mod tests {
             sidecores: vec![CoreStatus { cpu: 3, served: 7, busy_sweeps: 2, ..CoreStatus::default() }],
             vms: vec![VmStatus {
                 vm: 9,
+                name: "db".into(),
                 sidecore_cpu: Some(3),
                 calls: vec![CallCount { op: "null".into(), status: "ok".into(), count: 5 }],
-                service_count: 5,
+                service_seconds: ServiceHistogram { count: 5, ..ServiceHistogram::default() },
                 ..VmStatus::default()
             }],
             ..StatusReport::default()
         };
         let m = MetricsSnapshot::from(&r);
         assert_eq!((m.cores[0].cpu, m.cores[0].served, m.cores[0].busy_sweeps), (3, 7, 2));
-        assert_eq!((m.vms[0].vm, m.vms[0].sidecore_cpu, m.vms[0].service_count), (9, 3, 5));
+        assert_eq!(
+            (m.vms[0].vm, m.vms[0].name.as_str(), m.vms[0].sidecore_cpu, m.vms[0].service.count),
+            (9, "db", 3, 5)
+        );
         assert_eq!(m.vms[0].calls, vec![("null".to_string(), "ok".to_string(), 5)]);
     }
 }

@@ -229,6 +229,8 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
                 // Starting a connection thread. clone3's flags sit behind a
                 // pointer a filter cannot read; see clone below.
                 SYS_clone3,
+                // An event subscriber's wake-up eventfd.
+                SYS_eventfd2,
             ])?;
             // Replies on the connected stream: never to an address (the
             // UDP socket a VMM hands over cannot be used from here).
@@ -252,15 +254,32 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
         }
         ThreadKind::Metrics => {
             a.any(&[
-                // Scrapes on the already-bound TCP listener.
+                // Scrapes on the already-bound TCP listener (tokio: epoll
+                // and its waker's eventfd, both made before the filter).
                 SYS_accept4,
                 SYS_recvfrom,
+                SYS_read,
+                SYS_writev,
                 SYS_shutdown,
+                SYS_epoll_wait,
+                SYS_epoll_pwait,
+                SYS_epoll_pwait2,
+                SYS_epoll_ctl,
+                // The process metrics: /proc/self/stat and /proc/self/fd,
+                // opened before the filter, read again at each scrape.
+                SYS_pread64,
+                SYS_lseek,
+                SYS_getdents64,
+                // Peer address of an accepted connection.
+                SYS_getpeername,
+                SYS_getsockname,
             ])?;
             // Answers on the connected stream, never to an address.
             a.when(SYS_sendto, vec![all(vec![cond(4, Op::Eq, 0)?])?])?;
-            a.when(SYS_fcntl, one_of(1, &[u(F_GETFD)])?)?;
+            a.when(SYS_fcntl, one_of(1, &[u(F_GETFD), u(F_GETFL), u(F_SETFL)])?)?;
             a.when(SYS_setsockopt, sockopt_timeouts()?)?;
+            // Accepted sockets made non-blocking.
+            a.when(SYS_ioctl, one_of(1, &[FIONBIO])?)?;
         }
     }
     Ok(a)

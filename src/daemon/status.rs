@@ -106,6 +106,8 @@ pub struct Quantiles {
 pub struct VmStatus {
     /// The daemon's id for it.
     pub vm: u64,
+    /// Its name (the VMM's, or `vm<ID>`).
+    pub name: String,
     /// Its VMM's pid.
     pub pid: i32,
     /// Its VMM's uid.
@@ -136,13 +138,23 @@ pub struct VmStatus {
     pub device: Option<DeviceStatus>,
     /// Service-time quantiles.
     pub service_ns: Quantiles,
-    /// Service-time histogram: (upper bound in ns, cumulative count) for the
-    /// non-empty buckets, ascending.
-    pub service_buckets: Vec<(f64, u64)>,
+    /// Service-time histogram in seconds, fixed bounds.
+    pub service_seconds: ServiceHistogram,
+}
+
+/// A service-time histogram with the fixed bounds of
+/// [`sidecore_core::stats::FIXED_BOUNDS_NS`], in seconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceHistogram {
+    /// (upper bound in seconds, requests at most that long), every bound,
+    /// ascending; `count` is the `+Inf` bucket.
+    pub buckets: Vec<(f64, u64)>,
     /// Requests timed.
-    pub service_count: u64,
-    /// Approximate sum of service times, ns.
-    pub service_sum_ns: f64,
+    pub count: u64,
+    /// Sum of their service times, seconds (exact, at the TSC rate the
+    /// daemon measured).
+    pub sum: f64,
 }
 
 impl From<&StatusReport> for MetricsSnapshot {
@@ -158,6 +170,7 @@ impl From<&StatusReport> for MetricsSnapshot {
                     sweeps: c.sweeps,
                     busy_sweeps: c.busy_sweeps,
                     parked: c.parked,
+                    parks: c.parks,
                 })
                 .collect(),
             vms: r
@@ -165,15 +178,22 @@ impl From<&StatusReport> for MetricsSnapshot {
                 .iter()
                 .map(|v| VmSnapshot {
                     vm: v.vm,
+                    name: v.name.clone(),
                     pid: v.pid,
                     vcpus: v.vcpus,
                     sidecore_cpu: v.sidecore_cpu.unwrap_or(0),
                     calls: v.calls.iter().map(|c| (c.op.clone(), c.status.clone(), c.count)).collect(),
-                    service_buckets: v.service_buckets.clone(),
-                    service_count: v.service_count,
-                    service_sum_ns: v.service_sum_ns,
+                    service: v.service_seconds.clone(),
+                    paused: v.paused,
+                    total: v.total,
+                    use_exit_path: v.use_exit_path,
+                    rejected: v.rejected,
+                    cancelled: v.cancelled,
+                    pte: v.pte.clone(),
+                    device: v.device.clone(),
                 })
                 .collect(),
+            process: None,
         }
     }
 }

@@ -4,8 +4,12 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-pub(super) fn reply_err(stream: &mut UnixStream, msg: &str) {
-    let _ = writeln!(stream, "{}", serde_json::json!({"ok": false, "error": msg}));
+/// A JSON-RPC error reply with a null id: for what is wrong with the
+/// connection rather than with one request (refused peer, framing, too
+/// many connections). Best effort: the peer may be gone.
+pub(super) fn reply_error(stream: &mut UnixStream, code: i64, msg: &str) {
+    let e = protocol::error_response(&serde_json::Value::Null, &protocol::RpcError::new(code, msg));
+    let _ = writeln!(stream, "{e}");
 }
 
 pub(super) fn peer_cred(stream: &UnixStream) -> Option<libc::ucred> {
@@ -245,9 +249,38 @@ impl Conn {
         writeln!(self.stream, "{line}").is_ok()
     }
 
-    /// Sends an error reply.
-    pub fn reply_err(&mut self, msg: &str) {
-        reply_err(&mut self.stream, msg);
+    /// Sends a connection-level error reply ([`reply_error`]).
+    pub fn reply_error(&mut self, code: i64, msg: &str) {
+        reply_error(&mut self.stream, code, msg);
+    }
+
+    /// Whether a whole line (or the peer's hang-up) is already buffered, so
+    /// that [`Conn::next_line`] returns without reading.
+    pub fn has_line(&self) -> bool {
+        self.eof || self.buf.contains(&b'\n')
+    }
+
+    /// Waits until the socket has bytes (or hung up) or `wake` is
+    /// readable; true if the socket is ready, false if only `wake` is.
+    /// Errors: poll's.
+    pub fn wait_readable(&self, wake: RawFd) -> std::io::Result<bool> {
+        let mut fds = [
+            libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 },
+            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        ];
+        loop {
+            // SAFETY: two valid pollfds, the count given is 2; both fds stay
+            // open across the call (the stream and the subscriber's eventfd
+            // are owned by this connection).
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r >= 0 {
+                return Ok(fds[0].revents != 0);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 
     /// Drops fds passed where no request takes them (on an attached

@@ -253,6 +253,7 @@ pub fn attach_request(vm: &Vm, packet_device: bool) -> crate::daemon::AttachRequ
             .iter()
             .map(|t| t.entries().iter().map(sidecore_core::cpuid::CpuidEntry::words).collect())
             .collect(),
+        name: None,
     }
 }
 

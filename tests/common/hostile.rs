@@ -67,10 +67,11 @@ pub fn pipe() -> (File, File) {
     unsafe { (File::from_raw_fd(p[0]), File::from_raw_fd(p[1])) }
 }
 
-/// A well-formed attach request for one vCPU.
+/// A well-formed attach request's params for one vCPU ([`attach`] wraps
+/// them in the JSON-RPC request).
 pub fn attach_request(packet_device: bool) -> serde_json::Value {
     serde_json::json!({
-        "op": "attach", "vcpus": 1, "backend": "svm", "ram_size": RAM,
+        "vcpus": 1, "backend": "svm", "ram_size": RAM,
         "shared_gpa": SHARED_GPA, "shared_size": shm_proto::ring::region_size(1),
         "pool_gpa": POOL_GPA, "pool_size": POOL_SIZE, "image_gpa": 0x20_0000, "image_end": 0x21_0000,
         "free_gpa": FREE_GPA, "cpuid": [[[0, 0, 0, 0xd, 0, 0, 0]]], "packet_device": packet_device,
@@ -105,18 +106,28 @@ pub fn reply(s: &UnixStream, limit: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Sends an attach of `req` with `fds`; the daemon's answer.
+/// A JSON-RPC 2.0 request line (with its newline).
+pub fn rpc(id: u64, method: &str, params: Option<&serde_json::Value>) -> String {
+    let mut v = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method});
+    if let Some(p) = params {
+        v["params"] = p.clone();
+    }
+    format!("{v}\n")
+}
+
+/// Sends an attach of `req` (its params) with `fds`; the daemon's answer.
 pub fn attach(sock: &Path, req: &serde_json::Value, fds: &[RawFd]) -> (UnixStream, String) {
-    let line = format!("{req}\n");
+    let line = rpc(1, "attach", Some(req));
     let s = send(sock, line.as_bytes(), fds);
     let r = reply(&s, Duration::from_secs(20));
     (s, r)
 }
 
-/// The daemon's status, over a raw connection.
+/// The daemon's status (the reply's `result`), over a raw connection.
 pub fn status(sock: &Path) -> serde_json::Value {
-    let s = send(sock, b"{\"op\":\"status\"}\n", &[]);
-    serde_json::from_str(&reply(&s, Duration::from_secs(20))).expect("status JSON")
+    let s = send(sock, rpc(1, "status", None).as_bytes(), &[]);
+    let v: serde_json::Value = serde_json::from_str(&reply(&s, Duration::from_secs(20))).expect("status JSON");
+    v["result"].clone()
 }
 
 /// Open fds, mappings of memfds, and threads of process `pid`.
