@@ -25,10 +25,17 @@ pub fn socket(tag: &str) -> PathBuf {
 /// Starts `sidecore daemon --cores 0` on `sock`; returns once it answers
 /// `status` (not when its socket file appears), or panics after 60 s.
 pub fn start_daemon(sock: &Path) -> Daemon {
+    start_daemon_with(sock, &[])
+}
+
+/// [`start_daemon`] with `extra` arguments (e.g. `--metrics ADDR`).
+pub fn start_daemon_with(sock: &Path, extra: &[&str]) -> Daemon {
     let bin = env!("CARGO_BIN_EXE_sidecore");
     let _ = std::fs::remove_file(sock);
     let child = Command::new(bin)
-        .args(["daemon", "--cores", "0", "--idle-park-us", "1000", "--socket"])
+        .args(["daemon", "--cores", "0", "--idle-park-us", "1000"])
+        .args(extra)
+        .arg("--socket")
         .arg(sock)
         .stderr(Stdio::null())
         .spawn()
@@ -40,4 +47,10 @@ pub fn start_daemon(sock: &Path) -> Daemon {
         std::thread::sleep(Duration::from_millis(50));
     }
     d
+}
+
+/// A loopback TCP port free just now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("addr").port()
 }
