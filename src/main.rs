@@ -41,7 +41,8 @@ enum Command {
 #[derive(Args)]
 struct DaemonArgs {
     /// Control socket (Unix domain); created 0600, or 0660 with --group.
-    #[arg(long, value_name = "PATH")]
+    /// The default's directory is created if missing.
+    #[arg(long, value_name = "PATH", default_value = sidecore_vmm::daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// CPUs to pin one sidecore each to (e.g. 0 or 2-3).
     #[arg(long, value_name = "LIST")]
@@ -97,15 +98,16 @@ struct EchoArgs {
     /// attached to a daemon (started here unless --attach names one).
     #[arg(long, default_value_t = 1, value_name = "N")]
     vms: usize,
-    /// Serve the sidecall path from the daemon at this socket.
-    #[arg(long, value_name = "SOCKET")]
+    /// Serve the sidecall path from the daemon at this socket
+    /// (`--attach` alone: the default socket, /run/sidecore/sidecore.sock).
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = sidecore_vmm::daemon::DEFAULT_SOCKET)]
     attach: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct StatusArgs {
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", default_value = sidecore_vmm::daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -209,8 +211,15 @@ struct RunArgs {
     #[arg(long, default_value_t = 0, value_name = "US")]
     idle_park_us: u64,
     /// Have the sidecore daemon listening at this socket serve the rings
-    /// (instead of a sidecore of this process).
-    #[arg(long, value_name = "SOCKET", conflicts_with = "sidecore")]
+    /// (instead of a sidecore of this process); `--attach` alone: the
+    /// default socket, /run/sidecore/sidecore.sock.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        conflicts_with = "sidecore",
+        num_args = 0..=1,
+        default_missing_value = sidecore_vmm::daemon::DEFAULT_SOCKET
+    )]
     attach: Option<PathBuf>,
     /// Workload argument (repeatable; e.g. spin's iteration count).
     #[arg(long = "arg", value_name = "N")]

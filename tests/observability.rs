@@ -301,3 +301,40 @@ fn five_idle_tcp_connections_do_not_delay_a_scrape() {
     );
     drop(idle);
 }
+
+#[test]
+fn status_and_run_attach_find_the_default_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let default = Path::new(sidecore_vmm::daemon::DEFAULT_SOCKET);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip("not root: cannot create /run/sidecore for the default socket");
+        return;
+    }
+    if UnixStream::connect(default).is_ok() {
+        skip("a daemon already listens on the default socket: not starting another");
+        return;
+    }
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut d = Command::new(bin())
+        .args(["daemon", "--cores", "0"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the daemon on the default socket");
+    let up = wait_for(Duration::from_secs(60), || {
+        Command::new(bin()).arg("status").output().is_ok_and(|o| o.status.success())
+    });
+    let run = up.then(|| {
+        Command::new(bin()).args(["run", "--workload", "hello", "--vcpu-cpus", "1", "--attach"]).output().expect("run")
+    });
+    // SAFETY: kill with a pid we own and a valid signal.
+    unsafe { libc::kill(i32::try_from(d.id()).unwrap_or(0), libc::SIGTERM) };
+    let _ = d.wait();
+    let _ = std::fs::remove_file(default);
+    assert!(up, "`sidecore status` with no --socket did not find the daemon on {}", default.display());
+    let run = run.expect("ran");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "run --attach (default socket) failed: {err}");
+}

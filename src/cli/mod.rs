@@ -36,7 +36,7 @@ pub(crate) fn run_error(e: &RunError) -> String {
 /// The daemon's error as the command line says it.
 pub(crate) fn daemon_error(e: &DaemonError) -> String {
     let flag = match e {
-        DaemonError::InUse(_) => Some("--socket"),
+        DaemonError::InUse(_) | DaemonError::Bind { .. } | DaemonError::NotASocket(_) => Some("--socket"),
         DaemonError::Group(_) => Some("--group"),
         DaemonError::Metrics { .. } => Some("--metrics"),
         _ => None,

@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -131,6 +131,10 @@ pub enum DaemonError {
         source: std::io::Error,
     },
 }
+
+/// The control socket when `--socket` is not given (`daemon`, `status`,
+/// `run --attach`): the systemd unit's RuntimeDirectory.
+pub const DEFAULT_SOCKET: &str = "/run/sidecore/sidecore.sock";
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -890,6 +894,15 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
 /// Binds `--socket`, 0600 or 0660 for `group`. Only a stale socket at the
 /// path is removed: never a file, directory or symlink.
 fn bind_socket(cfg: &DaemonConfig, group: Option<u32>) -> Result<UnixListener, DaemonError> {
+    if cfg.socket == Path::new(DEFAULT_SOCKET) {
+        if let Some(dir) = cfg.socket.parent().filter(|d| !d.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
+        }
+    }
     if let Ok(meta) = std::fs::symlink_metadata(&cfg.socket) {
         if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
             return Err(DaemonError::NotASocket(cfg.socket.clone()));
