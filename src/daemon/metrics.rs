@@ -765,6 +765,27 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_asks_only_for_series_the_daemon_exports() {
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../../scripts/grafana-dashboard.json")).expect("dashboard JSON");
+        let text = to_text_format(&render(&snapshot()).unwrap());
+        let mut checked = 0;
+        for panel in dash["panels"].as_array().expect("panels") {
+            for t in panel["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                let names = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("sidecore_") || w.starts_with("process_"));
+                for name in names {
+                    assert!(text.contains(&format!("\n{name}{{")) || text.contains(&format!("\n{name} ")), "{name}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 15, "{checked}");
+    }
+
+    #[test]
     fn accept_headers_pick_the_format() {
         let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
         assert_eq!(negotiate(Some(prom)), Format::OpenMetrics);
