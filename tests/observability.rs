@@ -102,32 +102,40 @@ fn json_rpc_ids_pipelining_batches_and_an_event_subscriber() {
     assert!(items[0]["result"].as_array().is_some_and(|m| m.iter().any(|m| m == "subscribe")), "{batch}");
     assert_eq!((items[1]["id"].as_i64(), items[1]["error"]["code"].as_i64()), (Some(4), Some(-32601)), "{batch}");
 
-    // Subscribe, then a VM comes and goes: attach, then detach, its pid.
+    // Subscribe, then a VM comes and goes: attach, then detach, with its
+    // pid; the daemon's parked sidecore wakes for it and parks after.
     s.write_all(
-        b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"subscribe\",\"params\":{\"events\":[\"attach\",\"detach\"]}}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"subscribe\",\"params\":{\"events\":\
+          [\"attach\",\"detach\",\"sidecore_park\",\"sidecore_unpark\"]}}\n",
     )
     .expect("subscribe");
-    let sub = r.next(Duration::from_secs(10));
+    let mut sub = r.next(Duration::from_secs(10));
+    while sub.get("id").is_none() {
+        // A park event may come before the reply.
+        sub = r.next(Duration::from_secs(10));
+    }
     assert_eq!(sub["id"], 5, "{sub}");
-    let vm = Command::new(bin())
-        .args(["run", "--workload", "hello", "--vcpu-cpus", "1", "--attach"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a VMM");
+    let vm = lingering_vm(&sock, 500);
     let pid = u64::from(vm.id());
-    let attach = r.next(Duration::from_secs(120));
-    assert_eq!(
-        (attach["method"].as_str(), attach["params"]["event"].as_str()),
-        (Some("event"), Some("attach")),
-        "{attach}"
-    );
-    assert_eq!(attach["params"]["pid"].as_u64(), Some(pid), "{attach}");
-    assert!(attach["params"]["vm"].is_u64() && attach["params"]["name"].is_string(), "{attach}");
-    let detach = r.next(Duration::from_secs(120));
-    assert_eq!(detach["params"]["event"].as_str(), Some("detach"), "{detach}");
-    assert_eq!(detach["params"]["vm"], attach["params"]["vm"], "{detach}");
+    let mut events = Vec::new();
+    let t0 = Instant::now();
+    while !events.iter().any(|e: &serde_json::Value| e["params"]["event"] == "detach") {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no detach event: {events:?}");
+        let e = r.next(Duration::from_secs(120));
+        assert_eq!(e["method"], "event", "{e}");
+        events.push(e);
+    }
+    let kind = |k: &str| events.iter().position(|e| e["params"]["event"] == k);
+    let (a, d) = (kind("attach").expect("an attach event"), kind("detach").expect("detach"));
+    assert!(a < d, "{events:?}");
+    let (attach, detach) = (&events[a]["params"], &events[d]["params"]);
+    assert_eq!(attach["pid"].as_u64(), Some(pid), "{attach}");
+    assert!(attach["vm"].is_u64() && attach["name"].is_string() && attach["cpu"] == 0, "{attach}");
+    assert_eq!(detach["vm"], attach["vm"], "{detach}");
+    assert!(kind("sidecore_unpark").is_some(), "the sidecore served the VM unparked: {events:?}");
+    let parked_again = events[d..].iter().any(|e| e["params"]["event"] == "sidecore_park")
+        || r.next(Duration::from_secs(30))["params"]["event"] == "sidecore_park";
+    assert!(parked_again, "the sidecore did not park after the VM left: {events:?}");
     let out = vm.wait_with_output().expect("VMM");
     assert!(out.status.success(), "the VM failed");
     // The subscriber still gets answers.
