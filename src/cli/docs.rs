@@ -29,6 +29,7 @@ pub(crate) fn cmd_completions(shell: clap_complete::Shell, mut cmd: clap::Comman
 fn render_page(cmd: &clap::Command) -> Result<Vec<u8>, CliError> {
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd.clone())
+        .source(concat!("sidecore ", env!("CARGO_PKG_VERSION")))
         .render(&mut page)
         .map_err(|e| CliError::Runtime(format!("rendering the manual page of {}: {e}", cmd.get_name())))?;
     Ok(page)
