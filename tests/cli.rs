@@ -200,3 +200,60 @@ fn a_vcpu_on_a_sidecore_cpu_is_warned_about() {
         assert!(!stderr(&o).contains("sharing a core"), "{}", stderr(&o));
     }
 }
+
+/// A minimal x86-64 guest ELF: one executable segment at the image address
+/// holding `code`, entered at its first byte.
+fn tiny_guest(code: &[u8]) -> Vec<u8> {
+    const EHDR: u16 = 64;
+    const PHDR: u16 = 56;
+    let (ehdr, phdr) = (usize::from(EHDR), usize::from(PHDR));
+    let at = shm_proto::layout::IMAGE_GPA;
+    let mut v = vec![0u8; ehdr + phdr];
+    v[0..4].copy_from_slice(b"\x7fELF");
+    v[4] = 2; // ELFCLASS64
+    v[5] = 1; // little-endian
+    v[6] = 1; // EV_CURRENT
+    let put = |v: &mut Vec<u8>, off: usize, bytes: &[u8]| v[off..off + bytes.len()].copy_from_slice(bytes);
+    put(&mut v, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut v, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut v, 20, &1u32.to_le_bytes());
+    put(&mut v, 24, &at.to_le_bytes());
+    put(&mut v, 32, &u64::from(EHDR).to_le_bytes());
+    put(&mut v, 52, &EHDR.to_le_bytes());
+    put(&mut v, 54, &PHDR.to_le_bytes());
+    put(&mut v, 56, &1u16.to_le_bytes());
+    let p = ehdr;
+    put(&mut v, p, &1u32.to_le_bytes()); // PT_LOAD
+    put(&mut v, p + 4, &5u32.to_le_bytes()); // R + X
+    put(&mut v, p + 8, &u64::from(EHDR + PHDR).to_le_bytes());
+    put(&mut v, p + 16, &at.to_le_bytes());
+    put(&mut v, p + 24, &at.to_le_bytes());
+    put(&mut v, p + 32, &(code.len() as u64).to_le_bytes());
+    put(&mut v, p + 40, &(code.len() as u64).to_le_bytes());
+    put(&mut v, p + 48, &0x1000u64.to_le_bytes());
+    v.extend_from_slice(code);
+    v
+}
+
+#[test]
+fn a_failing_guest_exits_apart_from_host_and_usage_failures() {
+    if !kvm_available() {
+        return;
+    }
+    let [lo, hi] = shm_proto::boot::PORT_EXIT.to_le_bytes();
+    // mov dx, PORT_EXIT; mov eax, 101; out dx, eax; 1: hlt; jmp 1b
+    let status = [0x66, 0xba, lo, hi, 0xb8, 101, 0, 0, 0, 0xef, 0xf4, 0xeb, 0xfd];
+    // ud2 with no IDT: the guest crashes.
+    let crash = [0x0f, 0x0b];
+    for (name, code, exit, says) in
+        [("status", &status[..], 3, "vCPU 0 exited with status 101"), ("crash", &crash[..], 4, "vCPU 0 faulted")]
+    {
+        let path = std::env::temp_dir().join(format!("sidecore-test-guest-{name}-{}", std::process::id()));
+        std::fs::write(&path, tiny_guest(code)).expect("write the guest");
+        let o = sidecore(&["run", "--guest", path.to_str().expect("utf-8 temp dir")], &[]);
+        let _ = std::fs::remove_file(&path);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(exit), "{name}: {e}");
+        assert!(e.contains(&format!("sidecore: guest failed: {says}")), "{name}: {e}");
+    }
+}
