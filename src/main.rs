@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use shm_proto::layout::MAX_VCPUS;
 
 mod cli;
 
@@ -314,7 +315,6 @@ or 4, stderr says which vCPU and its exact status or fault, in the line
 const MIN_MEM_MIB: u64 = 4;
 /// The largest guest RAM, in MiB (the guest's layout maps RAM up to `MAX_RAM`).
 const MAX_MEM_MIB: u64 = shm_proto::layout::MAX_RAM >> 20;
-use shm_proto::layout::MAX_VCPUS;
 
 /// Bytes per packet: 8 (the sequence number) to the device's largest.
 fn packet_size_parser() -> clap::builder::RangedU64ValueParser<usize> {
