@@ -3,18 +3,53 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use shm_proto::layout::MAX_VCPUS;
 
 mod cli;
+
+use cli::{CliError, CpuList};
 
 /// Sidecore: a KVM hypervisor runtime whose pinned host core (the sidecore)
 /// serves guests' VMM requests through shared-memory rings — no VM exit —
 /// with the classic exit paths kept beside it for comparison and fallback.
 #[derive(Parser)]
-#[command(name = "sidecore", version, about, long_about = None)]
+#[command(name = "sidecore", version, about, long_about = None, after_help = MAIN_AFTER_HELP)]
 struct Cli {
+    /// Format of the log lines on stderr: text, or json (one JSON object per
+    /// line, for a log collector).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "SIDECORE_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Command,
+}
+
+const MAIN_AFTER_HELP: &str = "\
+Logs go to stderr. SIDECORE_LOG picks which: a tracing filter such as warn,
+info, debug or sidecore_vmm::daemon=debug,warn (default: info for `daemon`, so
+a journal shows every VM attach and detach; warn for the other commands).
+Text logs are coloured only when stderr is a terminal and NO_COLOR is unset or
+empty.
+
+Exit status: 0 success; 1 the work failed (KVM, a file, the daemon unreachable,
+a guest that could not boot, a failed check); 2 usage error (a bad option or
+value). `sidecore run` adds 3 and 4 for a guest that failed: see
+`sidecore run --help`.";
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -36,6 +71,27 @@ enum Command {
     Echo(EchoArgs),
     /// Show the KVM backend, CPUs, TSC frequency, and whether guests run natively.
     Info(InfoArgs),
+    /// Print a shell completion script on stdout (e.g. `sidecore completions
+    /// bash > /etc/bash_completion.d/sidecore`).
+    Completions(CompletionsArgs),
+    /// Write the manual pages: sidecore.1 and one per command
+    /// (sidecore-run.1, ...) into --out, or sidecore.1 alone on stdout.
+    Manpage(ManpageArgs),
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Args)]
+struct ManpageArgs {
+    /// Directory to write sidecore.1 and the per-command pages into (created
+    /// if missing); without it, sidecore.1 goes to stdout.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -45,8 +101,8 @@ struct DaemonArgs {
     #[arg(long, value_name = "PATH", default_value = sidecore_vmm::daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// CPUs to pin one sidecore each to (e.g. 0 or 2-3).
-    #[arg(long, value_name = "LIST")]
-    cores: String,
+    #[arg(long, value_name = "LIST", value_parser = cli::parse_cpu_list_arg)]
+    cores: CpuList,
     /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -65,19 +121,23 @@ struct DaemonArgs {
 
 #[derive(Args)]
 struct EchoArgs {
-    /// sidecall (the sidecore moves packets and posts events) or exit
-    /// (a VMM thread interrupts the vCPU per packet; tx by PIO doorbell).
-    #[arg(long, default_value = "sidecall", value_name = "PATH")]
-    path: String,
-    /// Packets to send.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    /// The device's path.
+    #[arg(long, value_enum, default_value_t = EchoPath::Sidecall, value_name = "PATH")]
+    path: EchoPath,
+    /// Packets to send per VM (at least 1).
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
-    /// Bytes per packet (8 to 2048).
-    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "BYTES",
+        value_parser = packet_size_parser(),
+        help = format!("Bytes per packet (8 to {})", shm_proto::event::PKT_MAX)
+    )]
     size: usize,
     /// Open loop at this many packets per second (throughput and loss);
-    /// default: closed loop, one packet in flight (latency).
-    #[arg(long, value_name = "PPS")]
+    /// default: closed loop, one packet in flight (latency). At least 1.
+    #[arg(long, value_name = "PPS", value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
     /// The sidecore's CPU (default: the first online CPU).
     #[arg(long, value_name = "CPU")]
@@ -95,8 +155,14 @@ struct EchoArgs {
     toggle_every: u64,
     /// Run this many echo VMs at once, each with its own device and load
     /// generator (--count packets each). On the sidecall path they are
-    /// attached to a daemon (started here unless --attach names one).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// attached to a daemon (started here unless --attach names one). At
+    /// least 1.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     vms: usize,
     /// Serve the sidecall path from the daemon at this socket
     /// (`--attach` alone: the default socket, /run/sidecore/sidecore.sock).
@@ -179,16 +245,28 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = RUN_AFTER_HELP)]
 struct RunArgs {
     /// Guest ELF to run instead of the bundled guest-agent (64-bit x86-64,
     /// linked at 0x200000 like guest-agent).
     #[arg(long, value_name = "ELF")]
     guest: Option<PathBuf>,
-    /// Number of vCPUs, each with its own ring.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    // The bounds come from the VMM's, so the help says them.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)),
+        help = format!("Number of vCPUs, each with its own ring (1 to {MAX_VCPUS})")
+    )]
     vcpus: u32,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 64, value_name = "MiB")]
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "MiB",
+        value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB),
+        help = format!("Guest RAM in MiB ({MIN_MEM_MIB} to {MAX_MEM_MIB})")
+    )]
     mem: u64,
     /// Serve sidecalls from a sidecore pinned to each of these CPUs (e.g. 0 or
     /// 0,2); without it the guest uses the exit paths only.
@@ -196,12 +274,11 @@ struct RunArgs {
     sidecore: Vec<usize>,
     /// Pin vCPU i to the i-th CPU of this list (e.g. 1 or 2-3). Default:
     /// counting down from the last online CPU, skipping sidecore CPUs.
-    #[arg(long, value_name = "LIST", env = "SIDECORE_VCPU_CPUS")]
-    vcpu_cpus: Option<String>,
-    /// Workload: hello (prints a computed value), spin (native-execution
-    /// check: ns per loop iteration), selftest (every path, every answer).
-    #[arg(long, default_value = "hello", value_name = "NAME")]
-    workload: String,
+    #[arg(long, value_name = "LIST", env = "SIDECORE_VCPU_CPUS", value_parser = cli::parse_cpu_list_arg)]
+    vcpu_cpus: Option<CpuList>,
+    /// The guest-agent's workload (a --guest ELF reads it from its boot info).
+    #[arg(long, value_enum, default_value_t = RunWorkload::Hello, value_name = "NAME")]
+    workload: RunWorkload,
     /// How long a sidecall waits for its reply before it falls back to the
     /// exit path, in µs.
     #[arg(long, default_value_t = 2000, value_name = "US")]
@@ -221,7 +298,8 @@ struct RunArgs {
         default_missing_value = sidecore_vmm::daemon::DEFAULT_SOCKET
     )]
     attach: Option<PathBuf>,
-    /// Workload argument (repeatable; e.g. spin's iteration count).
+    /// Workload argument, in slot order (repeatable, at most 8; 0 is the
+    /// slot's default; e.g. spin's iteration count).
     #[arg(long = "arg", value_name = "N")]
     args: Vec<u64>,
     /// Split the guest's own call round-trip histogram (kept by selftest's
@@ -232,6 +310,95 @@ struct RunArgs {
     latency_phases: bool,
 }
 
+const RUN_AFTER_HELP: &str = "\
+The echo and irq workloads are run by `sidecore echo` and by
+`sidecore bench --ops irq`, which give them their device and their load.
+
+Exit status: 0 every vCPU reported status 0; 1 the run failed on the host (KVM,
+the guest file, the daemon, a guest that could not boot); 2 usage error; 3 the
+guest reported a non-zero status; 4 a vCPU faulted (the guest crashed). With 3
+or 4, stderr says which vCPU and its exact status or fault, in the line
+`sidecore: guest failed: ...`.";
+
+/// The smallest guest RAM `Vm::build` accepts, in MiB.
+const MIN_MEM_MIB: u64 = 4;
+/// The largest guest RAM, in MiB (the guest's layout maps RAM up to `MAX_RAM`).
+const MAX_MEM_MIB: u64 = shm_proto::layout::MAX_RAM >> 20;
+
+/// Bytes per packet: 8 (the sequence number) to the device's largest.
+fn packet_size_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(8..=u64::from(shm_proto::event::PKT_MAX))
+}
+
+/// `sidecore echo --path`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EchoPath {
+    /// The sidecore moves packets and posts events to the guest.
+    Sidecall,
+    /// A VMM thread interrupts the vCPU per packet; tx by PIO doorbell.
+    Exit,
+}
+
+/// `sidecore run --workload`: the guest-agent's workloads
+/// (`shm_proto::boot::Workload`), with the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RunWorkload {
+    /// Prints a line with a value it computed.
+    Hello,
+    /// Native-execution check: times register-only loop iterations (--arg:
+    /// iterations, default 10^8) and prints ns per iteration.
+    Spin,
+    /// Runs every path and checks every answer; prints `selftest: ok` or
+    /// what failed (--arg: CPUID leaves, linger ms, polite, pause ms).
+    Selftest,
+    /// Times every op on every path and prints the table (what `sidecore
+    /// bench` runs, here in one VM).
+    Bench,
+    /// The bench's page-fault case only: maps fresh pages and touches each,
+    /// by trap and by sidecall.
+    Pagefault,
+    /// A hostile guest: writes garbage into its ring (for the second --arg
+    /// ms, default 10,000) and checks that every reply is a correct answer
+    /// or an error status.
+    Chaos,
+    /// Wake-up latency of a parked sidecore: rounds (--arg, default 50) of
+    /// idling (second --arg µs, default 5000), then one timed null sidecall.
+    Wake,
+    /// The packet device's echo guest: run by `sidecore echo`.
+    #[value(hide = true)]
+    Echo,
+    /// The event responder: run by `sidecore bench --ops irq`.
+    #[value(hide = true)]
+    Irq,
+    /// A hostile guest against the GPA space: maps every GPA up to 2^40,
+    /// triggers shadow zaps (--arg, default 1000) and checks no read returns
+    /// memory outside its RAM.
+    Gpascan,
+    /// Hammers the control port with stop/start writes (--arg, default
+    /// 100,000), then checks calls are answered by sidecall again and none
+    /// was lost.
+    Toggle,
+}
+
+impl RunWorkload {
+    fn workload(self) -> shm_proto::boot::Workload {
+        use shm_proto::boot::Workload;
+        match self {
+            RunWorkload::Hello => Workload::Hello,
+            RunWorkload::Spin => Workload::Spin,
+            RunWorkload::Selftest => Workload::Selftest,
+            RunWorkload::Bench => Workload::Bench,
+            RunWorkload::Pagefault => Workload::Pagefault,
+            RunWorkload::Chaos => Workload::Chaos,
+            RunWorkload::Wake => Workload::Wake,
+            RunWorkload::Echo => Workload::Echo,
+            RunWorkload::Irq => Workload::Irq,
+            RunWorkload::Gpascan => Workload::Gpascan,
+            RunWorkload::Toggle => Workload::Toggle,
+        }
+    }
+}
+
 #[derive(Args)]
 struct InfoArgs {
     /// Print JSON instead of text.
@@ -239,25 +406,100 @@ struct InfoArgs {
     json: bool,
 }
 
+/// Logs on stderr: the `SIDECORE_LOG` filter (else `default_filter`), in
+/// `format`; text is coloured only on a terminal and without `NO_COLOR`.
+fn init_logs(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad) = match std::env::var("SIDECORE_LOG") {
+        Ok(s) if !s.trim().is_empty() => match EnvFilter::try_new(&s) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new(default_filter), Some((s, e))),
+        },
+        _ => (EnvFilter::new(default_filter), None),
+    };
+    // https://no-color.org: set and not empty turns colour off.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+    if let Some((s, e)) = bad {
+        tracing::warn!("SIDECORE_LOG={s:?} is not a log filter ({e}); logging at {default_filter} — use e.g. info or sidecore_vmm::daemon=debug");
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SIDECORE_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    // A journal must show VMs attaching and detaching; a one-shot command
+    // stays quiet unless something is wrong.
+    let default_filter = if matches!(cli.cmd, Command::Daemon(_)) { "info" } else { "warn" };
+    init_logs(log_format, default_filter);
     let r = match cli.cmd {
         Command::Run(a) => cli::run::cmd_run(a),
-        Command::Bench(a) => cli::bench::cmd_bench(a),
+        Command::Bench(a) => cli::bench::cmd_bench(a).map_err(CliError::from),
         Command::Daemon(a) => cli::daemon::cmd_daemon(a),
         Command::Status(a) => cli::daemon::cmd_status(a),
         Command::Echo(a) => cli::echo::cmd_echo(a),
         Command::Info(a) => cli::info::cmd_info(a.json),
+        Command::Completions(a) => cli::docs::cmd_completions(a.shell, Cli::command()),
+        Command::Manpage(a) => cli::docs::cmd_manpage(a.out.as_deref(), Cli::command()),
     };
     match r {
         Ok(c) => c,
-        Err(msg) => {
-            eprintln!("sidecore: {msg}");
-            ExitCode::from(2)
+        Err(e) => {
+            if log_format == LogFormat::Json {
+                tracing::error!(exit_status = e.exit_status(), "{e}");
+            } else {
+                eprintln!("sidecore: {e}");
+            }
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm_proto::boot::Workload;
+    use sidecore_vmm::vmm::vm::{Vm, VmError, VmSpec};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_workload_is_a_run_value_of_the_same_name() {
+        for w in Workload::ALL {
+            let v = RunWorkload::value_variants()
+                .iter()
+                .find(|v| v.workload() == w)
+                .unwrap_or_else(|| panic!("{} has no --workload value", w.name()));
+            let pv = v.to_possible_value().expect("a value");
+            assert_eq!(pv.get_name(), w.name());
+            // Hidden only where another command runs it.
+            assert_eq!(pv.is_hide_set(), matches!(w, Workload::Echo | Workload::Irq), "{}", w.name());
+        }
+        assert_eq!(RunWorkload::value_variants().len(), Workload::ALL.len());
+    }
+
+    #[test]
+    fn run_ranges_are_the_vmms() {
+        let build = |vcpus, mem| Vm::build(&VmSpec::bundled(Workload::Hello, vcpus, mem, [0; 8])).err();
+        match build(1, MIN_MEM_MIB - 1) {
+            Some(VmError::MemSize { min, max, .. }) => assert_eq!((min, max), (MIN_MEM_MIB, MAX_MEM_MIB)),
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(build(MAX_VCPUS + 1, 64), Some(VmError::VcpuCount(_))));
+        let parse = |args: &[&str]| Cli::try_parse_from([&["sidecore", "run"], args].concat());
+        assert!(parse(&["--vcpus", &MAX_VCPUS.to_string(), "--mem", &MAX_MEM_MIB.to_string()]).is_ok());
+        for bad in [["--vcpus", "0"], ["--mem", "3"], ["--mem", "257"], ["--workload", "nope"]] {
+            let e = parse(&bad).err().expect("rejected");
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
         }
     }
 }

@@ -128,14 +128,14 @@ fn assert_clean_failure(args: &[&str], needle: &str) {
 #[test]
 fn bad_input_gets_clear_errors() {
     assert_clean_failure(&["run", "--guest", "/nonexistent"], "/nonexistent");
-    assert_clean_failure(&["run", "--workload", "nope"], "unknown workload 'nope'");
+    assert_clean_failure(&["run", "--workload", "nope"], "invalid value 'nope' for '--workload");
     let not_elf = std::env::temp_dir().join(format!("sidecore-not-elf-{}", std::process::id()));
     std::fs::write(&not_elf, b"#!/bin/sh\necho this is not an ELF\n").expect("write temp file");
     let p = not_elf.display().to_string();
     assert_clean_failure(&["run", "--guest", &p], &p);
     let _ = std::fs::remove_file(&not_elf);
-    assert_clean_failure(&["run", "--mem", "2"], "--mem: 2 MiB");
-    assert_clean_failure(&["run", "--vcpus", "0"], "--vcpus: 0 vCPUs");
+    assert_clean_failure(&["run", "--mem", "2"], "2 is not in 4..=256");
+    assert_clean_failure(&["run", "--vcpus", "0"], "0 is not in 1..=");
     if kvm_available() {
         assert_clean_failure(&["run", "--vcpu-cpus", "4095"], "--vcpu-cpus CPU 4095 is not online");
         assert_clean_failure(&["run", "--sidecore", "4095"], "--sidecore CPU 4095 is not online");

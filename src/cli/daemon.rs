@@ -5,15 +5,13 @@ use std::process::ExitCode;
 use sidecore_vmm::error_chain;
 use sidecore_vmm::vmm;
 
+use super::CliError;
 use crate::{DaemonArgs, StatusArgs};
 
-pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
-    let cores = sidecore_vmm::host::parse_cpu_list(&a.cores).map_err(|e| format!("--cores: {e}"))?;
-    if cores.is_empty() {
-        return Err("--cores: the list is empty".into());
-    }
+pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, CliError> {
+    let cores = a.cores.0;
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
-    vmm::check_online("--cores", &cores, &online).map_err(|e| error_chain(&e))?;
+    vmm::check_online("--cores", &cores, &online).map_err(|e| CliError::Usage(error_chain(&e)))?;
     let cfg = sidecore_vmm::daemon::DaemonConfig {
         socket: a.socket,
         cores,
@@ -34,7 +32,7 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn cmd_status(a: StatusArgs) -> Result<ExitCode, String> {
+pub(crate) fn cmd_status(a: StatusArgs) -> Result<ExitCode, CliError> {
     let r = sidecore_vmm::daemon::query_status(&a.socket).map_err(|e| error_chain(&e))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| format!("writing the JSON: {e}"))?);

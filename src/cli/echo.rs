@@ -6,19 +6,32 @@ use sidecore_vmm::error_chain;
 use sidecore_vmm::scenarios::EventPath;
 use sidecore_vmm::vmm;
 
-use crate::EchoArgs;
+use super::CliError;
+use crate::{EchoArgs, EchoPath};
 
-pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
-    let path = match a.path.as_str() {
-        "sidecall" => EventPath::Posted,
-        "exit" => EventPath::Interrupt,
-        p => return Err(format!("--path: unknown '{p}' — choose sidecall or exit")),
+pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, CliError> {
+    let (path, path_name) = match a.path {
+        EchoPath::Sidecall => (EventPath::Posted, "sidecall"),
+        EchoPath::Exit => (EventPath::Interrupt, "exit"),
     };
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
     let side = a.sidecore.or(online.first().copied()).unwrap_or(0);
     let vcpu = a.vcpu_cpu.or(online.last().copied()).unwrap_or(0);
-    vmm::check_online("--sidecore", &[side], &online).map_err(|e| error_chain(&e))?;
-    vmm::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| error_chain(&e))?;
+    vmm::check_online("--sidecore", &[side], &online).map_err(|e| CliError::Usage(error_chain(&e)))?;
+    vmm::check_online("--vcpu-cpu", &[vcpu], &online).map_err(|e| CliError::Usage(error_chain(&e)))?;
+    // The sidecall path's sidecore (this process's, or the daemon's started
+    // for several VMs) runs on `side`; a named daemon's cores are its own.
+    if a.path == EchoPath::Sidecall && a.attach.is_none() {
+        super::warn_shared_cores(
+            &[side],
+            &[vcpu],
+            if online.len() > 1 {
+                "Pass --sidecore and --vcpu-cpu two different CPUs (by default the first and the last online)."
+            } else {
+                "This host has one online CPU, so they cannot be apart: expect slow echoes."
+            },
+        );
+    }
     let khz =
         sidecore_vmm::host::open_kvm().and_then(|k| sidecore_vmm::host::tsc_khz(&k)).map_err(|e| error_chain(&e))?.khz;
     let cfg = sidecore_vmm::scenarios::EchoConfig {
@@ -30,7 +43,7 @@ pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
         vcpu_cpu: vcpu,
         spin_us: a.spin_us,
         toggle_every: a.toggle_every,
-        vms: a.vms.max(1),
+        vms: a.vms,
         attach: a.attach.clone(),
     };
 
@@ -47,7 +60,7 @@ pub(crate) fn cmd_echo(a: EchoArgs) -> Result<ExitCode, String> {
     let st = &r.stats;
     println!(
         "echo: {} path, {} sent, {} back intact, {} corrupted, {} out of order, {} lost, {:.0} packets/s",
-        a.path,
+        path_name,
         st.sent,
         st.intact,
         st.corrupted,

@@ -10,13 +10,15 @@ use sidecore_vmm::vmm::{self, ConsoleSink, RunOptions, VcpuEnd};
 use crate::RunArgs;
 
 use super::bench::bench_progress;
+use super::CliError;
 
-pub(crate) fn parse_workload(name: &str) -> Result<Workload, String> {
-    Workload::ALL.iter().copied().find(|w| w.name() == name).ok_or_else(|| {
-        let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-        format!("unknown workload '{name}' — choose one of: {}", names.join(", "))
-    })
-}
+/// `run`'s exit status when a vCPU reported a non-zero status.
+pub(crate) const EXIT_GUEST_STATUS: u8 = 3;
+/// `run`'s exit status when a vCPU faulted.
+pub(crate) const EXIT_GUEST_FAULT: u8 = 4;
+
+/// Most workload arguments (`BootInfo::args`).
+const MAX_ARGS: usize = 8;
 
 pub(crate) fn load_guest(path: &Option<PathBuf>) -> Result<(String, Vec<u8>), String> {
     match path {
@@ -30,38 +32,60 @@ pub(crate) fn load_guest(path: &Option<PathBuf>) -> Result<(String, Vec<u8>), St
     }
 }
 
-pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
-    let workload = parse_workload(&a.workload)?;
+/// The process's exit status for how the vCPUs ended (see `run --help`): a
+/// fault outranks a status, as the worse failure; 0 only if every vCPU
+/// reported 0. Kept apart from 1 and 2 so a script can tell a failing guest
+/// from a failing host or command line.
+pub(crate) fn guest_exit_status(ends: &[VcpuEnd]) -> u8 {
+    if ends.iter().any(|e| matches!(e, VcpuEnd::Fault(_))) {
+        EXIT_GUEST_FAULT
+    } else if ends.iter().any(|e| !matches!(e, VcpuEnd::Status(0))) {
+        EXIT_GUEST_STATUS
+    } else {
+        0
+    }
+}
+
+pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
+    let workload = a.workload.workload();
     match workload {
         Workload::Echo => {
-            return Err("the echo workload needs its packet device and a load generator: run `sidecore echo`".into())
+            return Err(CliError::Usage(
+                "--workload echo needs its packet device and a load generator: run `sidecore echo`".into(),
+            ))
         }
         Workload::Irq => {
-            return Err("the irq workload answers the sidecore's test events: run `sidecore bench --ops irq`".into())
+            return Err(CliError::Usage(
+                "--workload irq answers the sidecore's test events: run `sidecore bench --ops irq`".into(),
+            ))
         }
         _ => {}
     }
-    let (guest_path, guest_elf) = load_guest(&a.guest)?;
-    let vcpu_cpus = match &a.vcpu_cpus {
-        Some(s) => Some(sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?),
-        None => None,
+    if a.args.len() > MAX_ARGS {
+        return Err(CliError::Usage(format!("--arg: at most {MAX_ARGS} workload arguments, got {}", a.args.len())));
+    }
+    let vcpu_cpus = a.vcpu_cpus.map(|l| l.0);
+    // What vmm::run will pin, for the warning and the bench header.
+    let placed: Vec<usize> = match &vcpu_cpus {
+        Some(l) => (0..a.vcpus as usize).map(|i| l[i % l.len()]).collect(),
+        None => sidecore_vmm::host::online_cpus()
+            .map(|o| vmm::default_vcpu_cpus(&o, &a.sidecore, a.vcpus))
+            .unwrap_or_default(),
     };
-    if vcpu_cpus.as_ref().is_some_and(Vec::is_empty) {
-        return Err("--vcpu-cpus: the list is empty".into());
-    }
-    if a.args.len() > 8 {
-        return Err("--arg: at most 8 workload arguments".into());
-    }
-    let mut args = [0u64; 8];
+    super::warn_shared_cores(
+        &a.sidecore,
+        &placed,
+        if vcpu_cpus.is_some() {
+            "Give --vcpu-cpus CPUs that --sidecore does not name (or leave it out: the default skips them)."
+        } else {
+            "Every online CPU runs a sidecore: name fewer with --sidecore, or pass --vcpu-cpus."
+        },
+    );
+    let (guest_path, guest_elf) = load_guest(&a.guest)?;
+    let mut args = [0u64; MAX_ARGS];
     args[..a.args.len()].copy_from_slice(&a.args);
     let sidecore_cpu0 = a.sidecore.first().copied().unwrap_or(0);
-    let vcpu_cpu0 = match &vcpu_cpus {
-        Some(l) => l.first().copied().unwrap_or(0),
-        None => sidecore_vmm::host::online_cpus()
-            .ok()
-            .and_then(|o| vmm::default_vcpu_cpus(&o, &a.sidecore, 1).first().copied())
-            .unwrap_or(0),
-    };
+    let vcpu_cpu0 = placed.first().copied().unwrap_or(0);
     let bench = matches!(workload, Workload::Bench | Workload::Pagefault).then(|| {
         let khz =
             sidecore_vmm::host::open_kvm().ok().and_then(|k| sidecore_vmm::host::tsc_khz(&k).ok()).map_or(1, |t| t.khz);
@@ -92,7 +116,7 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
     };
     // Decided before the run: the probe boots a VM of its own.
     let execution = bench.as_ref().map(|_| sidecore_vmm::scenarios::info::probe_execution());
-    let report = vmm::run(opts).map_err(|e| super::run_error(&e))?;
+    let report = vmm::run(opts).map_err(|e| super::run_cli_error(&e))?;
     if let (Some(b), Some(execution)) = (bench, execution) {
         let backend = sidecore_vmm::host::open_kvm()
             .ok()
@@ -114,10 +138,7 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         match end {
             VcpuEnd::Status(0) => {}
             VcpuEnd::Status(s) => failed.push(format!("vCPU {i} exited with status {s}")),
-            VcpuEnd::Fault(m) => {
-                eprintln!("sidecore: {m}");
-                failed.push(format!("vCPU {i} faulted"));
-            }
+            VcpuEnd::Fault(m) => failed.push(format!("vCPU {i} faulted: {m}")),
         }
     }
     if workload == Workload::Selftest {
@@ -126,12 +147,34 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, String> {
         } else {
             println!("selftest: FAILED ({})", failed.join("; "));
         }
-    } else if !failed.is_empty() {
-        eprintln!("sidecore: {}", failed.join("; "));
+    }
+    if !failed.is_empty() {
+        eprintln!("sidecore: guest failed: {}", failed.join("; "));
     }
     let rejected = report.sidecall_stats.rejected() + report.exit_stats.rejected();
     if rejected > 0 {
         tracing::info!(rejected, "requests answered with an error status");
     }
-    Ok(ExitCode::from(report.exit_code()))
+    Ok(ExitCode::from(guest_exit_status(&report.ends)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_failures_exit_apart_from_host_and_usage_failures() {
+        let ok = VcpuEnd::Status(0);
+        let fault = VcpuEnd::Fault("triple fault".into());
+        assert_eq!(guest_exit_status(&[ok.clone(), ok.clone()]), 0);
+        assert_eq!(guest_exit_status(&[]), 0);
+        for s in [1, 2, 3, 101, 256, u32::MAX] {
+            assert_eq!(guest_exit_status(&[ok.clone(), VcpuEnd::Status(s)]), EXIT_GUEST_STATUS, "status {s}");
+        }
+        assert_eq!(guest_exit_status(&[VcpuEnd::Status(1), fault.clone()]), EXIT_GUEST_FAULT);
+        assert_eq!(guest_exit_status(&[fault]), EXIT_GUEST_FAULT);
+        for code in [EXIT_GUEST_STATUS, EXIT_GUEST_FAULT] {
+            assert!(code != super::super::EXIT_RUNTIME && code != super::super::EXIT_USAGE);
+        }
+    }
 }
