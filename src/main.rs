@@ -298,6 +298,11 @@ struct RunArgs {
         default_missing_value = sidecore_vmm::daemon::DEFAULT_SOCKET
     )]
     attach: Option<PathBuf>,
+    /// The VM's name at the daemon (with --attach): its metrics' `vm`
+    /// label and its events' `name`; letters, digits, '-', '_', '.', at
+    /// most 64, unique among attached VMs [default: the daemon's vm<ID>].
+    #[arg(long, value_name = "NAME", requires = "attach", value_parser = parse_vm_name)]
+    name: Option<String>,
     /// Workload argument, in slot order (repeatable, at most 8; 0 is the
     /// slot's default; e.g. spin's iteration count).
     #[arg(long = "arg", value_name = "N")]
@@ -429,6 +434,11 @@ fn init_logs(format: LogFormat, default_filter: &str) {
     if let Some((s, e)) = bad {
         tracing::warn!("SIDECORE_LOG={s:?} is not a log filter ({e}); logging at {default_filter} — use e.g. info or sidecore_vmm::daemon=debug");
     }
+}
+
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    sidecore_vmm::daemon::protocol::check_name(s)?;
+    Ok(s.to_owned())
 }
 
 fn main() -> ExitCode {

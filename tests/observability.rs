@@ -33,11 +33,13 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// A polite selftest VM attached to the daemon at `sock`, lingering
 /// `linger_ms` after its checks (sidecalls all along).
-fn lingering_vm(sock: &Path, linger_ms: u64) -> Child {
+fn lingering_vm(sock: &Path, linger_ms: u64, name: Option<&str>) -> Child {
     Command::new(bin())
         .args(["run", "--workload", "selftest", "--vcpu-cpus", "1", "--arg", "0", "--arg"])
         .arg(linger_ms.to_string())
-        .args(["--arg", "1", "--attach"])
+        .args(["--arg", "1"])
+        .args(name.map(|n| ["--name", n]).into_iter().flatten())
+        .arg("--attach")
         .arg(sock)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -115,7 +117,7 @@ fn json_rpc_ids_pipelining_batches_and_an_event_subscriber() {
         sub = r.next(Duration::from_secs(10));
     }
     assert_eq!(sub["id"], 5, "{sub}");
-    let vm = lingering_vm(&sock, 500);
+    let vm = lingering_vm(&sock, 500, None);
     let pid = u64::from(vm.id());
     let mut events = Vec::new();
     let t0 = Instant::now();
@@ -205,7 +207,7 @@ fn promtool_is_clean_with_two_vms_and_a_real_prometheus_scrapes_the_daemon() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let _d = start_daemon_with(&sock, &["--metrics", &metrics]);
     // Two VMs making sidecalls for the whole of the scrape window.
-    let mut vms = [lingering_vm(&sock, 40_000), lingering_vm(&sock, 40_000)];
+    let mut vms = [lingering_vm(&sock, 40_000, Some("web-1")), lingering_vm(&sock, 40_000, Some("db.2"))];
     let both = wait_for(Duration::from_secs(120), || {
         let st = status(&sock);
         st["vms"].as_array().is_some_and(|v| v.len() == 2 && v.iter().all(|v| v["total"].as_u64() > Some(0)))
@@ -216,6 +218,9 @@ fn promtool_is_clean_with_two_vms_and_a_real_prometheus_scrapes_the_daemon() {
     let (st, body) = http_get(&metrics, "/metrics");
     assert!(st.contains(" 200 "), "{st}");
     assert_eq!(body.matches("sidecore_vm_info{").count(), 2, "{body}");
+    for name in ["web-1", "db.2"] {
+        assert!(body.contains(&format!("sidecore_vm_info{{vm=\"{name}\"")), "no VM named {name}: {body}");
+    }
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

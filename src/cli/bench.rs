@@ -245,6 +245,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         bench: Some(collector.clone()),
         idle_rings: a.idle_rings,
         attach: None,
+        vm_name: None,
         idle_park: None,
         latency_phases: false,
         device: None,

@@ -21,14 +21,15 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, CliError> {
         seccomp: !a.no_seccomp,
     };
     let listening = |cfg: &sidecore_vmm::daemon::DaemonConfig| {
-        eprintln!(
-            "sidecore daemon: listening on {} with sidecores on CPU {}",
-            cfg.socket.display(),
-            sidecore_vmm::host::format_cpu_list(&cfg.cores)
+        tracing::info!(
+            socket = %cfg.socket.display(),
+            cpus = %sidecore_vmm::host::format_cpu_list(&cfg.cores),
+            protocol = sidecore_vmm::daemon::protocol::PROTOCOL_VERSION,
+            "listening"
         );
     };
     sidecore_vmm::daemon::run_daemon(&cfg, listening).map_err(|e| super::daemon_error(&e))?;
-    eprintln!("sidecore daemon: stopped");
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 

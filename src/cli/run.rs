@@ -110,6 +110,7 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         bench: bench.clone(),
         idle_rings: 0,
         attach: a.attach.clone(),
+        vm_name: a.name.clone(),
         idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
         latency_phases: a.latency_phases,
         device: None,

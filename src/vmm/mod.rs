@@ -128,6 +128,9 @@ pub struct RunOptions {
     pub idle_rings: u32,
     /// Have the sidecore daemon at this socket serve the rings.
     pub attach: Option<std::path::PathBuf>,
+    /// The VM's name at the daemon (its metrics' `vm` label); `None`: the
+    /// daemon's `vm<ID>`.
+    pub vm_name: Option<String>,
     /// Park this VM's own sidecores after this long idle (`None`: spin).
     pub idle_park: Option<Duration>,
     /// Split the guest's call latencies into conditions A/B at each SIGUSR1
@@ -151,6 +154,7 @@ impl RunOptions {
             bench: None,
             idle_rings: 0,
             attach: None,
+            vm_name: None,
             idle_park: None,
             latency_phases: false,
             device: None,
@@ -294,10 +298,11 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
                 Some(sock) => vec![sock.as_raw_fd(), irq0.as_raw_fd()],
                 None => Vec::new(),
             };
-            let req = attach_request(&vm, daemon_device.is_some());
+            let mut req = attach_request(&vm, daemon_device.is_some());
+            req.name.clone_from(&opts.vm_name);
             let a = crate::daemon::Attachment::attach(path, req, &vm.memfd, host_fd, &vm.doorbell, &extra)
                 .map_err(|e| RunError::Attach(crate::error_chain(&e)))?;
-            tracing::info!(vm = a.vm, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
+            tracing::info!(vm = a.vm, name = %a.name, cpu = ?a.sidecore_cpu, "attached to the sidecore daemon");
             let (region, over) = (vm.region.clone(), run_over.clone());
             a.watch(move || {
                 // After the run the daemon may go whenever it likes.
