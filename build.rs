@@ -47,4 +47,38 @@ fn main() {
     );
     let elf = target_dir.join("release").join("guest-agent");
     println!("cargo:rustc-env=SIDECORE_GUEST_ELF={}", elf.display());
+    println!("cargo:rustc-env=SIDECORE_GIT_COMMIT={}", git_commit(&manifest_dir));
+}
+
+/// The checkout's commit for bench provenance: `git rev-parse --short HEAD`,
+/// `-dirty` when tracked files differ from it, `unknown` outside a git
+/// checkout (a source tarball). Cargo reruns this when HEAD, the branch it
+/// names or the index moves, or when `src` changes (so `-dirty` follows
+/// edits to the VMM).
+fn git_commit(dir: &std::path::Path) -> String {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").current_dir(dir).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]).filter(|c| !c.is_empty()) else {
+        return "unknown".into();
+    };
+    let mut watch = vec!["HEAD".to_string(), "index".to_string(), "packed-refs".to_string()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]).filter(|b| !b.is_empty()) {
+        watch.push(branch);
+    }
+    for name in watch {
+        // A path that does not exist would rerun this on every build.
+        let path = git(&["rev-parse", "--path-format=absolute", "--git-path", &name]);
+        if let Some(p) = path.filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    println!("cargo:rerun-if-changed=src");
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
 }
