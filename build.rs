@@ -47,35 +47,38 @@ fn main() {
     );
     let elf = target_dir.join("release").join("guest-agent");
     println!("cargo:rustc-env=SIDECORE_GUEST_ELF={}", elf.display());
-    git_commit(&manifest_dir);
+    println!("cargo:rustc-env=SIDECORE_GIT_COMMIT={}", git_commit(&manifest_dir));
 }
 
-/// The commit this build comes from (`SIDECORE_GIT_COMMIT`, with `-dirty`
-/// when the tree has changes), for `hello`, `build_info` and bench results;
-/// nothing when git or the repository is missing (a source tarball).
-fn git_commit(dir: &std::path::Path) {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+/// The checkout's commit for bench provenance: `git rev-parse --short HEAD`,
+/// `-dirty` when tracked files differ from it, `unknown` outside a git
+/// checkout (a source tarball). Cargo reruns this when HEAD, the branch it
+/// names or the index moves, or when `src` changes (so `-dirty` follows
+/// edits to the VMM).
+fn git_commit(dir: &std::path::Path) -> String {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").current_dir(dir).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    if let Some(head) = git(&["rev-parse", "--git-dir"]) {
-        let head = dir.join(head);
-        println!("cargo:rerun-if-changed={}", head.join("HEAD").display());
-        println!("cargo:rerun-if-changed={}", head.join("index").display());
-        // A commit moves the branch's ref, not HEAD (a worktree's refs live
-        // in the common directory).
-        if let (Some(r), Some(common)) = (git(&["symbolic-ref", "-q", "HEAD"]), git(&["rev-parse", "--git-common-dir"]))
-        {
-            println!("cargo:rerun-if-changed={}", dir.join(common).join(r).display());
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]).filter(|c| !c.is_empty()) else {
+        return "unknown".into();
+    };
+    let mut watch = vec!["HEAD".to_string(), "index".to_string(), "packed-refs".to_string()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]).filter(|b| !b.is_empty()) {
+        watch.push(branch);
+    }
+    for name in watch {
+        // A path that does not exist would rerun this on every build.
+        let path = git(&["rev-parse", "--path-format=absolute", "--git-path", &name]);
+        if let Some(p) = path.filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={p}");
         }
     }
-    if let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) {
-        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-        println!("cargo:rustc-env=SIDECORE_GIT_COMMIT={commit}{}", if dirty { "-dirty" } else { "" });
+    println!("cargo:rerun-if-changed=src");
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
     }
 }

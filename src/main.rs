@@ -187,27 +187,33 @@ struct BenchArgs {
     /// the sidecore to a polling vCPU = sidecall, or an interrupt = kernel),
     /// echo (a UDP packet's round trip through the guest's packet device:
     /// the sidecore's = sidecall, the exit-path device = user).
-    #[arg(long, value_delimiter = ',', default_value = "null,cpuid,pte,pagefault,irq,echo", value_name = "OP[,OP..]")]
-    ops: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "OP[,OP..]",
+          default_values_t = sidecore_vmm::bench::selection::DEFAULT_OPS)]
+    ops: Vec<sidecore_vmm::bench::selection::OpChoice>,
     /// Paths: kernel (the backend's in-kernel trap), user (exit to this
     /// VMM: PIO, or the MMIO write-protect trap for pte), sidecall.
-    #[arg(long, value_delimiter = ',', default_value = "kernel,user,sidecall", value_name = "PATH[,PATH..]")]
-    paths: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "PATH[,PATH..]",
+          default_values_t = sidecore_vmm::bench::selection::DEFAULT_PATHS)]
+    paths: Vec<sidecore_vmm::bench::selection::PathChoice>,
     /// echo also with this many VMs at once (op `echo-Nvm`), each with its
     /// own device and load generator, served by a daemon on the sidecall
     /// path; 1: single-VM echo only.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = sidecore_vmm::bench::selection::DEFAULT_ECHO_VMS, value_name = "N")]
     echo_vms: usize,
-    /// Samples per op and path [default: 100000; 20000 for pte and
-    /// pagefault, which are also bounded by the page-table pool].
-    #[arg(long, value_name = "N")]
+    /// Samples per op and path, 1 to 10000000 [default: 100000; 10000 for
+    /// the page-table ops, which the page-table pool also bounds; 10000 for
+    /// irq and echo, which take at least 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     iters: Option<u64>,
-    /// Untimed calls before each op and path.
-    #[arg(long, default_value_t = 2000, value_name = "N")]
+    /// Untimed calls before each op and path, 1 to 1000000 (page-table ops
+    /// warm up with at most 512).
+    #[arg(long, default_value_t = 2000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     warmup: u64,
-    /// Samples per block: floor blocks of the same size are interleaved with
-    /// the sidecall blocks.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
+    /// Samples per block, 1 to 4096: floor blocks of the same size are
+    /// interleaved with the sidecall blocks.
+    #[arg(long, default_value_t = 1000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=sidecore_vmm::bench::selection::MAX_BLOCK))]
     block: u64,
     /// vCPUs, each timing on its own ring; results per vCPU and together.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -225,9 +231,20 @@ struct BenchArgs {
     /// CPU of the sidecore [default: the first online CPU].
     #[arg(long, value_name = "CPU")]
     sidecore: Option<usize>,
-    /// Write the results as JSON.
+    /// Write the results as JSON (schema `sidecore-bench/2`: provenance and
+    /// every series' HDR histogram, for --compare and merging).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Compare two --json results instead of running: p50 and p99 of every
+    /// series in both, recomputed from their histograms, with B/A ratios,
+    /// and how the runs' provenance differs. Boots no guest.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"],
+          conflicts_with_all = ["throughput", "json", "plot", "render_readme"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Print the README's example block for this --json result
+    /// (scripts/bench-example.sh splices it in); boots no guest.
+    #[arg(long, value_name = "FILE.json", hide = true, conflicts_with_all = ["throughput", "json", "plot"])]
+    render_readme: Option<PathBuf>,
     /// Write the latency CDFs as an SVG plot.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,

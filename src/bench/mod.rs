@@ -4,17 +4,30 @@
 //! threads on the same two CPUs) in blocks interleaved with the sidecall
 //! blocks, and reports percentiles and ratios measured in the same run.
 
+pub mod compare;
+pub mod example_block;
+pub mod histogram_codec;
 pub mod phases;
 pub mod plot;
+pub mod provenance;
+pub mod selection;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shm_proto::bench::{BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
 use sidecore_core::tsc::TscRate;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use provenance::Provenance;
+
+/// The bench JSON's `schema`. Version 2 added `schema`, `provenance`, and
+/// each series' histogram (`histogram`, `floor_histogram`: base64 of
+/// HdrHistogram's compressed V2 encoding, values in TSC cycles); files
+/// without `schema` are version 1, which `--compare` cannot read.
+pub const SCHEMA: &str = "sidecore-bench/2";
 
 /// Reading a block or measuring the floor failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,19 +286,34 @@ impl BenchCollector {
         h.iter_quantiles(16).map(|v| (self.ns(v.value_iterated_to()), v.quantile_iterated_to())).collect()
     }
 
+    /// `h` for the JSON; empty (and a warning) in the unlikely case the
+    /// encoder fails, which `--compare` then reports for that series.
+    fn encoded(h: &Histogram<u64>) -> String {
+        histogram_codec::encode(h).unwrap_or_else(|e| {
+            tracing::warn!("bench: {}", crate::error_chain(&e));
+            String::new()
+        })
+    }
+
     /// The report of everything collected.
     pub fn report(&self, header: ReportHeader) -> BenchReport {
         let series = self.series.lock().map(|m| {
             m.iter()
                 .map(|((op, path, vcpu), s)| {
-                    (*op, path.clone(), *vcpu, self.stat(&s.hist), s.fallbacks, self.cdf(&s.hist))
+                    let hist = Self::encoded(&s.hist);
+                    (*op, path.clone(), *vcpu, self.stat(&s.hist), s.fallbacks, self.cdf(&s.hist), hist)
                 })
                 .collect::<Vec<_>>()
         });
         let series = series.unwrap_or_default();
-        let (floor, floor_cdf, blocks) = match self.floor.lock() {
-            Ok(f) => (self.stat(&f.0.hist), self.cdf(&f.0.hist), f.1.iter().map(|c| self.ns(*c)).collect::<Vec<_>>()),
-            Err(_) => (Stat::default(), Vec::new(), Vec::new()),
+        let (floor, floor_cdf, blocks, floor_histogram) = match self.floor.lock() {
+            Ok(f) => (
+                self.stat(&f.0.hist),
+                self.cdf(&f.0.hist),
+                f.1.iter().map(|c| self.ns(*c)).collect::<Vec<_>>(),
+                Self::encoded(&f.0.hist),
+            ),
+            Err(_) => (Stat::default(), Vec::new(), Vec::new(), String::new()),
         };
         let mut levels: BTreeMap<&'static str, usize> = BTreeMap::new();
         for b in &blocks {
@@ -296,13 +324,14 @@ impl BenchCollector {
         // Aggregate rows first, in op and path order, then per-vCPU rows.
         let mut order: Vec<_> = series.iter().collect();
         order.sort_by_key(|(op, path, vcpu, ..)| (vcpu.is_some(), *vcpu, *op, path_rank(path), path.clone()));
-        for (op, path, vcpu, stat, fallbacks, cdf) in order {
+        for (op, path, vcpu, stat, fallbacks, cdf, hist) in order {
             results.push(ResultRow {
                 op: op.name().into(),
                 path: path.clone(),
                 vcpu: *vcpu,
                 stat: stat.clone(),
                 fallbacks: *fallbacks,
+                histogram: hist.clone(),
             });
             if vcpu.is_none() {
                 curves.push((format!("{} {}", op.name(), path), cdf.clone()));
@@ -318,6 +347,7 @@ impl BenchCollector {
                     vcpu: None,
                     stat: self.stat(&s.hist),
                     fallbacks: 0,
+                    histogram: Self::encoded(&s.hist),
                 });
                 curves.push((format!("{op} {path}"), self.cdf(&s.hist)));
             }
@@ -334,7 +364,16 @@ impl BenchCollector {
             floor_by_op.extend(m.iter().map(|(op, s)| (op.clone(), self.stat(&s.hist))));
         }
         let ratios = ratios(&results, &floor_by_op);
+        let provenance = Provenance::collect(
+            &header.backend,
+            self.tsc.khz(),
+            header.sidecore_cpu,
+            &header.vcpu_cpus,
+            header.timing_representative,
+        );
         BenchReport {
+            schema: SCHEMA.into(),
+            provenance,
             backend: header.backend,
             tsc_khz: self.tsc.khz(),
             vcpu_cpu: header.vcpu_cpu,
@@ -345,6 +384,7 @@ impl BenchCollector {
             floor_level: if floor.samples > 0 { floor_level(floor.p50_ns).into() } else { "none".into() },
             floor_blocks_by_level: levels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             floor,
+            floor_histogram,
             floor_by_op,
             results,
             ratios,
@@ -366,7 +406,7 @@ pub fn floor_level(p50_ns: f64) -> &'static str {
 }
 
 /// Percentiles of one series.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stat {
     /// Median.
     pub p50_ns: f64,
@@ -385,7 +425,7 @@ pub struct Stat {
 }
 
 /// One (op, path) row.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResultRow {
     /// Op name.
     pub op: String,
@@ -400,10 +440,12 @@ pub struct ResultRow {
     pub stat: Stat,
     /// Sidecalls that fell back to the exit path (counted in the samples).
     pub fallbacks: u64,
+    /// Every sample, in TSC cycles ([`histogram_codec`]).
+    pub histogram: String,
 }
 
 /// A ratio of medians measured in the same run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ratio {
     /// Op name.
     pub op: String,
@@ -430,8 +472,12 @@ pub struct ReportHeader {
 }
 
 /// The whole report (the JSON file).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BenchReport {
+    /// [`SCHEMA`].
+    pub schema: String,
+    /// Where, when and by what build it was measured.
+    pub provenance: Provenance,
     /// Backend.
     pub backend: String,
     /// TSC frequency used for ns.
@@ -450,6 +496,9 @@ pub struct BenchReport {
     pub execution: String,
     /// The floor.
     pub floor: Stat,
+    /// The floor's samples, in TSC cycles ([`histogram_codec`]; empty when
+    /// no floor was measured).
+    pub floor_histogram: String,
     /// The floor's level in this run (by its p50).
     pub floor_level: String,
     /// How many floor blocks fell into each level (the level can change
@@ -462,7 +511,7 @@ pub struct BenchReport {
     /// Ratios of medians.
     pub ratios: Vec<Ratio>,
     /// CDFs for the plot.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub curves: Vec<(String, Vec<(f64, f64)>)>,
 }
 
@@ -573,6 +622,84 @@ impl BenchReport {
     }
 }
 
+/// Reading a bench result file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Failed to read the file.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not JSON.
+    #[error("{} is not JSON (not a `sidecore bench --json` result)", path.display())]
+    Json {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// JSON, but not a bench result.
+    #[error("{} is not a sidecore bench result (it has no \"schema\": \"{SCHEMA}\")", path.display())]
+    NotBench {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// A bench result of another schema.
+    #[error(
+        "{} is a sidecore bench result of schema {found}; this build reads {SCHEMA}: re-run `sidecore bench --json` with it",
+        path.display()
+    )]
+    Schema {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its schema (`sidecore-bench/1` for files without one).
+        found: String,
+    },
+    /// The schema is right but a field is wrong.
+    #[error("{} says it is {SCHEMA} but does not match it", path.display())]
+    Malformed {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Which field.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl BenchReport {
+    /// Parses a `sidecore bench --json` result of the current [`SCHEMA`]
+    /// (`path` names it in errors).
+    pub fn from_json(path: &std::path::Path, text: &str) -> Result<BenchReport, LoadError> {
+        let path_buf = || path.to_path_buf();
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| LoadError::Json { path: path_buf(), source })?;
+        match v.get("schema").and_then(serde_json::Value::as_str) {
+            Some(SCHEMA) => {}
+            Some(found) if found.starts_with("sidecore-bench/") => {
+                return Err(LoadError::Schema { path: path_buf(), found: found.into() })
+            }
+            // Schema 1 had none, but had these.
+            None if v.get("results").is_some() && v.get("floor").is_some() && v.get("tsc_khz").is_some() => {
+                return Err(LoadError::Schema { path: path_buf(), found: "sidecore-bench/1".into() })
+            }
+            _ => return Err(LoadError::NotBench { path: path_buf() }),
+        }
+        serde_json::from_value(v).map_err(|source| LoadError::Malformed { path: path_buf(), source })
+    }
+
+    /// Reads and parses a bench result file.
+    pub fn load(path: &std::path::Path) -> Result<BenchReport, LoadError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        BenchReport::from_json(path, &text)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
@@ -585,6 +712,7 @@ mod tests {
             vcpu: None,
             stat: Stat { p50_ns: p50, samples: 10, ..Default::default() },
             fallbacks: 0,
+            histogram: String::new(),
         }
     }
 

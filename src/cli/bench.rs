@@ -2,7 +2,11 @@
 //! (irq, echo) in VMs of their own, the table, JSON and plot; and
 //! `--throughput`.
 
+use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use shm_proto::boot::Workload;
 use sidecore_vmm::error_chain;
@@ -10,22 +14,88 @@ use sidecore_vmm::scenarios::EventPath;
 use sidecore_vmm::vmm::vm::VmSpec;
 use sidecore_vmm::vmm::{self, ConsoleSink, RunOptions};
 
+use sidecore_vmm::bench::example_block;
+use sidecore_vmm::bench::selection::{OpChoice, Selection};
+use sidecore_vmm::bench::BenchReport;
+
 use crate::BenchArgs;
 
-/// The bench's progress on stderr: one updating line on a terminal, one
-/// line per series in a log.
-pub(crate) fn bench_progress() -> sidecore_vmm::bench::ProgressFn {
-    use std::io::{IsTerminal, Write};
-    Box::new(|p: sidecore_vmm::bench::BlockProgress<'_>| {
-        let mut e = std::io::stderr().lock();
-        let (vcpu, op, label, total) = (p.vcpu, p.op.name(), p.label, p.total);
-        if e.is_terminal() {
-            let _ = write!(e, "\r\x1b[2Kbench: vCPU {vcpu}: {op} / {label}: {total} samples");
-        } else if total == p.block {
-            let _ = writeln!(e, "bench: vCPU {vcpu}: {op} / {label} ...");
+/// The bench's progress on stderr: a bar with the samples taken and an ETA
+/// on a terminal; in a log, one line as each series starts.
+#[derive(Clone)]
+pub(crate) struct BenchProgress {
+    bar: ProgressBar,
+    tty: bool,
+}
+
+impl BenchProgress {
+    /// `total` samples expected (`None`: unknown, a spinner).
+    pub(crate) fn new(total: Option<u64>) -> BenchProgress {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if !tty {
+            ProgressBar::hidden()
+        } else if let Some(total) = total {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let style =
+                ProgressStyle::with_template("bench: {msg:<28} [{bar:30}] {human_pos}/{human_len} samples, ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+            bar.set_style(style);
+            bar
+        } else {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template("bench: {spinner} {msg} {human_pos} samples")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+            bar.set_style(style);
+            bar
+        };
+        BenchProgress { bar, tty }
+    }
+
+    /// A series starts.
+    fn series(&self, what: &str) {
+        if self.tty {
+            self.bar.set_message(what.to_string());
+        } else {
+            eprintln!("bench: {what} ...");
         }
-        let _ = e.flush();
-    })
+    }
+
+    /// A line that is not progress (a warning), above the bar.
+    fn note(&self, line: &str) {
+        if self.tty {
+            self.bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    /// `n` samples taken.
+    fn taken(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    /// The run is over: the bar goes.
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// The collector's callback: told of every block of the guest.
+    pub(crate) fn callback(&self) -> sidecore_vmm::bench::ProgressFn {
+        let me = self.clone();
+        Box::new(move |p: sidecore_vmm::bench::BlockProgress<'_>| {
+            if p.total == p.block {
+                me.series(&format!("vCPU {}: {} / {}", p.vcpu, p.op.name(), p.label));
+            }
+            me.taken(p.block);
+        })
+    }
+}
+
+/// Progress for a run of the bench workload whose length is not known
+/// (`sidecore run --workload bench`).
+pub(crate) fn bench_progress() -> sidecore_vmm::bench::ProgressFn {
+    BenchProgress::new(None).callback()
 }
 
 pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
@@ -88,25 +158,6 @@ pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn parse_mask<T: Copy>(
-    what: &str,
-    names: &[String],
-    all: &[T],
-    name: fn(T) -> &'static str,
-    bit: fn(T) -> u32,
-) -> Result<u64, String> {
-    let mut mask = 0u64;
-    for n in names {
-        let n = n.trim();
-        let t = all.iter().copied().find(|t| name(*t) == n).ok_or_else(|| {
-            let valid: Vec<_> = all.iter().map(|t| name(*t)).collect();
-            format!("--{what}: unknown '{n}' — choose from {}", valid.join(", "))
-        })?;
-        mask |= 1 << bit(t);
-    }
-    Ok(mask)
-}
-
 /// The host-timed ops: `irq` (event delivery: the sidecore posts, the guest
 /// acknowledges; sidecall = posted event to a polling vCPU, kernel = an
 /// interrupt through the in-kernel LAPIC) and `echo` (a packet's round trip
@@ -114,84 +165,102 @@ pub(crate) fn parse_mask<T: Copy>(
 /// sidecore's device, user = the exit-path device). Each path in a VM of its
 /// own, with floor blocks measured before and after it.
 pub(crate) fn bench_host_ops(
-    ops: &[String],
-    paths: u64,
-    a: &BenchArgs,
+    sel: &Selection,
     side: usize,
     vcpu: usize,
     collector: &sidecore_vmm::bench::BenchCollector,
+    progress: &BenchProgress,
 ) -> Result<(), String> {
     use shm_proto::bench::BenchPath;
-    let want = |p: BenchPath| paths & (1 << p as u32) != 0;
-    let n = usize::try_from(a.iters.unwrap_or(10_000).clamp(100, 1_000_000)).unwrap_or(10_000);
+    let n = sel.host_iters();
     let floor = |op: &str| -> Result<(), String> {
         collector.add_host_floor(op, &sidecore_vmm::bench::measure_floor(side, vcpu, 2000)?);
         Ok(())
     };
-    for op in ops {
-        let variants: Vec<(BenchPath, EventPath)> = match op.as_str() {
-            "irq" => vec![(BenchPath::Sidecall, EventPath::Posted), (BenchPath::Kernel, EventPath::Interrupt)],
-            _ => vec![(BenchPath::Sidecall, EventPath::Posted), (BenchPath::User, EventPath::Interrupt)],
-        };
-        // echo also with several VMs at once, attached to a daemon.
-        let vm_counts: Vec<usize> = if op == "echo" && a.echo_vms > 1 { vec![1, a.echo_vms] } else { vec![1] };
-        for vms in vm_counts {
-            let label = if vms > 1 { format!("{op}-{vms}vm") } else { op.clone() };
-            for (path, events) in variants.iter().copied().filter(|(p, _)| want(*p)) {
-                eprintln!("bench: {label} / {} ...", path.name());
-                floor(&label)?;
-                let samples = if op == "irq" {
-                    let (s, lost, _) = sidecore_vmm::scenarios::run_irq(events, n, side, vcpu)?;
-                    if lost > 0 {
-                        eprintln!("bench: irq / {}: {lost} events got no acknowledgement within 50 ms", path.name());
-                    }
-                    s
-                } else {
-                    let cfg = sidecore_vmm::scenarios::EchoConfig {
-                        path: events,
-                        count: n as u64,
-                        size: 64,
-                        rate: None,
-                        sidecore_cpu: side,
-                        vcpu_cpu: vcpu,
-                        spin_us: 200,
-                        toggle_every: 0,
-                        vms,
-                        attach: None,
-                    };
-                    let r = sidecore_vmm::scenarios::run_echo(&cfg, |_| {})?;
-                    if !r.stats.perfect() {
-                        return Err(format!(
-                            "{label} / {}: not every packet came back intact and in order: {:?}",
-                            path.name(),
-                            r.stats
-                        ));
-                    }
-                    r.stats.rtt_cycles
+    for (label, vms, paths) in sel.host_series() {
+        let irq = label == OpChoice::Irq.name();
+        for path in paths {
+            // The exit paths take interrupts; the sidecall path, posted events.
+            let events = if path == BenchPath::Sidecall { EventPath::Posted } else { EventPath::Interrupt };
+            progress.series(&format!("{label} / {}", path.name()));
+            floor(&label)?;
+            let samples = if irq {
+                let (s, lost, _) = sidecore_vmm::scenarios::run_irq(events, n, side, vcpu)?;
+                if lost > 0 {
+                    progress.note(&format!(
+                        "bench: irq / {}: {lost} events got no acknowledgement within 50 ms",
+                        path.name()
+                    ));
+                }
+                s
+            } else {
+                let cfg = sidecore_vmm::scenarios::EchoConfig {
+                    path: events,
+                    count: n as u64,
+                    size: 64,
+                    rate: None,
+                    sidecore_cpu: side,
+                    vcpu_cpu: vcpu,
+                    spin_us: 200,
+                    toggle_every: 0,
+                    vms,
+                    attach: None,
                 };
-                collector.add_host_series(&label, path.name(), &samples);
-                floor(&label)?;
-            }
+                let r = sidecore_vmm::scenarios::run_echo(&cfg, |_| {})?;
+                if !r.stats.perfect() {
+                    return Err(format!(
+                        "{label} / {}: not every packet came back intact and in order: {:?}",
+                        path.name(),
+                        r.stats
+                    ));
+                }
+                r.stats.rtt_cycles
+            };
+            collector.add_host_series(&label, path.name(), &samples);
+            progress.taken(n as u64);
+            floor(&label)?;
         }
     }
     Ok(())
 }
 
+/// `--compare A B`: both results' series side by side.
+fn cmd_compare(a: &Path, b: &Path) -> Result<ExitCode, String> {
+    let ra = BenchReport::load(a).map_err(|e| error_chain(&e))?;
+    let rb = BenchReport::load(b).map_err(|e| error_chain(&e))?;
+    let c = sidecore_vmm::bench::compare::compare(&ra, &rb).map_err(|e| error_chain(&e))?;
+    print!("{}", c.table((&a.display().to_string(), &b.display().to_string())));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--render-readme FILE.json`: the README's example block for it, with
+/// the plot beside it (same name, `.svg`) when there is one.
+fn cmd_render_readme(json: &Path) -> Result<ExitCode, String> {
+    let rep = BenchReport::load(json).map_err(|e| error_chain(&e))?;
+    let svg = json.with_extension("svg");
+    let svg = svg.exists().then(|| svg.display().to_string());
+    print!("{}", example_block::render(&rep, &json.display().to_string(), svg.as_deref()));
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
-    use shm_proto::bench::{BenchOp, BenchPath};
+    use shm_proto::bench::BenchPath;
+    if let Some(files) = &a.compare {
+        return match files.as_slice() {
+            [x, y] => cmd_compare(x, y),
+            // clap takes exactly two.
+            _ => Err("--compare takes two files: A.json B.json".into()),
+        };
+    }
+    if let Some(json) = &a.render_readme {
+        return cmd_render_readme(json);
+    }
     if a.throughput {
         return cmd_throughput(&a);
     }
     // irq and echo are timed by the host, each in VMs of their own.
-    let (host_ops, guest_ops): (Vec<String>, Vec<String>) =
-        a.ops.iter().map(|o| o.trim().to_string()).partition(|o| o == "irq" || o == "echo");
-    let ops = if guest_ops.is_empty() {
-        0
-    } else {
-        parse_mask("ops", &guest_ops, &BenchOp::ALL, BenchOp::name, |o| o as u32)
-            .map_err(|e| format!("{e}, irq, echo"))?
-    };
-    let paths = parse_mask("paths", &a.paths, &BenchPath::ALL, BenchPath::name, |p| p as u32)?;
+    let sel = Selection::new(&a.ops, &a.paths, a.echo_vms, a.idle_rings, a.iters);
+    let (ops, paths) = (sel.guest_ops, sel.paths);
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
     let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
     let vcpu_list = match &a.vcpu_cpus {
@@ -210,8 +279,8 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     args[shm_proto::bench::arg::OPS] = ops;
     args[shm_proto::bench::arg::PATHS] = paths;
     args[shm_proto::bench::arg::ITERS] = a.iters.unwrap_or(0);
-    args[shm_proto::bench::arg::WARMUP] = a.warmup.max(1);
-    args[shm_proto::bench::arg::BLOCK] = a.block.clamp(1, shm_proto::bench::BENCH_BLOCK_SAMPLES as u64);
+    args[shm_proto::bench::arg::WARMUP] = a.warmup;
+    args[shm_proto::bench::arg::BLOCK] = a.block;
     let kvm = sidecore_vmm::host::open_kvm().map_err(|e| error_chain(&e))?;
     let tsc = sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?;
     let backend = sidecore_vmm::host::detect_backend(&kvm).map_err(|e| error_chain(&e))?;
@@ -220,9 +289,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     if !execution.native {
         eprintln!("sidecore: warning: guests do not run natively here: {}", execution.describe());
     }
+    let progress = BenchProgress::new(Some(sel.expected_samples(a.vcpus)));
     let collector = std::sync::Arc::new(sidecore_vmm::bench::BenchCollector::with_options(
         tsc.khz,
-        Some(bench_progress()),
+        Some(progress.callback()),
         a.vcpus > 1,
         a.idle_rings,
     ));
@@ -251,15 +321,18 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
         device: None,
     };
     if ops != 0 {
-        let report = vmm::run(opts).map_err(|e| super::run_error(&e))?;
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprintln!();
-        }
+        let report = vmm::run(opts).map_err(|e| {
+            progress.finish();
+            super::run_error(&e)
+        })?;
         if report.exit_code() != 0 {
+            progress.finish();
             return Err(format!("the benchmark guest failed: {:?}", report.ends));
         }
     }
-    bench_host_ops(&host_ops, paths, &a, side_cpu, vcpu_cpu, &collector)?;
+    let host = bench_host_ops(&sel, side_cpu, vcpu_cpu, &collector, &progress);
+    progress.finish();
+    host?;
     let rep = collector.report(sidecore_vmm::bench::ReportHeader {
         backend: backend.backend.name().into(),
         vcpu_cpu,
