@@ -95,7 +95,9 @@ fn compare_refuses_what_is_not_a_current_result() {
     {
         let o = sidecore(&["bench", "--compare", good.to_str().unwrap(), file.to_str().unwrap()]);
         let (out, err) = text(&o);
-        assert!(!o.status.success(), "{file:?} was compared:\n{out}");
+        // A file that is not what it must be is a runtime failure (1), not
+        // a usage error (2).
+        assert_eq!(o.status.code(), Some(1), "{file:?} was compared:\n{out}");
         assert!(err.contains(want) && err.contains(file.to_str().unwrap()), "{file:?}: stderr:\n{err}");
     }
     let _ = (std::fs::remove_file(good), std::fs::remove_file(other), std::fs::remove_file(old));
