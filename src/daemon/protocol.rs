@@ -278,7 +278,10 @@ pub fn parse_response(line: &str, want_id: u64) -> Result<Value, ResponseError> 
     if v.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return Err(ResponseError::Garbled("not a JSON-RPC 2.0 reply (is this a sidecore daemon?)".into()));
     }
-    if v.get("id").and_then(Value::as_u64) != Some(want_id) {
+    // An error with a null id is about the connection (refused peer,
+    // framing, too many connections): it answers whatever was asked.
+    let connection_error = v.get("id") == Some(&Value::Null) && v.get("error").is_some();
+    if !connection_error && v.get("id").and_then(Value::as_u64) != Some(want_id) {
         return Err(ResponseError::Garbled(format!("a reply to id {}, not to {want_id}", v["id"])));
     }
     if let Some(e) = v.get("error") {
@@ -495,6 +498,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(parse_response(r#"{"ok":true}"#, 1), Err(ResponseError::Garbled(_))));
+        let refused = error_response(&Value::Null, &RpcError::new(code::PERMISSION_DENIED, "no")).to_string();
+        assert!(matches!(parse_response(&refused, 4), Err(ResponseError::Rpc(e)) if e.code == code::PERMISSION_DENIED));
         let req: Value = serde_json::from_str(&request_line(3, "status", None)).expect("json");
         assert_eq!(req, serde_json::json!({"jsonrpc":"2.0","id":3,"method":"status"}));
     }
