@@ -20,10 +20,11 @@ pub mod vmm;
 /// The bundled guest-agent ELF, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(env!("SIDECORE_GUEST_ELF"));
 
-/// The commit this binary was built from (`-dirty` if the tree had
-/// changes), or `unknown` outside a git checkout.
+/// The commit this binary was built from (build.rs: `git rev-parse
+/// --short HEAD`, `-dirty` if tracked files had changes, `unknown` outside
+/// a git checkout).
 pub fn build_commit() -> &'static str {
-    option_env!("SIDECORE_GIT_COMMIT").unwrap_or("unknown")
+    env!("SIDECORE_GIT_COMMIT")
 }
 
 /// "what failed: cause: cause" for an error and its sources.

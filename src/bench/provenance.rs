@@ -4,16 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The build's git commit (build.rs: `git rev-parse --short HEAD`, `-dirty`
-/// when tracked files had changes, `unknown` outside a checkout).
-pub const GIT_COMMIT: &str = env!("SIDECORE_GIT_COMMIT");
-
 /// What produced a bench result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     /// The sidecore crate's version.
     pub sidecore_version: String,
-    /// The build's git commit ([`GIT_COMMIT`]).
+    /// The build's git commit ([`crate::build_commit`]).
     pub git_commit: String,
     /// KVM backend (pvm, vmx, svm).
     pub backend: String,
@@ -48,7 +44,7 @@ impl Provenance {
     ) -> Provenance {
         Provenance {
             sidecore_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_commit: GIT_COMMIT.to_string(),
+            git_commit: crate::build_commit().to_string(),
             backend: backend.to_string(),
             kernel_release: kernel_release(),
             cpu_model: std::fs::read_to_string("/proc/cpuinfo")

@@ -11,8 +11,6 @@ pub struct Client {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
     next_id: u64,
-    /// Event notifications read while waiting for a reply, in order.
-    pending_events: std::collections::VecDeque<serde_json::Value>,
 }
 
 impl Client {
@@ -29,13 +27,13 @@ impl Client {
             r.map_err(|e| DaemonError::Protocol(format!("setting the connection's time-outs: {e}")))?;
         }
         let reader = BufReader::new(stream.try_clone().map_err(|e| DaemonError::Protocol(e.to_string()))?);
-        Ok(Client { stream, reader, next_id: 1, pending_events: std::collections::VecDeque::new() })
+        Ok(Client { stream, reader, next_id: 1 })
     }
 
     /// Calls `method` with `params` (and `fds` by SCM_RIGHTS) and waits for
     /// its reply: the result, or the daemon's error as
-    /// [`DaemonError::Refused`]. Events that arrive first are kept for
-    /// [`Client::next_event`].
+    /// [`DaemonError::Refused`]. Notifications that arrive first (this
+    /// client does not subscribe, but a daemon may send them) are skipped.
     pub fn call_with_fds(
         &mut self,
         method: &str,
@@ -56,10 +54,9 @@ impl Client {
         loop {
             let msg = self.read_message()?;
             if msg.get("id").is_none() && msg.get("method").is_some() {
-                self.pending_events.push_back(msg);
                 continue;
             }
-            return protocol::parse_response(&msg.to_string(), id).map_err(|e| match e {
+            return protocol::response_result(msg, id).map_err(|e| match e {
                 protocol::ResponseError::Rpc(e) => DaemonError::Refused(e.message),
                 protocol::ResponseError::Garbled(why) => DaemonError::Protocol(why),
             });
@@ -76,26 +73,6 @@ impl Client {
             .map_err(DaemonError::Protocol)?
             .ok_or_else(|| DaemonError::Protocol("the daemon hung up".into()))?;
         serde_json::from_str(&line).map_err(|e| DaemonError::Protocol(format!("bad reply: {e}")))
-    }
-
-    /// The next notification (an `event`'s or `events_lost`'s whole
-    /// message), waiting at most `timeout`; `Ok(None)` if none came.
-    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<serde_json::Value>, DaemonError> {
-        if let Some(e) = self.pending_events.pop_front() {
-            return Ok(Some(e));
-        }
-        self.stream
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-            .map_err(|e| DaemonError::Protocol(e.to_string()))?;
-        let got = match self.read_message() {
-            Ok(m) => Ok(Some(m)),
-            Err(DaemonError::Protocol(e)) if e.contains("timed out") || e.contains("temporarily unavailable") => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
-        self.stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| DaemonError::Protocol(e.to_string()))?;
-        got
     }
 }
 
@@ -141,10 +118,7 @@ impl Attachment {
         let mut client = Client::on(stream, None)?;
         let params = serde_json::to_value(&req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
         let fds = [&[guest.as_raw_fd(), host.as_raw_fd(), doorbell.as_raw_fd()][..], extra].concat();
-        let v = client.call_with_fds("attach", Some(params), &fds).map_err(|e| match e {
-            DaemonError::Refused(m) => DaemonError::Refused(m),
-            e => e,
-        })?;
+        let v = client.call_with_fds("attach", Some(params), &fds)?;
         for r in [
             client.stream.set_read_timeout(Some(REQUEST_TIMEOUT)),
             client.stream.set_write_timeout(Some(REQUEST_TIMEOUT)),

@@ -275,6 +275,11 @@ pub fn request_line(id: u64, method: &str, params: Option<Value>) -> String {
 /// its own (`Err(None)` carries the reason in the string).
 pub fn parse_response(line: &str, want_id: u64) -> Result<Value, ResponseError> {
     let v: Value = serde_json::from_str(line).map_err(|e| ResponseError::Garbled(format!("not JSON: {e}")))?;
+    response_result(v, want_id)
+}
+
+/// [`parse_response`] of a reply already parsed as JSON.
+pub fn response_result(v: Value, want_id: u64) -> Result<Value, ResponseError> {
     if v.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return Err(ResponseError::Garbled("not a JSON-RPC 2.0 reply (is this a sidecore daemon?)".into()));
     }
