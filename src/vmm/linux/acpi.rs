@@ -77,7 +77,11 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
 pub fn tables(vcpus: u32) -> Result<Tables, String> {
     let apic_ids: Vec<u8> = (0..vcpus)
         .map(|i| {
-            u8::try_from(i).map_err(|_| format!("{vcpus} vCPUs: the MADT's local APIC entries hold APIC IDs < 255"))
+            // 255 is the xAPIC broadcast ID.
+            u8::try_from(i)
+                .ok()
+                .filter(|&id| id < 255)
+                .ok_or_else(|| format!("{vcpus} vCPUs: the MADT's local APIC entries hold APIC IDs < 255"))
         })
         .collect::<Result<_, _>>()?;
     // The DSDT: `Name (_S5, Package () { 5 })`: the sleep type the guest
@@ -207,6 +211,7 @@ mod tests {
             let lapics = madt[44..].chunks(8).take_while(|c| c[0] == 0).count();
             assert_eq!(lapics, n as usize);
         }
+        assert!(tables(255).is_ok());
         assert!(tables(256).unwrap_err().contains("APIC IDs"));
     }
 
