@@ -991,6 +991,21 @@ mod tests {
         assert!(validate_attach(&good(), 64 << 20, 100).is_err());
     }
 
+    /// A guest whose page tables are its own (Linux) attaches without a
+    /// pool, and may not sneak one in; an old VMM's request (no field) is a
+    /// guest-agent's.
+    #[test]
+    fn attach_without_page_tables_needs_no_pool_and_takes_none() {
+        let linux = || AttachRequest { page_tables: false, pool_gpa: 0, pool_size: 0, ..good() };
+        let host = HostShared::size(0) as u64;
+        assert_eq!(validate_attach(&linux(), 64 << 20, host), Ok((0, HostShared::size(0))));
+        let sneaky = AttachRequest { pool_gpa: 0x10_0000, pool_size: 0x1000, ..linux() };
+        assert!(validate_attach(&sneaky, 64 << 20, host).unwrap_err().contains("page_tables false"));
+        let mut v = serde_json::to_value(good()).unwrap();
+        v.as_object_mut().unwrap().remove("page_tables");
+        assert!(serde_json::from_value::<AttachRequest>(v).unwrap().page_tables);
+    }
+
     #[test]
     fn status_text_survives_odd_json() {
         let parse = |v: serde_json::Value| serde_json::from_value::<StatusReport>(v);
