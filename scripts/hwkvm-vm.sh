@@ -21,6 +21,8 @@
 #   --timeout S give up after S seconds (default 1800); exit status 124
 #   --quiet     print only the command's output, not the inner kernel's
 #   --log FILE  keep the whole console (inner kernel included) in FILE
+#   --kernel-path  fetch Debian's kernel into the cache if it is not there,
+#               print the path of its bzImage and exit (no bed is booted)
 # Exit status: the command's; 124 on time-out; 125 if the bed itself failed
 # (inner kernel lock-up, panic, or no status line).
 # Environment: HWKVM_CACHE (kernel cache, default ~/.cache/sidecore/hwkvm),
@@ -34,7 +36,7 @@
 # download into the cache).
 set -euo pipefail
 
-smp=2 mem=3072 limit=1800 quiet=0 keep_log=""
+smp=2 mem=3072 limit=1800 quiet=0 keep_log="" kernel_path=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --smp) smp=$2; shift 2 ;;
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
     --timeout) limit=$2; shift 2 ;;
     --quiet) quiet=1; shift ;;
     --log) keep_log=$2; shift 2 ;;
+    --kernel-path) kernel_path=1; shift ;;
     --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) echo "hwkvm-vm: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -83,6 +86,7 @@ if [ ! -d "$cache/kernel/boot" ]; then
 fi
 kver=$(ls "$cache/kernel/lib/modules" | head -n 1)
 kmods="$cache/kernel/lib/modules/$kver"
+if [ $kernel_path = 1 ]; then echo "$cache/kernel/boot/vmlinuz-$kver"; exit 0; fi
 
 # The initramfs: busybox, the modules for KVM and 9p, and an init that
 # mounts the host's root and runs the command chrooted into it.

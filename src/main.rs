@@ -359,7 +359,11 @@ Exit status: 0 every vCPU reported status 0; 1 the run failed on the host (KVM,
 the guest file, the daemon, a guest that could not boot); 2 usage error; 3 the
 guest reported a non-zero status; 4 a vCPU faulted (the guest crashed). With 3
 or 4, stderr says which vCPU and its exact status or fault, in the line
-`sidecore: guest failed: ...`.";
+`sidecore: guest failed: ...`.
+
+With --kernel (a Linux guest): 0 the guest powered off or reset itself; 3 its
+kernel panicked; 4 a vCPU failed (a triple fault, a KVM error); stderr then
+repeats the console's last lines. On PVM --kernel fails with 1 and says why.";
 
 /// The smallest guest RAM `Vm::build` accepts, in MiB.
 const MIN_MEM_MIB: u64 = 4;
