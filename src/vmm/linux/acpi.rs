@@ -31,6 +31,9 @@ pub const SLP_TYP_S5: u8 = 5;
 pub const SLP_EN: u8 = 1 << 5;
 /// The local APIC's address.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// COM1's first port and its GSI (as in [`super::console`]).
+const COM1_PORT: u16 = super::console::COM1;
+const COM1_GSI: u32 = super::console::COM1_GSI;
 /// The IOAPIC's address (KVM's in-kernel IOAPIC).
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 
@@ -89,6 +92,20 @@ pub fn tables(vcpus: u32) -> Result<Tables, String> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5]));
     s5.to_aml_bytes(&mut dsdt);
+    // COM1, with its interrupt: in hardware-reduced mode Linux has no legacy
+    // PIC and maps no ISA IRQ by itself, so the port's IRQ 4 exists only as
+    // the GSI this device names (without it the tty never gets its
+    // transmit interrupt and userspace output is lost).
+    let (io, irq) = (aml::IO::new(COM1_PORT, COM1_PORT, 1, 8), aml::Interrupt::new(true, true, false, false, COM1_GSI));
+    let com1_crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::EISAName::new("PNP0501");
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &com1_crs),
+    );
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    com1.to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     let dsdt = dsdt.as_slice().to_vec();
 
@@ -188,6 +205,13 @@ mod tests {
         let body = &dsdt[36..];
         assert_eq!(&body[..5], &[0x08, b'_', b'S', b'5', b'_']);
         assert_eq!(body[5], 0x12, "a Package");
+        // COM1 as PNP0501 with IO 0x3f8 and an extended interrupt
+        // descriptor (0x89) naming GSI 4.
+        let find = |needle: &[u8]| body.windows(needle.len()).position(|w| w == needle);
+        assert!(find(b"COM1").is_some(), "COM1 device");
+        assert!(find(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03]).is_some(), "IO descriptor 0x3f8");
+        let irq = find(&[0x89]).expect("extended IRQ descriptor");
+        assert_eq!(&body[irq + 5..irq + 9], &4u32.to_le_bytes());
         let madt = table_at(&t, entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(sums_to_zero(madt));

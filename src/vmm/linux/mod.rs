@@ -614,7 +614,11 @@ fn vcpu_loop(i: u32, mut vcpu: VcpuFd, cpu: usize, sh: &Shared) {
                     if let Some(b) = data.first_mut() {
                         *b = v;
                     }
-                } else if port == acpi::SLEEP_CONTROL_PORT + 1 {
+                } else if port == acpi::SLEEP_CONTROL_PORT + 1 || port == I8042_COMMAND {
+                    // Sleep status; the i8042's status: input buffer empty,
+                    // so a reset by the keyboard controller (the kernel's
+                    // fallback reboot) writes its 0xfe at once instead of
+                    // polling for seconds.
                     data.fill(0);
                 } else {
                     data.fill(0xff);
