@@ -27,6 +27,7 @@
 #include <linux/cpuhotplug.h>
 #include <linux/fs.h>
 #include <linux/io.h>
+#include <linux/ioport.h>
 #include <linux/irqflags.h>
 #include <linux/kernel.h>
 #include <linux/miscdevice.h>
@@ -490,6 +491,16 @@ static void sc_count_path(struct sidecall_selftest *st,
 		st->by_exit++;
 }
 
+static const char *sc_status_name(u32 status)
+{
+	static const char *const names[] = {
+		"ok", "unknown_op", "reserved_bits", "bad_sequence",
+		"bad_argument", "denied", "use_exit_path", "host_error",
+	};
+
+	return status < ARRAY_SIZE(names) ? names[status] : "?";
+}
+
 static const char *sc_path_name(const struct sc_reply *r)
 {
 	return r->by_sidecall ? "sidecall" : "exit path";
@@ -512,8 +523,9 @@ static void sc_selftest_null(struct sidecall_selftest *st)
 			return;
 		sc_count_path(st, &r);
 		sc_check(st, r.status == SIDECALL_ST_OK && r.words[0] == args[0],
-			 "null call %d by %s: status %u, word %#llx, sent %#llx",
-			 i, sc_path_name(&r), r.status, r.words[0], args[0]);
+			 "null call %d by %s: status %s, word %#llx, sent %#llx",
+			 i, sc_path_name(&r), sc_status_name(r.status),
+			 r.words[0], args[0]);
 	}
 	for (i = 0; i < 4; i++) {
 		long ret;
@@ -551,8 +563,9 @@ static void sc_selftest_leaf(struct sidecall_selftest *st, u32 leaf, u32 sub)
 	sc_check(st, r.status == SIDECALL_ST_OK &&
 		 r.words[0] == want[0] && r.words[1] == want[1] &&
 		 r.words[2] == want[2] && r.words[3] == want[3],
-		 "cpuid %#x.%u by %s: status %u, %08llx %08llx %08llx %08llx; cpuid insn %08x %08x %08x %08x",
-		 leaf, sub, sc_path_name(&r), r.status, r.words[0], r.words[1],
+		 "cpuid %#x.%u by %s: status %s, %08llx %08llx %08llx %08llx; cpuid insn %08x %08x %08x %08x",
+		 leaf, sub, sc_path_name(&r), sc_status_name(r.status),
+		 r.words[0], r.words[1],
 		 r.words[2], r.words[3], want[0], want[1], want[2], want[3]);
 }
 
@@ -599,13 +612,14 @@ static void sc_selftest_cpuid(struct sidecall_selftest *st)
 static void sc_selftest_counter(struct sidecall_selftest *st)
 {
 	u64 args[SIDECORE_WORDS] = { 0 };
-	struct sc_reply r;
+	struct sc_reply r = { 0 };
 	u64 expect;
 	int i, ret;
 
 	ret = sc_call(SIDECALL_HC_COUNTER_ADD, args, &r);
 	sc_check(st, !ret && r.status == SIDECALL_ST_OK,
-		 "counter_add 0: error %d, status %u", ret, r.status);
+		 "counter_add 0 by %s: error %d, status %s", sc_path_name(&r),
+		 ret, sc_status_name(r.status));
 	if (ret || r.status != SIDECALL_ST_OK)
 		return;
 	sc_count_path(st, &r);
@@ -635,9 +649,9 @@ static void sc_selftest_counter(struct sidecall_selftest *st)
 		}
 		sc_count_path(st, &r);
 		sc_check(st, r.status == SIDECALL_ST_OK && r.words[0] == expect,
-			 "counter_add #%d (+%llu) by %s: status %u, value %llu, expected %llu",
+			 "counter_add #%d (+%llu) by %s: status %s, value %llu, expected %llu",
 			 i, args[0], by_pio ? "PIO mailbox" : sc_path_name(&r),
-			 r.status, r.words[0], expect);
+			 sc_status_name(r.status), r.words[0], expect);
 		if (r.status != SIDECALL_ST_OK || r.words[0] != expect)
 			return;
 		if (i % 64 == 63)
@@ -872,6 +886,13 @@ static int __init sc_init(void)
 	sc.amd = boot_cpu_data.x86_vendor == X86_VENDOR_AMD ||
 		 boot_cpu_data.x86_vendor == X86_VENDOR_HYGON;
 
+	/* memremap() refuses a range part RAM, part not, with a splat. */
+	if (region_intersects(sc.gpa, sc.size, IORESOURCE_SYSTEM_RAM,
+			      IORES_DESC_NONE) == REGION_MIXED) {
+		pr_err("the region %#llx+%#llx is partly System RAM: the VMM reserves all of it in the e820 map\n",
+		       sc.gpa, sc.size);
+		return -EINVAL;
+	}
 	sc.base = memremap(sc.gpa, sc.size, MEMREMAP_WB);
 	if (!sc.base) {
 		pr_err("cannot map the region %#llx+%#llx write-back (is it reserved in the e820 map?)\n",
