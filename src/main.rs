@@ -268,6 +268,23 @@ struct RunArgs {
     /// linked at 0x200000 like guest-agent).
     #[arg(long, value_name = "ELF")]
     guest: Option<PathBuf>,
+    /// Boot this Linux kernel (a bzImage, e.g. /boot/vmlinuz-*) instead of
+    /// the guest-agent, by the x86 boot protocol: COM1 is its console
+    /// (stdout, and stdin to the guest), ACPI gives it its CPUs and its
+    /// power-off. The shared region is reserved in its e820 map and named
+    /// on its command line (`sidecore.region=GPA,SIZE`) for the sidecall
+    /// client module (guest-linux/). Hardware KVM only (AMD-V, VT-x): on
+    /// PVM a stock kernel cannot run natively.
+    #[arg(long, value_name = "BZIMAGE", conflicts_with_all = ["guest", "workload", "args", "latency_phases"])]
+    kernel: Option<PathBuf>,
+    /// The initrd (initramfs) for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel [default: console=ttyS0]; the
+    /// VMM appends `sidecore.region=...` and, unless it sets panic=,
+    /// `panic=-1` (a panic then ends the run).
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
     // The bounds come from the VMM's, so the help says them.
     #[arg(
         long,
@@ -279,12 +296,14 @@ struct RunArgs {
     vcpus: u32,
     #[arg(
         long,
-        default_value_t = 64,
         value_name = "MiB",
-        value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB),
-        help = format!("Guest RAM in MiB ({MIN_MEM_MIB} to {MAX_MEM_MIB})")
+        value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=LINUX_MAX_MEM_MIB),
+        help = format!(
+            "Guest RAM in MiB: the guest-agent {MIN_MEM_MIB} to {MAX_MEM_MIB} [default: 64], a --kernel guest {} to {LINUX_MAX_MEM_MIB} [default: 256]",
+            sidecore_vmm::vmm::linux::MIN_MEM_MIB
+        )
     )]
-    mem: u64,
+    mem: Option<u64>,
     /// Serve sidecalls from a sidecore pinned to each of these CPUs (e.g. 0 or
     /// 0,2); without it the guest uses the exit paths only.
     #[arg(long, value_name = "CPU[,CPU..]", value_delimiter = ',')]
@@ -346,6 +365,8 @@ or 4, stderr says which vCPU and its exact status or fault, in the line
 const MIN_MEM_MIB: u64 = 4;
 /// The largest guest RAM, in MiB (the guest's layout maps RAM up to `MAX_RAM`).
 const MAX_MEM_MIB: u64 = shm_proto::layout::MAX_RAM >> 20;
+/// The largest RAM of a --kernel guest, in MiB.
+const LINUX_MAX_MEM_MIB: u64 = sidecore_vmm::vmm::linux::MAX_MEM_MIB;
 
 /// Bytes per packet: 8 (the sequence number) to the device's largest.
 fn packet_size_parser() -> clap::builder::RangedU64ValueParser<usize> {
@@ -524,7 +545,7 @@ mod tests {
         assert!(matches!(build(MAX_VCPUS + 1, 64), Some(VmError::VcpuCount(_))));
         let parse = |args: &[&str]| Cli::try_parse_from([&["sidecore", "run"], args].concat());
         assert!(parse(&["--vcpus", &MAX_VCPUS.to_string(), "--mem", &MAX_MEM_MIB.to_string()]).is_ok());
-        for bad in [["--vcpus", "0"], ["--mem", "3"], ["--mem", "257"], ["--workload", "nope"]] {
+        for bad in [["--vcpus", "0"], ["--mem", "3"], ["--mem", "3073"], ["--workload", "nope"]] {
             let e = parse(&bad).err().expect("rejected");
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }

@@ -44,11 +44,13 @@ pub fn register_vmm_hypercalls(s: &mut Services, host: Arc<HostShared>) -> Resul
 /// hypercalls over the VM's host-private state.
 pub fn vm_services(
     cpuid: Vec<crate::cpuid::CpuidTable>,
-    pte: crate::pte::PteService,
+    pte: Option<crate::pte::PteService>,
     host: Arc<HostShared>,
 ) -> Result<Services, RegistryError> {
     let mut s = Services::new(cpuid);
-    s.set_pte(pte);
+    if let Some(pte) = pte {
+        s.set_pte(pte);
+    }
     register_vmm_hypercalls(&mut s, host)?;
     Ok(s)
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use shm_proto::boot::Workload;
+use sidecore_vmm::vmm::linux::{self, LinuxEnd, LinuxError, LinuxOptions, LinuxSpec};
 use sidecore_vmm::vmm::vm::VmSpec;
 use sidecore_vmm::vmm::{self, ConsoleSink, RunOptions, VcpuEnd};
 
@@ -46,7 +47,22 @@ pub(crate) fn guest_exit_status(ends: &[VcpuEnd]) -> u8 {
     }
 }
 
+/// The guest-agent's RAM bounds, in MiB.
+const AGENT_MEM_MIB: std::ops::RangeInclusive<u64> = 4..=(shm_proto::layout::MAX_RAM >> 20);
+
 pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
+    if a.kernel.is_some() {
+        return cmd_run_linux(a);
+    }
+    let mem = a.mem.unwrap_or(64);
+    if !AGENT_MEM_MIB.contains(&mem) {
+        return Err(CliError::Usage(format!(
+            "--mem {mem}: the guest-agent takes {} to {} MiB (a --kernel guest takes up to {})",
+            AGENT_MEM_MIB.start(),
+            AGENT_MEM_MIB.end(),
+            linux::MAX_MEM_MIB
+        )));
+    }
     let workload = a.workload.workload();
     match workload {
         Workload::Echo => {
@@ -95,7 +111,7 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         spec: VmSpec {
             guest_path,
             guest_elf,
-            mem_mib: a.mem,
+            mem_mib: mem,
             vcpus: a.vcpus,
             workload,
             args,
@@ -157,6 +173,80 @@ pub(crate) fn cmd_run(a: RunArgs) -> Result<ExitCode, CliError> {
         tracing::info!(rejected, "requests answered with an error status");
     }
     Ok(ExitCode::from(guest_exit_status(&report.ends)))
+}
+
+fn read_file(what: &str, path: &std::path::Path, hint: &str) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|e| CliError::Runtime(format!("cannot read {what} {}: {e} — {hint}", path.display())))
+}
+
+/// Lines of the console a failure report repeats on stderr.
+const REPORT_LINES: usize = 20;
+
+/// `run --kernel`: a Linux guest, to its power-off.
+fn cmd_run_linux(a: RunArgs) -> Result<ExitCode, CliError> {
+    let Some(kernel_path) = a.kernel.clone() else {
+        return Err(CliError::Usage("--kernel: no kernel given".into()));
+    };
+    let kernel = read_file("kernel", &kernel_path, "pass the path of a bzImage, e.g. /boot/vmlinuz-*")?;
+    let initrd = match &a.initrd {
+        Some(p) => {
+            Some((p.display().to_string(), read_file("initrd", p, "pass the path of an initramfs (cpio) file")?))
+        }
+        None => None,
+    };
+    let vcpu_cpus = a.vcpu_cpus.map(|l| l.0);
+    let placed: Vec<usize> = match &vcpu_cpus {
+        Some(l) => (0..a.vcpus as usize).map(|i| l[i % l.len()]).collect(),
+        None => sidecore_vmm::host::online_cpus()
+            .map(|o| vmm::default_vcpu_cpus(&o, &a.sidecore, a.vcpus))
+            .unwrap_or_default(),
+    };
+    super::warn_shared_cores(&a.sidecore, &placed, "Give --vcpu-cpus CPUs that --sidecore does not name.");
+    let opts = LinuxOptions {
+        spec: LinuxSpec {
+            kernel_path: kernel_path.display().to_string(),
+            kernel,
+            initrd,
+            cmdline: a.cmdline.clone(),
+            mem_mib: a.mem.unwrap_or(256),
+            vcpus: a.vcpus,
+        },
+        vcpu_cpus,
+        sidecore_cpus: a.sidecore.clone(),
+        console: ConsoleSink::Stdout,
+        stdin: true,
+        attach: a.attach.clone(),
+        vm_name: a.name.clone(),
+        idle_park: (a.idle_park_us > 0).then(|| std::time::Duration::from_micros(a.idle_park_us)),
+    };
+    let report = linux::run(opts).map_err(|e| match &e {
+        LinuxError::VcpuCount(_) | LinuxError::MemSize(_) => CliError::Usage(sidecore_vmm::error_chain(&e)),
+        LinuxError::Run(r) => super::run_cli_error(r),
+        _ => CliError::Runtime(sidecore_vmm::error_chain(&e)),
+    })?;
+    if let Some(served) = report.daemon_served {
+        println!(
+            "attach: the guest got {} sidecall replies, the daemon counted {served} for this VM",
+            report.guest_sidecalls
+        );
+    }
+    let tail = |lines: &[String]| {
+        let from = lines.len().saturating_sub(REPORT_LINES);
+        lines[from..].iter().map(|l| format!("\n  | {l}")).collect::<String>()
+    };
+    match &report.end {
+        LinuxEnd::PowerOff => tracing::info!("the guest powered off"),
+        LinuxEnd::Reset => tracing::info!("the guest reset itself: the run ends"),
+        LinuxEnd::Panic(lines) => {
+            eprintln!("sidecore: guest failed: the kernel panicked; the console's last lines:{}", tail(lines));
+            return Ok(ExitCode::from(EXIT_GUEST_STATUS));
+        }
+        LinuxEnd::Fault(msg, lines) => {
+            eprintln!("sidecore: guest failed: {msg}; the console's last lines:{}", tail(lines));
+            return Ok(ExitCode::from(EXIT_GUEST_FAULT));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -96,12 +96,18 @@ pub fn validate_attach(req: &AttachRequest, guest_size: u64, host_size: u64) -> 
     if !inside(req.shared_gpa, req.shared_size) || req.shared_size < region_size(req.vcpus) {
         return Err("shared region outside RAM, misaligned or too small".into());
     }
-    if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
-        return Err("page-table pool outside RAM or misaligned".into());
-    }
-    let overlap = req.shared_gpa < req.pool_gpa + req.pool_size && req.pool_gpa < req.shared_gpa + req.shared_size;
-    if overlap {
-        return Err("shared region overlaps the page-table pool".into());
+    if !req.page_tables {
+        if req.pool_gpa != 0 || req.pool_size != 0 {
+            return Err("a page-table pool with page_tables false: send pool_gpa and pool_size 0".into());
+        }
+    } else {
+        if !inside(req.pool_gpa, req.pool_size) || !req.pool_size.is_multiple_of(4096) {
+            return Err("page-table pool outside RAM or misaligned".into());
+        }
+        let overlap = req.shared_gpa < req.pool_gpa + req.pool_size && req.pool_gpa < req.shared_gpa + req.shared_size;
+        if overlap {
+            return Err("shared region overlaps the page-table pool".into());
+        }
     }
     if req.image_gpa > req.image_end || req.image_end > req.ram_size || req.free_gpa > req.ram_size {
         return Err("image or free RAM range outside RAM".into());

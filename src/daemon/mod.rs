@@ -311,8 +311,6 @@ impl Daemon {
         let too_big = |_| "range too large".to_string();
         let shared_map = Mapping::new(guest, req.shared_gpa, usize::try_from(req.shared_size).map_err(too_big)?)
             .map_err(|e| e.to_string())?;
-        let pool_map = Mapping::new(guest, req.pool_gpa, usize::try_from(req.pool_size).map_err(too_big)?)
-            .map_err(|e| e.to_string())?;
         let host_map = Mapping::new(host, 0, host_len).map_err(|e| e.to_string())?;
         let (sp, sl) = (shared_map.ptr(), shared_map.len());
         // SAFETY: the mapping covers the region and lives as long as its owner.
@@ -323,21 +321,29 @@ impl Daemon {
         let host_state = unsafe { HostShared::from_mapping(hp, host_len, pool_pages, Arc::new(host_map)) }
             .map_err(|e| e.to_string())?;
         let tables = sidecore_core::cpuid::tables_from_words(&req.cpuid);
-        let layout = PteLayout {
-            ram_size: req.ram_size,
-            pool_gpa: req.pool_gpa,
-            pool_size: req.pool_size,
-            image_gpa: req.image_gpa,
-            image_end: req.image_end,
-            free_gpa: req.free_gpa,
+        let pte = if req.page_tables {
+            let pool_map = Mapping::new(guest, req.pool_gpa, usize::try_from(req.pool_size).map_err(too_big)?)
+                .map_err(|e| e.to_string())?;
+            let layout = PteLayout {
+                ram_size: req.ram_size,
+                pool_gpa: req.pool_gpa,
+                pool_size: req.pool_size,
+                image_gpa: req.image_gpa,
+                image_end: req.image_end,
+                free_gpa: req.free_gpa,
+            };
+            // The daemon does not own the VM fd, so it cannot drop PVM's shadow
+            // pages: changes and unmaps go back to the guest's own VMM.
+            let visibility = if req.backend == "pvm" { Visibility::ExitPath } else { Visibility::GuestFlush };
+            let pp = pool_map.ptr();
+            // SAFETY: the pool mapping is pool_size bytes and lives as long as its owner.
+            Some(
+                unsafe { PteService::new(layout, host_state.clone(), pp, Arc::new(pool_map), visibility) }
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
         };
-        // The daemon does not own the VM fd, so it cannot drop PVM's shadow
-        // pages: changes and unmaps go back to the guest's own VMM.
-        let visibility = if req.backend == "pvm" { Visibility::ExitPath } else { Visibility::GuestFlush };
-        let pp = pool_map.ptr();
-        // SAFETY: the pool mapping is pool_size bytes and lives as long as its owner.
-        let pte = unsafe { PteService::new(layout, host_state.clone(), pp, Arc::new(pool_map), visibility) }
-            .map_err(|e| e.to_string())?;
         let services = Arc::new(vm_services(tables, pte, host_state).map_err(|e| e.to_string())?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(VmControl { id, ..Default::default() });
@@ -953,6 +959,7 @@ mod tests {
             image_gpa: 0x20_0000,
             image_end: 0x21_0000,
             free_gpa: 0x60_0000,
+            page_tables: true,
             cpuid: vec![vec![[0; 7]]],
             packet_device: false,
             name: None,

@@ -414,6 +414,15 @@ pub struct AttachRequest {
     /// `vm<ID>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Whether the guest's page tables live in the pool and PTE_UPDATE
+    /// serves them (the guest-agent); `false` for a guest whose tables are
+    /// its own (Linux): no pool (its fields 0), PTE_UPDATE is an unknown op.
+    #[serde(default = "page_tables_default")]
+    pub page_tables: bool,
+}
+
+fn page_tables_default() -> bool {
+    true
 }
 
 /// Longest VM name.

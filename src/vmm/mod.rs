@@ -6,6 +6,7 @@ pub mod console;
 pub mod control;
 pub mod devices;
 pub mod kvm_stats;
+pub mod linux;
 pub mod loader;
 pub mod sidecores;
 pub mod vcpu;
@@ -252,6 +253,7 @@ pub fn attach_request(vm: &Vm, packet_device: bool) -> crate::daemon::AttachRequ
         image_gpa: shm_proto::layout::IMAGE_GPA,
         image_end: vm.layout.image_end,
         free_gpa: vm.layout.free_gpa,
+        page_tables: true,
         cpuid: vm
             .cpuid
             .iter()
@@ -317,33 +319,19 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let services = Arc::new(vm_services(vm.cpuid.clone(), vm.pte_service()?, vm.host.clone())?);
+    let services = Arc::new(vm_services(vm.cpuid.clone(), Some(vm.pte_service()?), vm.host.clone())?);
     let sidecall_stats = Arc::new(VmStats::default());
-    let sidecores = if opts.sidecore_cpus.is_empty() {
-        None
-    } else {
-        // One control for all of its rings: they are one VM's to the sweep.
-        let control = Arc::new(sidecore_core::VmControl::default());
-        let rings = (0..spec.vcpus)
-            .filter_map(|i| {
-                let mut r = RingRef::with_control(
-                    vm.region.clone(),
-                    i,
-                    services.clone(),
-                    sidecall_stats.clone(),
-                    control.clone(),
-                )?;
-                r.set_doorbell(vm.doorbell.clone());
-                Some(r)
-            })
-            .collect();
-        Some(Arc::new(SidecoreSet::start_with_idle(
-            opts.sidecore_cpus.clone(),
-            rings,
-            opts.idle_rings,
-            opts.idle_park,
-        )?))
-    };
+    let sidecores = start_sidecores_with_idle(
+        &opts.sidecore_cpus,
+        &vm.region,
+        spec.vcpus,
+        &services,
+        &sidecall_stats,
+        &vm.doorbell,
+        opts.idle_rings,
+        opts.idle_park,
+    )?
+    .map(Arc::new);
     let exit_device = match device {
         Some(d) => crate::vmm::devices::wire(d, &vm, sidecores.as_deref().map(|s| s as &dyn DeviceHost))?,
         None => None,
@@ -418,6 +406,46 @@ pub fn run(opts: RunOptions) -> Result<RunReport, RunError> {
     })
 }
 
+/// This VMM's own sidecores for a VM's `vcpus` rings (`None` when `cpus`
+/// is empty: no sidecore), one control for all of them (they are one VM's
+/// to the sweep).
+pub(crate) fn start_sidecores(
+    cpus: &[usize],
+    region: &Arc<sidecore_core::SharedRegion>,
+    vcpus: u32,
+    services: &Arc<Services>,
+    stats: &Arc<VmStats>,
+    doorbell: &Arc<std::os::fd::OwnedFd>,
+    park: Option<Duration>,
+) -> Result<Option<SidecoreSet>, RunError> {
+    start_sidecores_with_idle(cpus, region, vcpus, services, stats, doorbell, 0, park)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_sidecores_with_idle(
+    cpus: &[usize],
+    region: &Arc<sidecore_core::SharedRegion>,
+    vcpus: u32,
+    services: &Arc<Services>,
+    stats: &Arc<VmStats>,
+    doorbell: &Arc<std::os::fd::OwnedFd>,
+    idle_rings: u32,
+    park: Option<Duration>,
+) -> Result<Option<SidecoreSet>, RunError> {
+    if cpus.is_empty() {
+        return Ok(None);
+    }
+    let control = Arc::new(sidecore_core::VmControl::default());
+    let rings = (0..vcpus)
+        .filter_map(|i| {
+            let mut r = RingRef::with_control(region.clone(), i, services.clone(), stats.clone(), control.clone())?;
+            r.set_doorbell(doorbell.clone());
+            Some(r)
+        })
+        .collect();
+    Ok(Some(SidecoreSet::start_with_idle(cpus.to_vec(), rings, idle_rings, park)?))
+}
+
 /// The VM's one control worker: it stops and starts this VMM's sidecores,
 /// or pauses and resumes the daemon's service of the VM. If that fails, the
 /// guest is told its sidecore is lost and goes on by the exit paths.
@@ -454,7 +482,7 @@ fn controller(
 }
 
 /// Tells every vCPU of the VM that its sidecore will not come back.
-fn mark_sidecore_lost(region: &sidecore_core::SharedRegion) {
+pub(crate) fn mark_sidecore_lost(region: &sidecore_core::SharedRegion) {
     for v in 0..region.nr_vcpus() {
         if let Some(b) = region.vcpu(v) {
             b.host.sidecore_lost.store(1, Ordering::Release);

@@ -4,7 +4,7 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-pub(super) fn code_segment() -> kvm_segment {
+pub(crate) fn code_segment() -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -20,7 +20,7 @@ pub(super) fn code_segment() -> kvm_segment {
     }
 }
 
-pub(super) fn data_segment() -> kvm_segment {
+pub(crate) fn data_segment() -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -39,11 +39,11 @@ pub(super) fn data_segment() -> kvm_segment {
 /// The GDT: null, 64-bit code (0x08), data (0x10).
 pub const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
-pub(super) fn entry_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
+pub(crate) fn entry_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
     CpuidEntry { function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx }
 }
 
-pub(super) fn entry_to_kvm(e: &CpuidEntry) -> kvm_bindings::kvm_cpuid_entry2 {
+pub(crate) fn entry_to_kvm(e: &CpuidEntry) -> kvm_bindings::kvm_cpuid_entry2 {
     kvm_bindings::kvm_cpuid_entry2 {
         function: e.function,
         index: e.index,

@@ -76,7 +76,7 @@ pub(super) fn event_irqfds(vm: &VmFd, vcpus: u32) -> Result<Vec<Arc<std::os::fd:
 
 /// An eventfd that the guest's PIO write to `PORT_DOORBELL` signals inside
 /// the kernel (no exit to this VMM).
-pub(super) fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> {
+pub(crate) fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> {
     let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Doorbell)?;
     vm.register_ioevent(
         &efd,
@@ -89,7 +89,7 @@ pub(super) fn doorbell(vm: &VmFd) -> Result<Arc<std::os::fd::OwnedFd>, VmError> 
 
 /// An eventfd registered with KVM (which holds its own reference), as the
 /// descriptor the host side keeps: the sidecore's doorbell, a vCPU's irqfd.
-pub(super) fn owned(efd: vmm_sys_util::eventfd::EventFd) -> Arc<std::os::fd::OwnedFd> {
+pub(crate) fn owned(efd: vmm_sys_util::eventfd::EventFd) -> Arc<std::os::fd::OwnedFd> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     // SAFETY: into_raw_fd hands over the descriptor EventFd owned; nothing
     // else closes it.

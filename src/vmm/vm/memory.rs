@@ -5,7 +5,7 @@
 use super::*;
 
 /// Guest memory backed by a memfd (returned too, to pass to a daemon).
-pub(super) fn guest_memory(ram: u64) -> Result<(GuestMemoryMmap, File), VmError> {
+pub(crate) fn guest_memory(ram: u64) -> Result<(GuestMemoryMmap, File), VmError> {
     let size = usize::try_from(ram)
         .map_err(|_| VmError::Memory(ram, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     let file = crate::host::memfd::create(c"sidecore-guest", ram).map_err(VmError::Memfd)?;
@@ -18,7 +18,7 @@ pub(super) fn guest_memory(ram: u64) -> Result<(GuestMemoryMmap, File), VmError>
 
 /// The host-private block shared with a daemon: in a memfd (returned) when
 /// `shareable`, else on the heap.
-pub(super) fn host_shared(pool_pages: usize, shareable: bool) -> Result<(Arc<HostShared>, Option<File>), VmError> {
+pub(crate) fn host_shared(pool_pages: usize, shareable: bool) -> Result<(Arc<HostShared>, Option<File>), VmError> {
     if !shareable {
         return Ok((HostShared::alloc(pool_pages).map_err(VmError::HostShared)?, None));
     }
@@ -41,7 +41,7 @@ pub(super) fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, VmError>
 /// at `backing` (equal to `gpa` except for an alias such as the pool's trap
 /// view).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn add_memslot(
+pub(crate) fn add_memslot(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     slot: u32,
@@ -87,7 +87,7 @@ pub(super) fn identity_flags(gpa: u64, vcpus: u32, image: &LoadedImage, layout: 
     }
 }
 
-pub(super) fn init_region(mem: &GuestMemoryMmap, layout: &Layout, vcpus: u32) -> Result<Arc<SharedRegion>, VmError> {
+pub(crate) fn init_region(mem: &GuestMemoryMmap, layout: &Layout, vcpus: u32) -> Result<Arc<SharedRegion>, VmError> {
     let zero = vec![0u8; usize::try_from(layout.shared_size).unwrap_or(0)];
     mem.write_slice(&zero, GuestAddress(layout.shared_gpa)).map_err(|e| VmError::GuestWrite("shared region", e))?;
     let base =

@@ -38,6 +38,11 @@ use interrupts::*;
 use memory::*;
 use pvm::*;
 pub use pvm::{MemslotZap, MSR_PVM_VIF};
+// For the Linux boot path (crate::vmm::linux), which builds its VM from the
+// same parts.
+pub(crate) use cpu::{code_segment, data_segment, entry_from_kvm};
+pub(crate) use interrupts::doorbell;
+pub(crate) use memory::{add_memslot, guest_memory, host_shared, init_region};
 
 /// Scratch free RAM the guest-agent's workloads need, per vCPU, plus one
 /// shared page.
@@ -328,6 +333,43 @@ pub fn boot_info(spec: &VmSpec, backend: Backend, layout: &Layout, tsc_khz: u64)
     b
 }
 
+/// Whose CPUID table [`vcpu_cpuid`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CpuidFor {
+    /// The guest-agent: the VMM's signature at [`CPUID_SIGNATURE_LEAF`]
+    /// (it checks that its answers come from this table).
+    Agent,
+    /// A Linux guest: KVM's own signature kept and the hypervisor bit
+    /// (leaf 1 ECX bit 31) set, so that it finds KVM's paravirtual clock.
+    Linux,
+}
+
+/// vCPU `i`'s CPUID table: what KVM supports, with the vCPU's APIC ID, for
+/// `guest`.
+pub(crate) fn vcpu_cpuid(kvm: &Kvm, i: u32, guest: CpuidFor) -> Result<kvm_bindings::CpuId, VmError> {
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Vcpu {
+        vcpu: i,
+        what: "KVM_GET_SUPPORTED_CPUID",
+        source: e,
+    })?;
+    let mut entries: Vec<CpuidEntry> = supported.as_slice().iter().map(entry_from_kvm).collect();
+    match guest {
+        CpuidFor::Agent => set_signature(&mut entries, CPUID_SIGNATURE_LEAF, CPUID_SIGNATURE),
+        CpuidFor::Linux => {
+            for e in entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= 1 << 31;
+            }
+        }
+    }
+    set_apic_id(&mut entries, i);
+    let kvm_entries: Vec<kvm_bindings::kvm_cpuid_entry2> = entries.iter().map(entry_to_kvm).collect();
+    kvm_bindings::CpuId::from_entries(&kvm_entries).map_err(|_| VmError::Vcpu {
+        vcpu: i,
+        what: "building the CPUID table",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })
+}
+
 impl Vm {
     /// Builds the VM.
     pub fn build(spec: &VmSpec) -> Result<Vm, VmError> {
@@ -443,20 +485,7 @@ impl Vm {
         let err = |what| move |source| VmError::Vcpu { vcpu: i, what, source };
         let vcpu = self.fd.create_vcpu(u64::from(i)).map_err(err("KVM_CREATE_VCPU"))?;
 
-        let mut cpuid = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| VmError::Vcpu {
-            vcpu: i,
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source: e,
-        })?;
-        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(entry_from_kvm).collect();
-        set_signature(&mut entries, CPUID_SIGNATURE_LEAF, CPUID_SIGNATURE);
-        set_apic_id(&mut entries, i);
-        let kvm_entries: Vec<kvm_bindings::kvm_cpuid_entry2> = entries.iter().map(entry_to_kvm).collect();
-        cpuid = kvm_bindings::CpuId::from_entries(&kvm_entries).map_err(|_| VmError::Vcpu {
-            vcpu: i,
-            what: "building the CPUID table",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
+        let cpuid = vcpu_cpuid(&self.kvm, i, CpuidFor::Agent)?;
         vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
 
         let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
