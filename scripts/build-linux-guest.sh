@@ -20,7 +20,9 @@
 #   the version).
 # Guest command line it reads at boot: sidecore.region=0xGPA,0xSIZE (set by
 #   the VMM), sidecore.bench_iters=N (bench samples per row; 0 skips the
-#   bench; default the tool's 20000).
+#   bench; default the tool's 20000), sidecore.console=kmsg (init's output
+#   through the kernel log, for a console whose serial interrupt is missing:
+#   printk's console writes poll the UART, a tty's wait for THRE interrupts).
 # Idempotent: every run rebuilds OUT_DIR's contents from scratch.
 set -euo pipefail
 
@@ -141,6 +143,10 @@ cmdline_value() {
   done
   return 1
 }
+if [ "$(cmdline_value sidecore.console)" = kmsg ]; then
+  echo on > /proc/sys/kernel/printk_devkmsg
+  exec > /dev/kmsg 2>&1
+fi
 say "Linux $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, command line: $(cat /proc/cmdline)"
 region=$(cmdline_value sidecore.region) || fail "no sidecore.region= on the kernel command line: the VMM names its shared region there"
 if ! insmod /sidecore.ko region="$region"; then
