@@ -41,6 +41,8 @@ done
 project=$(cd "$(dirname "$0")/.." && pwd -P)
 src="$project/guest-linux"
 out=${out:-$project/target/linux-guest}
+# Absolute: kbuild runs from the headers directory.
+mkdir -p "$out" && out=$(cd "$out" && pwd -P)
 cache=${HWKVM_CACHE:-${HOME:-/root}/.cache/sidecore/hwkvm}
 [ -f "$src/sidecore.c" ] || die "no $src/sidecore.c: run this from the project's tree"
 
