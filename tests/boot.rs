@@ -134,7 +134,7 @@ fn bad_input_gets_clear_errors() {
     let p = not_elf.display().to_string();
     assert_clean_failure(&["run", "--guest", &p], &p);
     let _ = std::fs::remove_file(&not_elf);
-    assert_clean_failure(&["run", "--mem", "2"], "2 is not in 4..=256");
+    assert_clean_failure(&["run", "--mem", "2"], "2 is not in 4..=3072");
     assert_clean_failure(&["run", "--vcpus", "0"], "0 is not in 1..=");
     if kvm_available() {
         assert_clean_failure(&["run", "--vcpu-cpus", "4095"], "--vcpu-cpus CPU 4095 is not online");

@@ -63,7 +63,7 @@ fn hand_checked_argument_errors_exit_2_too() {
 fn ranges_are_enforced_and_shown() {
     for (args, shown) in [
         (&["run", "--vcpus", "0"][..], "1..="),
-        (&["run", "--mem", "1"][..], "4..=256"),
+        (&["run", "--mem", "1"][..], "4..=3072"),
         (&["echo", "--size", "4"][..], "8..=2048"),
         (&["echo", "--vms", "0"][..], "1.."),
     ] {
@@ -72,7 +72,7 @@ fn ranges_are_enforced_and_shown() {
         assert!(stderr(&o).contains(shown), "{args:?}: {}", stderr(&o));
     }
     let help = stdout(&sidecore(&["run", "--help"], &[]));
-    assert!(help.contains("(4 to 256)"), "{help}");
+    assert!(help.contains("the guest-agent 4 to 256") && help.contains("32 to 3072"), "{help}");
     assert!(help.contains("(1 to "), "{help}");
 }
 
