@@ -19,6 +19,8 @@ pub struct StatusReport {
     pub sidecores: Vec<CoreStatus>,
     /// The attached VMs.
     pub vms: Vec<VmStatus>,
+    /// The vhost-user-blk devices.
+    pub vhost_user_blk: Vec<BlkStatus>,
 }
 
 /// One sidecore.
