@@ -261,7 +261,7 @@ impl Vm {
                     let mut r = BufReader::new(pipe);
                     let mut buf = Vec::new();
                     while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                        let line = without_escapes(String::from_utf8_lossy(&buf).trim_end());
                         lines.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), line));
                         buf.clear();
                     }
@@ -321,6 +321,28 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `line` without the terminal's escape sequences and control characters
+/// (the firmware clears the screen), for the failure reports.
+fn without_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // CSI: ESC [ parameters, ended by a letter.
+            '\x1b' if chars.clone().next() == Some('[') => {
+                chars.by_ref().skip(1).find(char::is_ascii_alphabetic);
+            }
+            // Any other escape: ESC and one character.
+            '\x1b' => {
+                chars.next();
+            }
+            c if c.is_control() && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn tail(text: &str, n: usize) -> String {
