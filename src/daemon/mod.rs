@@ -628,6 +628,21 @@ impl Daemon {
                     Method::Attach(a) => self.attach_call(s, &a),
                     Method::Pause | Method::Resume => self.set_paused(s, matches!(method, Method::Pause)),
                     Method::Subscribe(p) => self.subscribe(s, p),
+                    Method::VhostBlkAdd(_) | Method::VhostBlkRemove(_) if !device_admin(&s.cred) => Err(RpcError::new(
+                        code::PERMISSION_DENIED,
+                        "only the daemon's own user (or root) may add or remove devices: the daemon opens \
+                             their images with its rights",
+                    )),
+                    Method::VhostBlkAdd(spec) => {
+                        let socket = spec.socket.display().to_string();
+                        self.add_vhost_blk(spec)
+                            .map(|()| serde_json::json!({"socket": socket}))
+                            .map_err(|e| RpcError::new(code::DEVICE_REFUSED, e))
+                    }
+                    Method::VhostBlkRemove(p) => self
+                        .remove_vhost_blk(&p)
+                        .map(|()| serde_json::json!({"removed": p.display().to_string()}))
+                        .map_err(|e| RpcError::new(code::DEVICE_REFUSED, e)),
                     Method::Unsubscribe => {
                         if let Some(sub) = &s.sub {
                             sub.set_kinds(Some(Vec::new()));
@@ -721,6 +736,13 @@ struct Session {
     /// Its event subscription.
     sub: Option<Arc<events::Subscriber>>,
     slot: PendingSlot,
+}
+
+/// Whether the peer may add and remove devices: the daemon's own user or
+/// root, never only a member of `--group`.
+fn device_admin(cred: &libc::ucred) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    cred.uid == 0 || cred.uid == unsafe { libc::geteuid() }
 }
 
 /// Calls per second a VM's sidecore sends to its exit path before that is

@@ -270,6 +270,8 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
                 SYS_connect,
                 SYS_unlink,
                 SYS_lseek,
+                // One writer per image.
+                SYS_flock,
                 // A VMM's connection: messages and their fds (SCM_RIGHTS).
                 SYS_accept4,
                 SYS_recvmsg,

@@ -195,6 +195,7 @@ impl From<&StatusReport> for MetricsSnapshot {
                     device: v.device.clone(),
                 })
                 .collect(),
+            blk: r.vhost_user_blk.clone(),
             process: None,
         }
     }

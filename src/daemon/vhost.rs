@@ -203,10 +203,14 @@ impl Daemon {
 
     /// Removes every device (the daemon stops).
     pub(super) fn remove_all_vhost(&self) {
-        if let Ok(mut s) = self.vhost.servers.lock() {
-            for d in s.drain(..) {
-                d.remove();
-            }
+        let all: Vec<Arc<BlkServer>> = self.vhost.servers.lock().map(|mut s| s.drain(..).collect()).unwrap_or_default();
+        for d in &all {
+            d.remove();
+        }
+        // Their threads remove the sockets (each looks every 200 ms).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while all.iter().any(|d| !d.ended()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -35,6 +35,7 @@ pub const DEFAULT_QUEUES: u16 = 4;
 
 /// `--vhost-user-blk SOCKET,path=IMAGE[,readonly][,num-queues=N]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlkSpec {
     /// The vhost-user socket the daemon listens on (the VMM connects).
     pub socket: PathBuf,
@@ -115,6 +116,18 @@ pub fn open_disk(spec: &BlkSpec) -> Result<Disk, String> {
     if capacity == 0 {
         return Err(format!("disk image {}: smaller than one 512-byte sector", spec.path.display()));
     }
+    // One writer per image (shared among read-only users), as QEMU locks
+    // its images: two devices writing one file would corrupt it.
+    let how = if spec.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&buffered), how | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "disk image {}: locked by another user (another device or VMM has it open{}): {}",
+            spec.path.display(),
+            if spec.readonly { " for writing" } else { "" },
+            std::io::Error::last_os_error()
+        ));
+    }
     let direct = open(true).ok();
     let name = spec.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut id = format!("sidecore:{name}").into_bytes();
@@ -140,6 +153,8 @@ pub struct BlkServer {
     disk: Arc<Disk>,
     /// The connection now being served, to cut it at removal.
     current: Mutex<Option<UnixStream>>,
+    /// The serving thread has ended (its socket removed).
+    ended: AtomicBool,
 }
 
 impl BlkServer {
@@ -172,6 +187,7 @@ impl BlkServer {
             stop: AtomicBool::new(false),
             disk: Arc::new(disk),
             current: Mutex::new(None),
+            ended: AtomicBool::new(false),
         });
         Ok((server, listener))
     }
@@ -195,6 +211,12 @@ impl BlkServer {
             }
         }
         let _ = std::fs::remove_file(&self.spec.socket);
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// Whether [`BlkServer::serve`] has returned.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Ends the server: the connection is cut, the socket removed.
