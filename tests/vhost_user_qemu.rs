@@ -499,7 +499,34 @@ fn verify_case(case: &str, smp: u32, queues: u32) {
     if let Err(why) = result {
         fail(case, &why, &[&vm], &backend);
     }
+    if !backend_is_qsd() {
+        if let Err(why) = check_daemon_counters(&dir.0.join("ctl.sock"), queues) {
+            fail(case, &why, &[&vm], &backend);
+        }
+    }
     eprintln!("{case}: passed in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The daemon's own account of the run (`status`): the guest's MiB read
+/// and written went through the device, on every queue it used, with no
+/// refused chain, host I/O error or protocol error.
+fn check_daemon_counters(ctl: &Path, queues: u32) -> Result<(), String> {
+    let r = sidecore_vmm::daemon::query_status(ctl).map_err(|e| format!("status from the daemon: {e}"))?;
+    let [d] = r.vhost_user_blk.as_slice() else {
+        return Err(format!("status lists {} vhost-user-blk devices, expected 1", r.vhost_user_blk.len()));
+    };
+    let sum = |f: fn(&sidecore_vmm::daemon::BlkQueueStatus) -> u64| d.queues.iter().map(f).sum::<u64>();
+    let (read, written) = (sum(|q| q.read_bytes), sum(|q| q.written_bytes));
+    let bad = sum(|q| q.bad_chains) + sum(|q| q.io_errors) + d.protocol_errors;
+    let used = d.queues.iter().filter(|q| q.requests > 0).count();
+    if d.connections < 1 || read < MIB as u64 || written < MIB as u64 || bad != 0 || used < queues as usize {
+        return Err(format!(
+            "daemon counters: {} connections, {read} bytes read, {written} written, {bad} errors, {used} queues \
+             with requests (want >= 1, >= 1 MiB each way, 0, {queues}): {d:?}",
+            d.connections
+        ));
+    }
+    Ok(())
 }
 
 #[test]
