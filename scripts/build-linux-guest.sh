@@ -56,24 +56,8 @@ kver=${kvers[0]}
 say "kernel $kver"
 
 # Debian's packages, installed when missing.
-apt_updated=0
-apt_install() { # PACKAGE...
-  [ "$(id -u)" = 0 ] || die "need root to install $* (apt-get install $*), or install them first"
-  local p
-  for p in "$@"; do
-    if [ $apt_updated = 0 ] && ! apt-cache show "$p" >/dev/null 2>&1; then
-      say "apt-get update (no $p in the package lists)"
-      apt-get update -qq || die "apt-get update failed"
-      apt_updated=1
-    fi
-  done
-  say "installing $* from Debian's packages"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null ||
-    die "apt-get install $* failed"
-}
-is_static() { # FILE: an ELF without an interpreter
-  [ -x "$1" ] && ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'Requesting program interpreter'
-}
+# shellcheck source=lib/debian.sh
+. "$project/scripts/lib/debian.sh"
 
 kdir=/usr/src/linux-headers-$kver
 [ -f "$kdir/Makefile" ] || apt_install "linux-headers-$kver"
