@@ -116,3 +116,49 @@ fn raw_chain_completes_like_a_typed_one() {
     // Out of the driver's memory is refused on our side.
     assert!(d.write_mem(d.memory_size() - 1, &[0, 0]).is_err());
 }
+
+#[test]
+fn unsealed_memory_is_only_sent_when_asked() {
+    let Some((_scratch, p)) = qsd(1) else { return };
+    // qemu-storage-daemon takes unsealed memory; the option exists for backends that must not.
+    let opts = DriverOptions { seal_memory: false, ..DriverOptions::default() };
+    let mut d = BlkDriver::connect(&p.socket, &opts).unwrap_or_else(|e| panic!("{}", sidecore_vmm::error_chain(&e)));
+    let mut data = pattern(5);
+    d.transfer(0, true, 0, &mut data, TIMEOUT).expect("write");
+}
+
+/// The CLI end to end with small counts: the table, the JSON with qemu-storage-daemon's
+/// series (and the sidecore daemon's, or why it is missing), the SVG.
+#[test]
+fn cli_writes_table_json_and_plot() {
+    if !sidecore_vmm::bench::vhost_blk::on_path("qemu-storage-daemon") {
+        eprintln!("skipping: qemu-storage-daemon is not installed (Debian: qemu-system-common)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sidecore-vub-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecore"))
+        .args(["bench", "--vhost-user-blk", "--vhost-blk-requests", "300", "--vhost-blk-seconds", "1", "--json"])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .expect("run sidecore");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("qd32 read IOPS"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["schema"], sidecore_vmm::bench::vhost_blk::SCHEMA);
+    let backends = v["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    let qsd = &backends[1];
+    assert_eq!(qsd["name"], "qemu-storage-daemon");
+    let series = qsd["series"].as_array().unwrap_or_else(|| panic!("no series: {qsd}"));
+    assert_eq!(series.len(), 4);
+    assert_eq!(series[0]["requests"], 300);
+    assert!(series[2]["iops"].as_f64().unwrap() > 0.0);
+    assert!(backends[0]["series"].is_array() || backends[0]["error"].is_string(), "{}", backends[0]);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

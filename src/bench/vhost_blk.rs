@@ -373,7 +373,7 @@ struct DriverMemory {
 unsafe impl Send for DriverMemory {}
 
 impl DriverMemory {
-    fn new(size: u64) -> Result<DriverMemory, VubError> {
+    fn new(size: u64, seal: bool) -> Result<DriverMemory, VubError> {
         let err = |source| VubError::Memory { bytes: size, source };
         // SAFETY: the name is a valid NUL-terminated string; the call only returns a new fd or -1.
         let raw = unsafe { libc::memfd_create(c"sidecore-vub".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -388,9 +388,12 @@ impl DriverMemory {
             return Err(err(std::io::Error::last_os_error()));
         }
         // The sidecore daemon refuses memory whose size the frontend could change under it.
-        // SAFETY: fcntl F_ADD_SEALS on an fd we own, with an int argument.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
-            return Err(err(std::io::Error::last_os_error()));
+        if seal {
+            // SAFETY: fcntl F_ADD_SEALS on an fd we own, with an int argument.
+            let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) };
+            if r != 0 {
+                return Err(err(std::io::Error::last_os_error()));
+            }
         }
         let map_len = usize::try_from(size).map_err(|_| err(std::io::Error::other("size too large")))?;
         // SAFETY: a new shared mapping of the whole memfd; nothing else refers to that range yet.
@@ -476,11 +479,20 @@ pub struct DriverOptions {
     /// Ask for no calls (VRING_AVAIL_F_NO_INTERRUPT; with EVENT_IDX, used_event is left behind):
     /// a fully polling driver. Off: used_event follows the driver, as Linux's does with callbacks enabled.
     pub suppress_interrupts: bool,
+    /// Seal the memory's size (F_SEAL_SHRINK | F_SEAL_GROW). Off only to check that a
+    /// backend refuses unsealed memory.
+    pub seal_memory: bool,
 }
 
 impl Default for DriverOptions {
     fn default() -> Self {
-        DriverOptions { queues: 1, queue_size: MAX_QUEUE_SIZE, event_idx: true, suppress_interrupts: false }
+        DriverOptions {
+            queues: 1,
+            queue_size: MAX_QUEUE_SIZE,
+            event_idx: true,
+            suppress_interrupts: false,
+            seal_memory: true,
+        }
     }
 }
 
@@ -579,7 +591,8 @@ impl BlkDriver {
         }
         fe.set_features(features).map_err(p("SET_FEATURES"))?;
 
-        let mem = DriverMemory::new((opts.queues as u64 * QUEUE_AREA + SCRATCH_BYTES).max(MIN_MEMORY))?;
+        let mem =
+            DriverMemory::new((opts.queues as u64 * QUEUE_AREA + SCRATCH_BYTES).max(MIN_MEMORY), opts.seal_memory)?;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: mem.size,
@@ -1240,14 +1253,14 @@ impl BackendProcess {
         }
     }
 
-    /// What the process wrote to stderr so far (trimmed; `(none)` when empty).
+    /// What the process wrote to stderr so far, its lines joined with ` / ` (`(none)` when empty).
     pub fn stderr(&self) -> String {
         let t = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        let t = t.trim();
-        if t.is_empty() {
+        let lines: Vec<&str> = t.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if lines.is_empty() {
             "(none)".into()
         } else {
-            t.chars().take(4000).collect()
+            lines.join(" / ").chars().take(4000).collect()
         }
     }
 
@@ -1415,10 +1428,12 @@ fn drive(
     })
 }
 
-/// Starts one backend, measures it, stops it.
+/// Starts one backend (the first of `argvs` that starts; its whole process on `pin`),
+/// measures it, stops it.
 fn run_backend(
     name: &str,
     argvs: &[Vec<OsString>],
+    pin: Option<usize>,
     socket: &Path,
     scratch: &Scratch,
     cfg: &BenchConfig,
@@ -1429,8 +1444,8 @@ fn run_backend(
     for argv in argvs {
         command = command_line(argv);
         progress(&format!("vhost-user-blk: starting {name}: {command}"));
-        let log = scratch.dir.join(format!("{name}.stderr"));
-        let proc = match BackendProcess::spawn(argv, socket, Some(cfg.backend_cpu), &log, Duration::from_secs(10)) {
+        let log = scratch.dir.join(format!("{}.stderr", name.replace(' ', "-")));
+        let proc = match BackendProcess::spawn(argv, socket, pin, &log, Duration::from_secs(10)) {
             Ok(p) => p,
             Err(e) => {
                 errors.push(crate::error_chain(&e));
@@ -1445,8 +1460,9 @@ fn run_backend(
                 name: name.into(),
                 command,
                 facts: format!(
-                    "{facts}; whole process on CPU {}, frontend on CPU {}",
-                    cfg.backend_cpu, cfg.frontend_cpu
+                    "{facts}; {}, frontend on CPU {}",
+                    pin.map_or("process unpinned".to_string(), |c| format!("whole process on CPU {c}")),
+                    cfg.frontend_cpu
                 ),
                 outcome: Ok(res),
             },
@@ -1471,10 +1487,12 @@ pub fn run(cfg: &BenchConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<VubRep
     match std::env::current_exe() {
         Ok(exe) => {
             let argv = sidecore_daemon_argv(&exe, &scratch.dir, cfg.backend_cpu, &scratch.image, &ours);
-            runs.push(run_backend("sidecore", &[argv], &ours, &scratch, cfg, progress));
+            // Both backends get the one backend CPU for everything they run (the sidecore
+            // daemon also pins its sidecore there with --cores).
+            runs.push(run_backend("sidecore daemon", &[argv], Some(cfg.backend_cpu), &ours, &scratch, cfg, progress));
         }
         Err(e) => runs.push(BackendRun {
-            name: "sidecore".into(),
+            name: "sidecore daemon".into(),
             command: String::new(),
             facts: String::new(),
             outcome: Err(format!("cannot find this executable: {e}")),
@@ -1484,7 +1502,7 @@ pub fn run(cfg: &BenchConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<VubRep
     if on_path("qemu-storage-daemon") {
         let q = cfg.driver.queues;
         let argvs = [qsd_argv(&scratch.image, &theirs, "io_uring", q), qsd_argv(&scratch.image, &theirs, "threads", q)];
-        runs.push(run_backend("qemu-storage-daemon", &argvs, &theirs, &scratch, cfg, progress));
+        runs.push(run_backend("qemu-storage-daemon", &argvs, Some(cfg.backend_cpu), &theirs, &scratch, cfg, progress));
     } else {
         runs.push(BackendRun {
             name: "qemu-storage-daemon".into(),
@@ -1709,7 +1727,7 @@ mod tests {
 
     #[test]
     fn driver_memory_is_sealed_and_bounds_checked() {
-        let m = DriverMemory::new(1 << 20).unwrap();
+        let m = DriverMemory::new(1 << 20, true).unwrap();
         // SAFETY: F_GET_SEALS on an fd we own.
         let seals = unsafe { libc::fcntl(m.fd.as_raw_fd(), libc::F_GET_SEALS) };
         assert_eq!(seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
