@@ -22,6 +22,8 @@ if [ "${1:-}" = --inner ]; then
   # Inside the bed: run every binary on the list.
   shift; list=$1; filter=${2:-}
   export SIDECORE_TEST_SKIPS=/tmp/hwkvm-skips
+  # Tests that do not touch KVM and would only run slower here can tell.
+  export SIDECORE_IN_HWKVM_BED=1
   : > "$SIDECORE_TEST_SKIPS"
   passed=0 failed=0 bad_bins=""
   while IFS=$'\t' read -r bin dir; do

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod daemon;
 pub mod host;
 pub mod scenarios;
+pub mod vhost;
 pub mod vmm;
 
 /// The bundled guest-agent ELF, built by build.rs.

@@ -117,6 +117,14 @@ struct DaemonArgs {
     /// with EPERM).
     #[arg(long)]
     no_seccomp: bool,
+    /// Serve a virtio-blk disk to a VMM over vhost-user, its queues polled
+    /// by the sidecores: SOCKET,path=IMAGE[,readonly][,num-queues=N]
+    /// (default 4 queues, at most 16). Repeatable. The daemon listens on
+    /// SOCKET; e.g. QEMU: -chardev socket,id=c0,path=SOCKET,reconnect=1
+    /// -device vhost-user-blk-pci,chardev=c0 with guest memory from
+    /// -object memory-backend-memfd,share=on (sealed memfds only).
+    #[arg(long, value_name = "SPEC", value_parser = clap::value_parser!(sidecore_vmm::vhost::BlkSpec))]
+    vhost_user_blk: Vec<sidecore_vmm::vhost::BlkSpec>,
 }
 
 #[derive(Args)]

@@ -88,6 +88,13 @@ pub trait Device: Send {
     fn done(&self) -> bool {
         false
     }
+    /// The sidecore is about to park: from now on work must make
+    /// [`Device::wake_fd`] readable (e.g. turn a driver's notifications back
+    /// on). The sidecore sweeps once more after this call, so work that
+    /// arrived before the switch is found by that sweep.
+    fn park(&mut self) {}
+    /// The sidecore polls again: notifications may go off.
+    fn unpark(&mut self) {}
 }
 
 /// Posts `bits` to the vCPU; kicks it if it is halted (or about to halt).

@@ -340,6 +340,9 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
                 nap = PARK_NAP;
                 stats.parked.store(0, Ordering::Relaxed);
                 set_parked(&rings, false);
+                for d in devices.iter_mut() {
+                    d.unpark();
+                }
             }
         } else if let Some(limit) = ctl.park {
             // Idle: look at the clock only every 256 idle sweeps.
@@ -355,6 +358,9 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
                         stats.parks.fetch_add(1, Ordering::Relaxed);
                         stats.parked.store(1, Ordering::Relaxed);
                         set_parked(&rings, true);
+                        for d in devices.iter_mut() {
+                            d.park();
+                        }
                         // A guest that posted before it could see the flag
                         // is caught by this sweep.
                         continue;
@@ -380,6 +386,12 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
             rings.retain(|r| !r.control().detached.load(Ordering::Relaxed));
             if added || rings.len() != before {
                 plan = Plan::group(&mut rings);
+            }
+            if added && parked {
+                // New devices must know they have to make themselves heard.
+                for d in devices.iter_mut() {
+                    d.park();
+                }
             }
             devices.retain(|d| !d.done());
             stats.rings.store(rings.len(), Ordering::Relaxed);

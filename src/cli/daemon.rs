@@ -19,6 +19,7 @@ pub(crate) fn cmd_daemon(a: DaemonArgs) -> Result<ExitCode, CliError> {
         group: a.group,
         metrics: a.metrics,
         seccomp: !a.no_seccomp,
+        vhost_blk: a.vhost_user_blk,
     };
     let listening = |cfg: &sidecore_vmm::daemon::DaemonConfig| {
         tracing::info!(

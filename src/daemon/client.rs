@@ -256,5 +256,39 @@ pub fn format_status(r: &StatusReport) -> String {
             s += "      packet device: its irqfd would block (the VMM filled it): wake-up interrupts stopped\n";
         }
     }
+    if !r.vhost_user_blk.is_empty() {
+        s += "vhost-user-blk devices:\n";
+    }
+    for d in &r.vhost_user_blk {
+        s += &format!(
+            "  {} -> {} ({} MiB{}, {} queues offered): {}, {} connections, {} protocol errors\n",
+            d.socket,
+            d.image,
+            d.capacity_bytes >> 20,
+            if d.readonly { ", read-only" } else { "" },
+            d.queues_offered,
+            match (d.connected, d.sidecore) {
+                (true, Some(k)) => format!("VMM connected, {} queues on sidecore {k}", d.running_queues),
+                (true, None) => "VMM connected".to_string(),
+                _ => "no VMM".to_string(),
+            },
+            d.connections,
+            d.protocol_errors,
+        );
+        for q in &d.queues {
+            s += &format!(
+                "      queue {}: {} requests, {} MiB read, {} MiB written, {} kicks, {} interrupts, {} bad chains, {} I/O errors{}\n",
+                q.index,
+                q.requests,
+                q.read_bytes >> 20,
+                q.written_bytes >> 20,
+                q.kicks,
+                q.interrupts,
+                q.bad_chains,
+                q.io_errors,
+                if q.broken > 0 { ", stopped on a bad avail index" } else { "" }
+            );
+        }
+    }
     s
 }

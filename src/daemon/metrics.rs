@@ -62,6 +62,17 @@ struct VmInfoLabels {
 }
 
 #[derive(Clone, Debug, EncodeLabelSet)]
+struct BlkLabels {
+    socket: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
+struct BlkQueueLabels {
+    socket: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet)]
 struct VmLabels {
     vm: String,
 }
@@ -215,6 +226,8 @@ pub struct MetricsSnapshot {
     pub cores: Vec<CoreSnapshot>,
     /// VMs.
     pub vms: Vec<VmSnapshot>,
+    /// vhost-user-blk devices.
+    pub blk: Vec<super::BlkStatus>,
     /// The daemon process, when it could be read.
     pub process: Option<ProcessSnapshot>,
 }
@@ -235,6 +248,52 @@ where
 
 fn gauge_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The vhost-user-blk devices' families: per device, and per queue.
+fn blk_families(reg: &mut Registry, blk: &[super::BlkStatus]) {
+    let dl = |d: &super::BlkStatus| BlkLabels { socket: d.socket.clone() };
+    reg.register(
+        "sidecore_vhost_blk_connected",
+        "1 while a VMM is connected to the vhost-user-blk device",
+        gauge_family(blk, dl, |d| i64::from(d.connected)),
+    );
+    reg.register(
+        "sidecore_vhost_blk_running_queues",
+        "The device's queues a sidecore polls now",
+        gauge_family(blk, dl, |d| gauge_i64(d.running_queues)),
+    );
+    reg.register(
+        "sidecore_vhost_blk_connections",
+        "VMM connections to the device",
+        counter_family(blk, dl, |d| d.connections),
+    );
+    reg.register(
+        "sidecore_vhost_blk_protocol_errors",
+        "vhost-user messages refused and connections ended by a protocol error",
+        counter_family(blk, dl, |d| d.protocol_errors),
+    );
+    let queues: Vec<(&super::BlkStatus, &super::BlkQueueStatus)> =
+        blk.iter().flat_map(|d| d.queues.iter().map(move |q| (d, q))).collect();
+    let ql = |(d, q): &(&super::BlkStatus, &super::BlkQueueStatus)| BlkQueueLabels {
+        socket: d.socket.clone(),
+        queue: q.index.to_string(),
+    };
+    type Q<'a> = (&'a super::BlkStatus, &'a super::BlkQueueStatus);
+    type Family = (&'static str, &'static str, fn(&Q) -> u64);
+    let families: [Family; 8] = [
+        ("sidecore_vhost_blk_requests", "Requests completed, any status", |(_, q)| q.requests),
+        ("sidecore_vhost_blk_read_bytes", "Bytes read from the disk into guest memory", |(_, q)| q.read_bytes),
+        ("sidecore_vhost_blk_written_bytes", "Bytes written from guest memory to the disk", |(_, q)| q.written_bytes),
+        ("sidecore_vhost_blk_kicks", "Kicks (guest notifications) received", |(_, q)| q.kicks),
+        ("sidecore_vhost_blk_interrupts", "Interrupts sent to the guest", |(_, q)| q.interrupts),
+        ("sidecore_vhost_blk_bad_chains", "Descriptor chains refused (IOERR, UNSUPP or none)", |(_, q)| q.bad_chains),
+        ("sidecore_vhost_blk_io_errors", "Host I/O errors", |(_, q)| q.io_errors),
+        ("sidecore_vhost_blk_broken", "Times a queue stopped on an impossible avail index", |(_, q)| q.broken),
+    ];
+    for (name, help, f) in families {
+        reg.register(name, help, counter_family(&queues, ql, f));
+    }
 }
 
 /// Renders a snapshot as OpenMetrics text (via
@@ -386,6 +445,8 @@ pub fn render(snap: &MetricsSnapshot) -> Result<String, fmt::Error> {
         Unit::Seconds,
         ConstFamily(service),
     );
+
+    blk_families(&mut reg, &snap.blk);
 
     if let Some(p) = &snap.process {
         reg.register_with_unit(
@@ -692,6 +753,14 @@ mod tests {
                 service: hist(),
                 ..VmSnapshot::default()
             }],
+            blk: vec![super::super::BlkStatus {
+                socket: "/run/vub.sock".into(),
+                connected: true,
+                running_queues: 2,
+                connections: 3,
+                queues: vec![super::super::BlkQueueStatus { index: 1, requests: 40, kicks: 2, ..Default::default() }],
+                ..Default::default()
+            }],
             process: Some(ProcessSnapshot { cpu_seconds: 1.5, threads: 6, ..ProcessSnapshot::default() }),
         }
     }
@@ -719,6 +788,10 @@ mod tests {
             "process_cpu_seconds_total 1.5\n",
             "process_threads 6\n",
             "sidecore_vms 1\n",
+            "sidecore_vhost_blk_connected{socket=\"/run/vub.sock\"} 1\n",
+            "sidecore_vhost_blk_connections_total{socket=\"/run/vub.sock\"} 3\n",
+            "sidecore_vhost_blk_requests_total{socket=\"/run/vub.sock\",queue=\"1\"} 40\n",
+            "sidecore_vhost_blk_kicks_total{socket=\"/run/vub.sock\",queue=\"1\"} 2\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

@@ -31,6 +31,7 @@ pub mod seccomp;
 pub mod status;
 mod systemd;
 mod transport;
+mod vhost;
 
 pub use attach::validate_attach;
 use attach::*;
@@ -63,6 +64,7 @@ use crate::daemon::metrics::{CoreSnapshot, MetricsSnapshot, VmSnapshot};
 use crate::host::memfd::{check_sealed, fd_kind, is_eventfd, Mapping};
 use sidecore_core::hypercalls::vm_services;
 pub use status::{CallCount, CoreStatus, DeviceStatus, PteStatus, Quantiles, ServiceHistogram, StatusReport, VmStatus};
+pub use vhost::{BlkQueueStatus, BlkStatus};
 
 /// Starting the daemon or talking to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,9 @@ pub enum DaemonError {
     /// A thread's seccomp filter could not be built or installed.
     #[error("{0} (`sidecore daemon --no-seccomp` runs without the filters)")]
     Seccomp(String),
+    /// A vhost-user device could not be set up.
+    #[error("--vhost-user-blk: {0}")]
+    Vhost(String),
     /// The metrics endpoint could not be bound.
     #[error("cannot serve metrics on {addr}")]
     Metrics {
@@ -151,6 +156,8 @@ pub struct DaemonConfig {
     pub metrics: Option<String>,
     /// Run each thread under its seccomp filter ([`seccomp`]).
     pub seccomp: bool,
+    /// vhost-user-blk devices to serve from the start.
+    pub vhost_blk: Vec<crate::vhost::BlkSpec>,
 }
 
 struct VmEntry {
@@ -185,6 +192,8 @@ pub struct Daemon {
     pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Event subscribers.
     events: events::Events,
+    /// vhost-user devices.
+    vhost: vhost::Devices,
 }
 
 /// Most connections at once that have not attached a VM: more are answered
@@ -253,6 +262,7 @@ impl Daemon {
             tsc,
             pending: Arc::default(),
             events: events::Events::default(),
+            vhost: vhost::Devices::default(),
         }))
     }
 
@@ -512,6 +522,7 @@ impl Daemon {
             ops: OP_CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
             sidecores,
             vms,
+            vhost_user_blk: self.vhost_status(),
         }
     }
 
@@ -617,6 +628,21 @@ impl Daemon {
                     Method::Attach(a) => self.attach_call(s, &a),
                     Method::Pause | Method::Resume => self.set_paused(s, matches!(method, Method::Pause)),
                     Method::Subscribe(p) => self.subscribe(s, p),
+                    Method::VhostBlkAdd(_) | Method::VhostBlkRemove(_) if !device_admin(&s.cred) => Err(RpcError::new(
+                        code::PERMISSION_DENIED,
+                        "only the daemon's own user (or root) may add or remove devices: the daemon opens \
+                             their images with its rights",
+                    )),
+                    Method::VhostBlkAdd(spec) => {
+                        let socket = spec.socket.display().to_string();
+                        self.add_vhost_blk(spec)
+                            .map(|()| serde_json::json!({"socket": socket}))
+                            .map_err(|e| RpcError::new(code::DEVICE_REFUSED, e))
+                    }
+                    Method::VhostBlkRemove(p) => self
+                        .remove_vhost_blk(&p)
+                        .map(|()| serde_json::json!({"removed": p.display().to_string()}))
+                        .map_err(|e| RpcError::new(code::DEVICE_REFUSED, e)),
                     Method::Unsubscribe => {
                         if let Some(sub) = &s.sub {
                             sub.set_kinds(Some(Vec::new()));
@@ -710,6 +736,13 @@ struct Session {
     /// Its event subscription.
     sub: Option<Arc<events::Subscriber>>,
     slot: PendingSlot,
+}
+
+/// Whether the peer may add and remove devices: the daemon's own user or
+/// root, never only a member of `--group`.
+fn device_admin(cred: &libc::ucred) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    cred.uid == 0 || cred.uid == unsafe { libc::geteuid() }
 }
 
 /// Calls per second a VM's sidecore sends to its exit path before that is
@@ -838,6 +871,11 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
             metrics::ServeError::Start(reason) => DaemonError::Seccomp(reason),
         })?;
     }
+    // Before the control filter: the vhost threads have their own.
+    daemon.start_vhost_manager(cfg.seccomp)?;
+    for spec in &cfg.vhost_blk {
+        daemon.add_vhost_blk(spec.clone()).map_err(DaemonError::Vhost)?;
+    }
     listener.set_nonblocking(true).map_err(|source| DaemonError::Bind { path: cfg.socket.clone(), source })?;
     // From here on the main thread (and every connection thread it starts)
     // runs under the control filter.
@@ -891,6 +929,7 @@ pub fn run_daemon(cfg: &DaemonConfig, listening: impl FnOnce(&DaemonConfig)) -> 
     for id in ids {
         daemon.detach(id);
     }
+    daemon.remove_all_vhost();
     if let Some(r) = remover {
         r.remove();
     }

@@ -26,10 +26,21 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Every method, as `methods` lists them.
-pub const METHODS: &[&str] = &["hello", "methods", "status", "attach", "pause", "resume", "subscribe", "unsubscribe"];
+pub const METHODS: &[&str] = &[
+    "hello",
+    "methods",
+    "status",
+    "attach",
+    "pause",
+    "resume",
+    "subscribe",
+    "unsubscribe",
+    "vhost_user_blk_add",
+    "vhost_user_blk_remove",
+];
 
 /// What `hello` says the daemon can do.
-pub const CAPABILITIES: &[&str] = &["attach", "pause", "events", "packet_device", "batch"];
+pub const CAPABILITIES: &[&str] = &["attach", "pause", "events", "packet_device", "batch", "vhost_user_blk"];
 
 /// Error codes: JSON-RPC 2.0's own, and the daemon's (-32000 to -32099,
 /// the range the specification leaves to servers).
@@ -57,6 +68,8 @@ pub mod code {
     /// The connection broke the framing: a line too long, too many fds, a
     /// request not whole within its deadline. The daemon then closes it.
     pub const FRAMING: i64 = -32005;
+    /// A vhost-user device could not be added or removed.
+    pub const DEVICE_REFUSED: i64 = -32006;
 }
 
 /// A JSON-RPC error object.
@@ -103,6 +116,11 @@ pub enum Method {
     Subscribe(SubscribeParams),
     /// Stop receiving them.
     Unsubscribe,
+    /// Serve a vhost-user-blk device (params as `--vhost-user-blk`:
+    /// `{"socket":..,"path":..,"readonly":false,"queues":4}`).
+    VhostBlkAdd(crate::vhost::BlkSpec),
+    /// Stop serving the device on `{"socket":..}`.
+    VhostBlkRemove(std::path::PathBuf),
 }
 
 impl Method {
@@ -117,6 +135,8 @@ impl Method {
             Method::Resume => "resume",
             Method::Subscribe(_) => "subscribe",
             Method::Unsubscribe => "unsubscribe",
+            Method::VhostBlkAdd(_) => "vhost_user_blk_add",
+            Method::VhostBlkRemove(_) => "vhost_user_blk_remove",
         }
     }
 }
@@ -234,6 +254,28 @@ pub fn parse_call(v: Value) -> Result<Call, BadCall> {
             Method::Attach(Box::new(
                 serde_json::from_value(p).map_err(|e| bad(code::INVALID_PARAMS, format!("attach params: {e}")))?,
             ))
+        }
+        "vhost_user_blk_add" => {
+            let p = params
+                .ok_or_else(|| bad(code::INVALID_PARAMS, "vhost_user_blk_add needs params: socket, path".into()))?;
+            let spec: crate::vhost::BlkSpec = serde_json::from_value(p)
+                .map_err(|e| bad(code::INVALID_PARAMS, format!("vhost_user_blk_add params: {e}")))?;
+            if spec.queues == 0 || spec.queues > crate::vhost::MAX_QUEUES {
+                return Err(bad(code::INVALID_PARAMS, format!("queues: give 1 to {}", crate::vhost::MAX_QUEUES)));
+            }
+            Method::VhostBlkAdd(spec)
+        }
+        "vhost_user_blk_remove" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                socket: std::path::PathBuf,
+            }
+            let p =
+                params.ok_or_else(|| bad(code::INVALID_PARAMS, "vhost_user_blk_remove needs params: socket".into()))?;
+            let p: P = serde_json::from_value(p)
+                .map_err(|e| bad(code::INVALID_PARAMS, format!("vhost_user_blk_remove params: {e}")))?;
+            Method::VhostBlkRemove(p.socket)
         }
         "subscribe" => Method::Subscribe(match params {
             None => SubscribeParams::default(),

@@ -47,6 +47,8 @@ pub enum ThreadKind {
     Control,
     /// The Prometheus endpoint's thread.
     Metrics,
+    /// The vhost-user manager and device threads.
+    Vhost,
 }
 
 impl ThreadKind {
@@ -56,6 +58,7 @@ impl ThreadKind {
             ThreadKind::Sidecore => "sidecore",
             ThreadKind::Control => "control",
             ThreadKind::Metrics => "metrics",
+            ThreadKind::Vhost => "vhost",
         }
     }
 }
@@ -197,6 +200,10 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
                 SYS_timer_settime,
                 SYS_timer_delete,
                 SYS_rt_sigaction,
+                // vhost-user-blk queues: submitting to their io_uring (never
+                // waiting: min_complete 0), watching a new queue's kick fd.
+                SYS_io_uring_enter,
+                SYS_epoll_ctl,
             ])?;
             // Drop-time check that an fd is still open (debug builds).
             a.when(SYS_fcntl, one_of(1, &[u(F_GETFD)])?)?;
@@ -251,6 +258,54 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
             if let Some(dir) = ctx.socket_dir {
                 a.when(SYS_unlinkat, vec![all(vec![cond(0, Op::Eq, u(dir))?, cond(2, Op::Eq, 0)?])?])?;
             }
+        }
+        ThreadKind::Vhost => {
+            a.any(&[
+                // Opening a device: its image (by path: devices may be added
+                // at run time), its socket bound, a stale one probed and removed.
+                SYS_openat,
+                SYS_socket,
+                SYS_bind,
+                SYS_listen,
+                SYS_connect,
+                SYS_unlink,
+                SYS_lseek,
+                // One writer per image.
+                SYS_flock,
+                // A VMM's connection: messages and their fds (SCM_RIGHTS).
+                SYS_accept4,
+                SYS_recvmsg,
+                SYS_sendmsg,
+                SYS_recvfrom,
+                SYS_read,
+                SYS_poll,
+                SYS_ppoll,
+                SYS_shutdown,
+                SYS_getsockopt,
+                // What a passed fd is, and a memfd's size.
+                SYS_readlink,
+                SYS_statx,
+                SYS_fstat,
+                SYS_newfstatat,
+                // A queue: its io_uring, its eventfds, the device's epoll set.
+                SYS_io_uring_setup,
+                SYS_io_uring_register,
+                SYS_io_uring_enter,
+                SYS_eventfd2,
+                SYS_epoll_create1,
+                SYS_epoll_ctl,
+                // Starting a device thread.
+                SYS_set_robust_list,
+                SYS_rseq,
+                SYS_sched_getaffinity,
+                SYS_clone3,
+            ])?;
+            a.when(SYS_sendto, vec![all(vec![cond(4, Op::Eq, 0)?])?])?;
+            a.when(SYS_clone, vec![all(vec![cond(0, Op::MaskedEq(u(CLONE_THREAD)), u(CLONE_THREAD))?])?])?;
+            a.when(SYS_prctl, one_of(0, &[u(PR_SET_NAME)])?)?;
+            a.when(SYS_fcntl, one_of(1, &[u(F_DUPFD_CLOEXEC), u(F_GETFD), u(F_GET_SEALS), u(F_GETFL), u(F_SETFL)])?)?;
+            a.when(SYS_ioctl, one_of(1, &[FIONBIO])?)?;
+            a.when(SYS_setsockopt, sockopt_timeouts()?)?;
         }
         ThreadKind::Metrics => {
             a.any(&[

@@ -19,6 +19,8 @@ pub struct StatusReport {
     pub sidecores: Vec<CoreStatus>,
     /// The attached VMs.
     pub vms: Vec<VmStatus>,
+    /// The vhost-user-blk devices.
+    pub vhost_user_blk: Vec<BlkStatus>,
 }
 
 /// One sidecore.
@@ -193,6 +195,7 @@ impl From<&StatusReport> for MetricsSnapshot {
                     device: v.device.clone(),
                 })
                 .collect(),
+            blk: r.vhost_user_blk.clone(),
             process: None,
         }
     }
