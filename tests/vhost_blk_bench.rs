@@ -162,3 +162,53 @@ fn cli_writes_table_json_and_plot() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The sidecore daemon's own backend, from this build, on a fresh 16 MiB image.
+fn sidecore_daemon() -> (Scratch, BackendProcess) {
+    let scratch = Scratch::new(16).expect("scratch image");
+    let sock = scratch.dir.join("ours.sock");
+    let log = scratch.dir.join("ours.stderr");
+    let argv = sidecore_vmm::bench::vhost_blk::sidecore_daemon_argv(
+        std::path::Path::new(env!("CARGO_BIN_EXE_sidecore")),
+        &scratch.dir,
+        0,
+        &scratch.image,
+        &sock,
+    );
+    let p = BackendProcess::spawn(&argv, &sock, None, &log, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}", sidecore_vmm::error_chain(&e)));
+    (scratch, p)
+}
+
+#[test]
+fn sidecore_daemon_write_then_read_back() {
+    let (scratch, p) = sidecore_daemon();
+    let opts = DriverOptions { queues: 2, ..DriverOptions::default() };
+    let mut d = BlkDriver::connect(&p.socket, &opts)
+        .unwrap_or_else(|e| panic!("{}; daemon stderr: {}", sidecore_vmm::error_chain(&e), p.stderr()));
+    assert_eq!(d.capacity_sectors() * SECTOR, 16 << 20);
+    let mut data = pattern(11);
+    d.transfer(1, true, 4096, &mut data, TIMEOUT).expect("write");
+    let mut back = vec![0u8; 4096];
+    d.transfer(0, false, 4096, &mut back, TIMEOUT).expect("read");
+    assert_eq!(back, pattern(11));
+    let mut f = std::fs::File::open(&scratch.image).expect("image");
+    f.seek(SeekFrom::Start(4096 * SECTOR)).expect("seek");
+    let mut on_disk = vec![0u8; 4096];
+    f.read_exact(&mut on_disk).expect("read image");
+    assert_eq!(on_disk, pattern(11));
+}
+
+#[test]
+fn sidecore_daemon_refuses_unsealed_memory() {
+    let (_scratch, p) = sidecore_daemon();
+    let opts = DriverOptions { seal_memory: false, ..DriverOptions::default() };
+    // The daemon acknowledges every message (REPLY_ACK), so the refusal is the memory table's.
+    match BlkDriver::connect(&p.socket, &opts) {
+        Err(e) => {
+            let why = sidecore_vmm::error_chain(&e);
+            assert!(why.contains("SET_MEM_TABLE"), "refused, but not at the memory table: {why}");
+        }
+        Ok(_) => panic!("the daemon took unsealed memory"),
+    }
+}

@@ -864,6 +864,28 @@ impl BlkDriver {
         self.notify(q)
     }
 
+    /// Publishes `idx` as the avail index as it is, whatever the ring holds (a hostile test's
+    /// index far past the entries made available); later typed submissions continue from it.
+    pub fn publish_avail_idx(&mut self, q: usize, idx: u16) -> Result<(), VubError> {
+        let layout = self.queue(q)?.layout;
+        self.mem.u16_at(layout.avail_idx()).store(idx, Ordering::Release);
+        self.queue_mut(q)?.avail_idx = idx;
+        Ok(())
+    }
+
+    /// Kicks queue `q` whether or not the backend asked for it.
+    pub fn kick(&mut self, q: usize) -> Result<(), VubError> {
+        let dq = self.queue_mut(q)?;
+        dq.kick.write(1).map_err(|source| VubError::EventFd { what: "kick", source })?;
+        dq.kicks += 1;
+        Ok(())
+    }
+
+    /// The used index the backend has published on queue `q`.
+    pub fn used_idx(&self, q: usize) -> Result<u16, VubError> {
+        Ok(self.mem.u16_at(self.queue(q)?.layout.used_idx()).load(Ordering::Acquire))
+    }
+
     /// Kicks sent on queue `q` so far.
     pub fn kicks(&self, q: usize) -> Result<u64, VubError> {
         Ok(self.queue(q)?.kicks)
