@@ -1232,21 +1232,27 @@ impl BackendProcess {
             .map_err(|source| VubError::Scratch { path: stderr_path.to_path_buf(), source })?;
         let mut cmd = Command::new(prog);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-        if let Some(cpu) = cpu {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // sched_setaffinity on itself with a set built on the stack: async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and makes only two system
+        // calls on the child itself (prctl, sched_setaffinity) with a set built on its stack:
+        // async-signal-safe, no allocation, no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The backend dies with the bench (killed mid-run, it cannot reap it) rather
+                // than spin on its CPU forever.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cpu) = cpu {
                     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(cpu, &mut set);
                     if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().map_err(|source| VubError::Spawn { command: command.clone(), source })?;
         let mut me =
@@ -1565,6 +1571,7 @@ impl VubReport {
             } else {
                 rows.push(per(format!("{n} IOPS"), n, &|w| w.iops()));
                 rows.push(per(format!("{n} p50 ns"), n, &|w| w.hist.value_at_quantile(0.5) as f64));
+                rows.push(per(format!("{n} p99 ns"), n, &|w| w.hist.value_at_quantile(0.99) as f64));
             }
         }
         for n in &names {
