@@ -267,6 +267,22 @@ struct BenchArgs {
     /// and 32, and the capacity model built from it.
     #[arg(long)]
     throughput: bool,
+    /// Measure a vhost-user-blk backend instead: this process is the
+    /// frontend (QEMU's role), driving the sidecore daemon's backend and
+    /// qemu-storage-daemon in turn on a tmpfs image: 4 KiB random reads and
+    /// writes at QD1 (latency) and QD32 (IOPS), kicks and calls per request.
+    /// The backend runs on --sidecore's CPU, the frontend on --vcpu-cpus'
+    /// first. Boots no guest.
+    #[arg(long, conflicts_with_all = ["throughput", "compare", "render_readme"])]
+    vhost_user_blk: bool,
+    /// With --vhost-user-blk: timed QD1 requests per op, 1 to 10000000.
+    #[arg(long, default_value_t = 20_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    vhost_blk_requests: u64,
+    /// With --vhost-user-blk: seconds of each QD32 series, 1 to 600.
+    #[arg(long, default_value_t = 2, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    vhost_blk_seconds: u64,
 }
 
 #[derive(Args)]

@@ -11,6 +11,7 @@ pub mod phases;
 pub mod plot;
 pub mod provenance;
 pub mod selection;
+pub mod vhost_blk;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -158,6 +158,57 @@ pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--vhost-user-blk`: the sidecore daemon's vhost-user-blk backend beside
+/// qemu-storage-daemon, driven by this process as the frontend.
+pub(crate) fn cmd_vhost_blk(a: &BenchArgs) -> Result<ExitCode, String> {
+    use sidecore_vmm::bench::vhost_blk::{run, BenchConfig};
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    let backend_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let frontend_cpu = match &a.vcpu_cpus {
+        Some(s) => sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?.first().copied(),
+        None => vmm::default_vcpu_cpus(&online, &[backend_cpu], 1).first().copied(),
+    }
+    .ok_or("--vcpu-cpus: the list is empty")?;
+    if frontend_cpu == backend_cpu {
+        eprintln!("sidecore: warning: the frontend shares CPU {backend_cpu} with the backend: a polling backend and a spinning frontend take turns");
+    }
+    let cfg = BenchConfig {
+        qd1_requests: a.vhost_blk_requests,
+        deep_time: std::time::Duration::from_secs(a.vhost_blk_seconds),
+        backend_cpu,
+        frontend_cpu,
+        ..BenchConfig::default()
+    };
+    let rep = run(&cfg, &|line: &str| eprintln!("{line}")).map_err(|e| error_chain(&e))?;
+    print!("{}", rep.table());
+    if let Some(path) = &a.json {
+        // KVM facts are provenance only: this bench runs no guest.
+        let (backend, khz) = match sidecore_vmm::host::open_kvm() {
+            Ok(kvm) => (
+                sidecore_vmm::host::detect_backend(&kvm)
+                    .map(|b| b.backend.name().to_string())
+                    .unwrap_or_else(|_| "unknown".into()),
+                sidecore_vmm::host::tsc_khz(&kvm).map(|t| t.khz).unwrap_or(0),
+            ),
+            Err(_) => ("none".into(), sidecore_vmm::host::tsc_khz_without_kvm().map_or(0, |t| t.khz)),
+        };
+        let prov =
+            sidecore_vmm::bench::provenance::Provenance::collect(&backend, khz, backend_cpu, &[frontend_cpu], true);
+        let text = serde_json::to_string_pretty(&rep.to_json(&prov))
+            .map_err(|e| format!("cannot encode the JSON report: {e}"))?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "sidecore bench --vhost-user-blk: request latency CDFs (backend on CPU {backend_cpu}, frontend on CPU {frontend_cpu})"
+        );
+        sidecore_vmm::bench::plot::write_cdf_svg(path, &title, &rep.curves()).map_err(|e| error_chain(&e))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The host-timed ops: `irq` (event delivery: the sidecore posts, the guest
 /// acknowledges; sidecall = posted event to a polling vCPU, kernel = an
 /// interrupt through the in-kernel LAPIC) and `echo` (a packet's round trip
@@ -257,6 +308,9 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     }
     if a.throughput {
         return cmd_throughput(&a);
+    }
+    if a.vhost_user_blk {
+        return cmd_vhost_blk(&a);
     }
     // irq and echo are timed by the host, each in VMs of their own.
     let sel = Selection::new(&a.ops, &a.paths, a.echo_vms, a.idle_rings, a.iters);
