@@ -204,6 +204,8 @@ fn rules(kind: ThreadKind, ctx: &Context) -> Result<Allow, String> {
                 // waiting: min_complete 0), watching a new queue's kick fd.
                 SYS_io_uring_enter,
                 SYS_epoll_ctl,
+                // Parking: a queue's io_uring signals its eventfd only then.
+                SYS_io_uring_register,
             ])?;
             // Drop-time check that an fd is still open (debug builds).
             a.when(SYS_fcntl, one_of(1, &[u(F_GETFD)])?)?;

@@ -132,6 +132,8 @@ pub struct PolledQueue {
     broken: bool,
     stopping: Option<Sender<u16>>,
     notify_on: bool,
+    /// The last poll found nothing but I/O in flight.
+    waiting: bool,
 }
 
 /// Making a queue failed.
@@ -172,7 +174,6 @@ impl PolledQueue {
         }
         // SAFETY: efd is a new descriptor that nothing else owns.
         let uring_done = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(efd) };
-        uring.submitter().register_eventfd(uring_done.as_raw_fd()).map_err(|e| QueueError::Uring(index, e))?;
         let slots = (0..size)
             .map(|_| Slot {
                 head: 0,
@@ -200,6 +201,7 @@ impl PolledQueue {
             broken: false,
             stopping: None,
             notify_on: true,
+            waiting: false,
         };
         q.set_notify(false);
         Ok(q)
@@ -219,6 +221,13 @@ impl PolledQueue {
             return;
         }
         self.notify_on = on;
+        // Completions signal the eventfd only while the sidecore may sleep:
+        // the signal costs each completion about 2 µs here.
+        let _ = if on {
+            self.uring.submitter().register_eventfd(self.uring_done.as_raw_fd())
+        } else {
+            self.uring.submitter().unregister_eventfd()
+        };
         let mem = &*self.mem;
         let _ = if on { self.queue.enable_notification(mem).map(|_| ()) } else { self.queue.disable_notification(mem) };
     }
@@ -385,6 +394,7 @@ impl PolledQueue {
         if self.in_flight() > 0 {
             n += self.reap();
         }
+        self.waiting = n == 0 && self.in_flight() > 0;
         if self.queue.next_used() != used_before && self.call.is_some() {
             let mem = self.mem.clone();
             if self.queue.needs_notification(&*mem).unwrap_or(true) {
@@ -509,6 +519,14 @@ impl Device for BlkDevice {
         }
         if self.queues.iter().any(PolledQueue::finished) {
             self.queues.retain(|q| !q.finished());
+        }
+        if n == 0 && self.queues.iter().any(|q| q.waiting) {
+            // I/O the file system cannot do without blocking (tmpfs, and
+            // buffered writes anywhere) runs on io_uring's kernel workers,
+            // which inherit this sidecore's CPU: let one run now rather
+            // than at the next tick. sched_yield never waits; with nothing
+            // else runnable it returns at once.
+            std::thread::yield_now();
         }
         n
     }
