@@ -5,6 +5,9 @@
 //! hand completes as a typed one does. Skips (saying why) without
 //! qemu-storage-daemon.
 
+#[allow(dead_code)] // Shared helpers; this file uses only skip().
+mod common;
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// qemu-storage-daemon with `queues` queues on a fresh 16 MiB image, or None (printed) when it is not installed.
 fn qsd(queues: usize) -> Option<(Scratch, BackendProcess)> {
     if !sidecore_vmm::bench::vhost_blk::on_path("qemu-storage-daemon") {
-        eprintln!("skipping: qemu-storage-daemon is not installed (Debian: qemu-system-common)");
+        common::skip("qemu-storage-daemon is not installed (Debian: qemu-system-common)");
         return None;
     }
     let scratch = Scratch::new(16).expect("scratch image");
@@ -132,7 +135,7 @@ fn unsealed_memory_is_only_sent_when_asked() {
 #[test]
 fn cli_writes_table_json_and_plot() {
     if !sidecore_vmm::bench::vhost_blk::on_path("qemu-storage-daemon") {
-        eprintln!("skipping: qemu-storage-daemon is not installed (Debian: qemu-system-common)");
+        common::skip("qemu-storage-daemon is not installed (Debian: qemu-system-common)");
         return;
     }
     let dir = std::env::temp_dir().join(format!("sidecore-vub-cli-{}", std::process::id()));

@@ -384,8 +384,18 @@ impl Hello {
 }
 
 /// Every kind of event.
-pub const EVENT_KINDS: &[&str] =
-    &["attach", "detach", "pause", "resume", "sidecore_park", "sidecore_unpark", "fallback_storm", "fallback_calm"];
+pub const EVENT_KINDS: &[&str] = &[
+    "attach",
+    "detach",
+    "pause",
+    "resume",
+    "sidecore_park",
+    "sidecore_unpark",
+    "fallback_storm",
+    "fallback_calm",
+    "vhost_connect",
+    "vhost_disconnect",
+];
 
 /// `subscribe`'s params: the kinds wanted (all when absent).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -418,6 +428,9 @@ pub struct Event {
     /// Calls sent to the exit path per second (fallback storms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// The vhost-user device's socket (vhost_connect, vhost_disconnect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// What a VMM tells the daemon about its VM (`attach`'s params).

@@ -9,7 +9,7 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-use crate::vhost::{BlkServer, BlkSpec, Place};
+use crate::vhost::{BlkServer, BlkSpec, Notify, Place};
 use crossbeam::channel::{Receiver, Sender};
 
 /// A request to the manager thread.
@@ -168,10 +168,19 @@ impl Daemon {
         let (server, listener) = BlkServer::bind(spec)?;
         let d = self.clone();
         let place: Place = Arc::new(move |dev| d.place_device(dev));
+        let d = self.clone();
+        let notify: Notify = Arc::new(move |spec: &BlkSpec, core: Option<usize>| {
+            d.events.publish(protocol::Event {
+                event: if core.is_some() { "vhost_connect" } else { "vhost_disconnect" }.into(),
+                cpu: core.and_then(|k| d.cpus.get(k).copied()),
+                device: Some(spec.socket.display().to_string()),
+                ..events::now()
+            });
+        });
         let s = server.clone();
         std::thread::Builder::new()
             .name("sidecore-vub".into())
-            .spawn(move || s.serve(&listener, &place))
+            .spawn(move || s.serve(&listener, &place, &notify))
             .map_err(|e| format!("starting the device thread: {e}"))?;
         tracing::info!(socket = %server.spec.socket.display(), image = %server.spec.path.display(),
             sectors = server.capacity, "vhost-user-blk: serving");

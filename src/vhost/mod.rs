@@ -139,6 +139,9 @@ pub fn open_disk(spec: &BlkSpec) -> Result<Disk, String> {
 /// device to it; returns the sidecore's index.
 pub type Place = Arc<dyn Fn(Box<dyn sidecore_core::device::Device>) -> Result<usize, String> + Send + Sync>;
 
+/// Told of a VMM connecting (`Some(sidecore)`) and going (`None`).
+pub type Notify = Arc<dyn Fn(&BlkSpec, Option<usize>) + Send + Sync>;
+
 /// One device's socket and its state, shared with status and metrics.
 pub struct BlkServer {
     /// What was asked for.
@@ -193,11 +196,11 @@ impl BlkServer {
     }
 
     /// Serves VMMs on `listener` one after the other until [`BlkServer::remove`].
-    pub fn serve(self: &Arc<BlkServer>, listener: &UnixListener, place: &Place) {
+    pub fn serve(self: &Arc<BlkServer>, listener: &UnixListener, place: &Place, notify: &Notify) {
         while !self.stop.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = self.connection(stream, place) {
+                    if let Err(e) = self.connection(stream, place, notify) {
                         tracing::warn!(socket = %self.spec.socket.display(), error = %e, "vhost-user-blk: connection failed");
                     }
                 }
@@ -227,7 +230,7 @@ impl BlkServer {
         }
     }
 
-    fn connection(self: &Arc<BlkServer>, stream: UnixStream, place: &Place) -> Result<(), String> {
+    fn connection(self: &Arc<BlkServer>, stream: UnixStream, place: &Place, notify: &Notify) -> Result<(), String> {
         use vhost::vhost_user::BackendReqHandler;
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
         let c = &self.counters;
@@ -241,6 +244,7 @@ impl BlkServer {
         }
         c.connected.store(1, Ordering::Relaxed);
         tracing::info!(socket = %self.spec.socket.display(), sidecore = core, "vhost-user-blk: a VMM connected");
+        notify(&self.spec, Some(core));
         let backend = Arc::new(Mutex::new(BlkBackend::new(self.disk.clone(), self.spec.queues, c.clone(), tx.clone())));
         let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
         let end = loop {
@@ -270,6 +274,7 @@ impl BlkServer {
         }
         c.connected.store(0, Ordering::Relaxed);
         self.sidecore.store(usize::MAX, Ordering::Relaxed);
+        notify(&self.spec, None);
         Ok(())
     }
 }
