@@ -72,9 +72,15 @@ fn write_read_back(event_idx: bool) {
     d.transfer(1, false, 8, &mut back, TIMEOUT).expect("read");
     assert_eq!(back, pattern(99));
 
-    // Lone requests on an idle queue each need a kick; calls stay enabled, so each completion
-    // is one call (the backend may signal just after the used entry: give it time).
-    assert_eq!((d.kicks(0).unwrap(), d.kicks(1).unwrap()), (2, 2));
+    // Each queue's first request needs a kick (avail_event starts at 0); the second may not,
+    // since qemu-storage-daemon polls a queue for a while after it served one (with EVENT_IDX it
+    // leaves avail_event behind while it polls, and under a slow CPU the read comes within that
+    // window). Never more kicks than requests. Calls stay enabled, so each completion is one
+    // call (the backend may signal just after the used entry: give it time).
+    for q in 0..2 {
+        let k = d.kicks(q).unwrap();
+        assert!((1..=2).contains(&k), "queue {q}: {k} kicks for 2 requests");
+    }
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!((d.take_interrupts(0).unwrap(), d.take_interrupts(1).unwrap()), (2, 2));
 }
