@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sidecore_vmm::bench::vhost_blk::{
     blk_header, qsd_argv, BackendProcess, BlkDriver, DriverOptions, RawDesc, Scratch, DESC_F_NEXT, DESC_F_WRITE,
@@ -81,8 +81,20 @@ fn write_read_back(event_idx: bool) {
         let k = d.kicks(q).unwrap();
         assert!((1..=2).contains(&k), "queue {q}: {k} kicks for 2 requests");
     }
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!((d.take_interrupts(0).unwrap(), d.take_interrupts(1).unwrap()), (2, 2));
+    // Calls: wait (up to 2 s) for one per completion, then allow qemu-storage-daemon to have
+    // folded the second into the first: in the AMD-V bed (TCG) it was seen sending one call for
+    // queue 0's two completions with EVENT_IDX. At least one, never more than completions.
+    let mut calls = [0u64; 2];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while calls != [2, 2] && Instant::now() < deadline {
+        for (q, c) in calls.iter_mut().enumerate() {
+            *c += d.take_interrupts(q).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (q, c) in calls.iter().enumerate() {
+        assert!((1..=2).contains(c), "queue {q}: {c} calls for 2 completions");
+    }
 }
 
 #[test]
