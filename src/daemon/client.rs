@@ -44,23 +44,37 @@ impl Client {
         self.next_id += 1;
         let mut line = protocol::request_line(id, method, params).into_bytes();
         line.push(b'\n');
-        if fds.is_empty() {
-            self.stream.write_all(&line).map_err(|e| DaemonError::Protocol(format!("sending {method}: {e}")))?;
+        let sent = if fds.is_empty() {
+            self.stream.write_all(&line).map_err(|e| DaemonError::Protocol(format!("sending {method}: {e}")))
         } else {
             self.stream
                 .send_with_fds(&[&line[..]], fds)
-                .map_err(|e| DaemonError::Protocol(format!("sendmsg ({method}): {e}")))?;
+                .map(drop)
+                .map_err(|e| DaemonError::Protocol(format!("sendmsg ({method}): {e}")))
+        };
+        if let Err(e) = sent {
+            // A daemon that refuses the connection (permission, too many) answers and closes
+            // at once, so the request can meet a closed socket: its reason is still queued here.
+            return match self.read_message() {
+                Ok(msg) if msg.get("id") == Some(&serde_json::Value::Null) => Self::answer(msg, id),
+                _ => Err(e),
+            };
         }
         loop {
             let msg = self.read_message()?;
             if msg.get("id").is_none() && msg.get("method").is_some() {
                 continue;
             }
-            return protocol::response_result(msg, id).map_err(|e| match e {
-                protocol::ResponseError::Rpc(e) => DaemonError::Refused(e.message),
-                protocol::ResponseError::Garbled(why) => DaemonError::Protocol(why),
-            });
+            return Self::answer(msg, id);
         }
+    }
+
+    /// The reply `msg` to request `id`: its result, or why there is none.
+    fn answer(msg: serde_json::Value, id: u64) -> Result<serde_json::Value, DaemonError> {
+        protocol::response_result(msg, id).map_err(|e| match e {
+            protocol::ResponseError::Rpc(e) => DaemonError::Refused(e.message),
+            protocol::ResponseError::Garbled(why) => DaemonError::Protocol(why),
+        })
     }
 
     /// [`Client::call_with_fds`] without fds.
@@ -291,4 +305,32 @@ pub fn format_status(r: &StatusReport) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_sent_before_the_request_is_reported_not_the_broken_pipe() {
+        let (ours, mut daemon) = UnixStream::pair().expect("socketpair");
+        transport::reply_error(&mut daemon, protocol::code::PERMISSION_DENIED, "permission denied: not in its group");
+        drop(daemon);
+        let mut c = Client::on(ours, Some(Duration::from_secs(1))).expect("client");
+        match c.call("status", None) {
+            Err(DaemonError::Refused(m)) => assert!(m.contains("not in its group"), "{m}"),
+            other => panic!("expected the daemon's refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_connection_without_a_reply_is_the_send_error() {
+        let (ours, daemon) = UnixStream::pair().expect("socketpair");
+        drop(daemon);
+        let mut c = Client::on(ours, Some(Duration::from_secs(1))).expect("client");
+        match c.call("status", None) {
+            Err(DaemonError::Protocol(m)) => assert!(m.contains("sending status"), "{m}"),
+            other => panic!("expected the send error, got {other:?}"),
+        }
+    }
 }
