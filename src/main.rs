@@ -267,6 +267,13 @@ struct BenchArgs {
     /// and 32, and the capacity model built from it.
     #[arg(long)]
     throughput: bool,
+    /// Price each step of the slot protocol instead: host-to-host
+    /// ping-pongs between --sidecore's CPU and --vcpu-cpus' first, one
+    /// variant per step (the one-line floor, the claim by load then CAS, the
+    /// claim by CAS alone, a 64-byte body, a read before the post, a new slot
+    /// per call), with p50 and the ratio to the floor. Boots no guest.
+    #[arg(long, conflicts_with_all = ["throughput", "compare", "render_readme", "vhost_user_blk"])]
+    steps: bool,
     /// Measure a vhost-user-blk backend instead: this process is the
     /// frontend (QEMU's role), driving the sidecore daemon's backend and
     /// qemu-storage-daemon in turn on a tmpfs image: 4 KiB random reads and

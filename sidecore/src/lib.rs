@@ -15,6 +15,8 @@
 //! * [`poll`]: the pinned thread that sweeps its rings, and its handle.
 //! * [`stats`]: per-op and per-status counters readable from any thread.
 //! * [`hostmem`]: host-private state a VMM and a daemon share.
+//! * [`steps`]: ping-pong variants that price each step of the slot
+//!   protocol.
 //! * [`throughput`]: calls per second with synthetic producers, and the
 //!   capacity model.
 //! * [`nowait`]: I/O on fds a VMM shares that cannot block a sidecore.
@@ -32,6 +34,7 @@ pub mod pte;
 pub mod ring;
 pub mod service;
 pub mod stats;
+pub mod steps;
 pub mod throughput;
 pub mod tsc;
 

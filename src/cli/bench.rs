@@ -158,6 +158,67 @@ pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--steps`: what each step of the slot protocol costs, as host-to-host
+/// ping-pongs on the sidecore's and the vCPU's CPUs.
+pub(crate) fn cmd_steps(a: &BenchArgs) -> Result<ExitCode, String> {
+    use sidecore_core::steps::{measure, Step};
+    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
+    let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
+    let caller_cpu = match &a.vcpu_cpus {
+        Some(s) => sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?.first().copied(),
+        None => vmm::default_vcpu_cpus(&online, &[side_cpu], 1).first().copied(),
+    }
+    .ok_or("--vcpu-cpus: the list is empty")?;
+    if caller_cpu == side_cpu {
+        return Err(format!("--steps needs two CPUs: the caller and the server are both on CPU {side_cpu}; pass --sidecore and --vcpu-cpus"));
+    }
+    let khz = match sidecore_vmm::host::open_kvm() {
+        Ok(kvm) => sidecore_vmm::host::tsc_khz(&kvm).map_err(|e| error_chain(&e))?.khz,
+        Err(_) => {
+            sidecore_vmm::host::tsc_khz_without_kvm()
+                .ok_or("cannot tell the TSC rate: no /dev/kvm and no tsc frequency from the kernel")?
+                .khz
+        }
+    };
+    let rate = sidecore_core::tsc::TscRate::from_khz(khz);
+    const N: usize = 200_000;
+    // Three rounds, interleaved, so that a slow moment hits every step; the
+    // median of each step's three medians is reported.
+    let mut p50 = vec![Vec::new(); Step::ALL.len()];
+    for round in 1..=3 {
+        eprintln!("steps: round {round} of 3 ...");
+        for (i, step) in Step::ALL.iter().enumerate() {
+            let mut s = measure(*step, caller_cpu, side_cpu, N).map_err(|e| error_chain(&e))?;
+            s.sort_unstable();
+            p50[i].push(rate.ns(s[s.len() / 2]));
+        }
+    }
+    let med: Vec<f64> = p50
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    println!("slot protocol, step by step — host-to-host ping-pong, caller on CPU {caller_cpu}, server on CPU {side_cpu}, {N} round trips x 3 rounds");
+    println!("\n{:<40} {:>10} {:>8}", "step", "p50 ns", "/line");
+    for (step, ns) in Step::ALL.iter().zip(&med) {
+        println!("{:<40} {:>10.1} {:>8.2}", step.name(), ns, ns / med[0]);
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "caller_cpu": caller_cpu,
+            "server_cpu": side_cpu,
+            "round_trips": N,
+            "steps": Step::ALL.iter().zip(&med).map(|(s, ns)| serde_json::json!({"step": s.name(), "p50_ns": ns, "per_line": ns / med[0]})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v).map_err(|e| e.to_string())? + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `--vhost-user-blk`: the sidecore daemon's vhost-user-blk backend beside
 /// qemu-storage-daemon, driven by this process as the frontend.
 pub(crate) fn cmd_vhost_blk(a: &BenchArgs) -> Result<ExitCode, String> {
@@ -305,6 +366,9 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<ExitCode, String> {
     }
     if let Some(json) = &a.render_readme {
         return cmd_render_readme(json);
+    }
+    if a.steps {
+        return cmd_steps(&a);
     }
     if a.throughput {
         return cmd_throughput(&a);
