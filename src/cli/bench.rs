@@ -158,17 +158,25 @@ pub(crate) fn cmd_throughput(a: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--steps`: what each step of the slot protocol costs, as host-to-host
-/// ping-pongs on the sidecore's and the vCPU's CPUs.
-pub(crate) fn cmd_steps(a: &BenchArgs) -> Result<ExitCode, String> {
-    use sidecore_core::steps::{measure, Step};
+/// The sidecore's CPU (--sidecore, else the first online) and its
+/// partner's (the first of --vcpu-cpus, else the first other online CPU),
+/// for the benches that boot no guest.
+fn two_cpus(a: &BenchArgs) -> Result<(usize, usize), String> {
     let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
     let side_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
-    let caller_cpu = match &a.vcpu_cpus {
+    let other = match &a.vcpu_cpus {
         Some(s) => sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?.first().copied(),
         None => vmm::default_vcpu_cpus(&online, &[side_cpu], 1).first().copied(),
     }
     .ok_or("--vcpu-cpus: the list is empty")?;
+    Ok((side_cpu, other))
+}
+
+/// `--steps`: what each step of the slot protocol costs, as host-to-host
+/// ping-pongs on the sidecore's and the vCPU's CPUs.
+pub(crate) fn cmd_steps(a: &BenchArgs) -> Result<ExitCode, String> {
+    use sidecore_core::steps::{measure, Step};
+    let (side_cpu, caller_cpu) = two_cpus(a)?;
     if caller_cpu == side_cpu {
         return Err(format!("--steps needs two CPUs: the caller and the server are both on CPU {side_cpu}; pass --sidecore and --vcpu-cpus"));
     }
@@ -223,13 +231,7 @@ pub(crate) fn cmd_steps(a: &BenchArgs) -> Result<ExitCode, String> {
 /// qemu-storage-daemon, driven by this process as the frontend.
 pub(crate) fn cmd_vhost_blk(a: &BenchArgs) -> Result<ExitCode, String> {
     use sidecore_vmm::bench::vhost_blk::{run, BenchConfig};
-    let online = sidecore_vmm::host::online_cpus().map_err(|e| error_chain(&e))?;
-    let backend_cpu = a.sidecore.or(online.first().copied()).unwrap_or(0);
-    let frontend_cpu = match &a.vcpu_cpus {
-        Some(s) => sidecore_vmm::host::parse_cpu_list(s).map_err(|e| format!("--vcpu-cpus: {e}"))?.first().copied(),
-        None => vmm::default_vcpu_cpus(&online, &[backend_cpu], 1).first().copied(),
-    }
-    .ok_or("--vcpu-cpus: the list is empty")?;
+    let (backend_cpu, frontend_cpu) = two_cpus(a)?;
     if frontend_cpu == backend_cpu {
         eprintln!("sidecore: warning: the frontend shares CPU {backend_cpu} with the backend: a polling backend and a spinning frontend take turns");
     }
