@@ -1,8 +1,10 @@
 //! The `bench` and `pagefault` workloads: time each (op, path) with the TSC,
 //! one sample per call, and hand the samples to the VMM a block at a time.
 
-use shm_proto::bench::{arg, BenchBlock, BenchOp, BenchPath, BENCH_BLOCK_SAMPLES};
-use shm_proto::op::{Opcode, Status, WORDS};
+use core::sync::atomic::Ordering;
+
+use shm_proto::bench::{arg, BenchBlock, BenchOp, BenchPath, BENCH_ARM_FLOOR, BENCH_BLOCK_READY, BENCH_BLOCK_SAMPLES};
+use shm_proto::op::{self, Opcode, Status, WORDS};
 
 use crate::arch;
 use crate::client::{Client, Via};
@@ -19,6 +21,8 @@ const DEFAULT_PT_ITERS: u64 = 10_000;
 const DEFAULT_WARMUP: u64 = 2_000;
 /// Exit status when the sidecore never answered.
 const STATUS_NO_SIDECORE: u32 = 3;
+/// Untimed round trips before each guest floor block.
+const FLOOR_WARMUP: usize = 16;
 
 /// What one timed call needs beyond the client.
 struct PtState<'a> {
@@ -74,7 +78,8 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
     }
     // SAFETY: this vCPU's bench block lies in free RAM (checked above),
     // identity mapped writable, used by this vCPU alone; the VMM reads it
-    // only while this vCPU is stopped in the PIO exit that announces a block.
+    // (and writes its `count` when arming the guest floor) only while this
+    // vCPU is stopped in the PIO exit that announces a block or asks.
     let blk: &mut BenchBlock = unsafe { &mut *(gpa as *mut BenchBlock) };
     let mut c = Client::new(env);
     if c.sidecalls_enabled() && paths & (1 << BenchPath::Sidecall as u32) != 0 && !sidecore_answers(&mut c) {
@@ -83,6 +88,9 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
     }
     let mut tables = PageTables::new(env);
     let frames = ptcheck::frames_base(env);
+    // Measured beside every sidecall block until a round trip goes
+    // unanswered (then the VMM's sidecore is not there to ping).
+    let mut guest_floor = true;
     for op in BenchOp::ALL {
         if ops & (1 << op as u32) == 0 {
             continue;
@@ -139,13 +147,64 @@ pub fn run(env: &Env, only_pagefault: bool) -> u32 {
                 blk.path = path as u32;
                 blk.count = u32::try_from(n).unwrap_or(0);
                 blk.fallbacks = fallbacks;
-                arch::outl(env.boot.bench_port(), 1);
+                arch::outl(env.boot.bench_port(), BENCH_BLOCK_READY);
                 done += n as u64;
+                if path == BenchPath::Sidecall && guest_floor {
+                    guest_floor = guest_floor_block(env, blk, op, n);
+                }
             }
         }
         let _ = &mut tables;
     }
     0
+}
+
+/// Measures `n` round trips of the guest<->sidecore floor beside `op`'s
+/// sidecall block and hands them over as its [`BenchPath::GuestFloor`]
+/// block: one cache line each way between guest mode and the sidecore, timed
+/// as the calls are, with no ring protocol. The VMM arms the sidecore for
+/// them first ([`BENCH_ARM_FLOOR`]); when it arms none, no block is sent.
+/// `false` once a round trip goes unanswered for a sidecall's bound: the
+/// block is dropped and the caller measures no more.
+fn guest_floor_block(env: &Env, blk: &mut BenchBlock, op: BenchOp, n: usize) -> bool {
+    let n = n.min(BENCH_BLOCK_SAMPLES);
+    let rounds = n + FLOOR_WARMUP;
+    blk.op = op as u32;
+    blk.path = BenchPath::GuestFloor as u32;
+    blk.count = u32::try_from(rounds).unwrap_or(0);
+    arch::outl(env.boot.bench_port(), BENCH_ARM_FLOOR);
+    // SAFETY: reading a field of our own block, which the VMM has just
+    // written while this vCPU was stopped in the exit above.
+    let armed = unsafe { core::ptr::read_volatile(&raw const blk.count) };
+    if usize::try_from(armed).map_or(true, |a| a < rounds) {
+        // Not armed this time (no sidecore of this VMM, or a shared CPU).
+        return true;
+    }
+    let line = &env.shared.pong.value;
+    let bound = env.boot.sidecall_timeout[op::op_class(Opcode::Null as u16)];
+    // The line may be odd: a block that stopped half-way.
+    let mut v = line.load(Ordering::Relaxed) & !1;
+    for i in 0..rounds {
+        let t0 = t_start();
+        line.store(v + 1, Ordering::Release);
+        let mut spins = 0u32;
+        while line.load(Ordering::Acquire) != v + 2 {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && arch::rdtsc().wrapping_sub(t0) > bound {
+                gprintln!(env, "bench: the guest floor went unanswered; measuring no more of it");
+                return false;
+            }
+        }
+        let dt = t_end().wrapping_sub(t0);
+        if let Some(s) = i.checked_sub(FLOOR_WARMUP).and_then(|k| blk.samples.get_mut(k)) {
+            *s = dt;
+        }
+        v += 2;
+    }
+    blk.count = u32::try_from(n).unwrap_or(0);
+    blk.fallbacks = 0;
+    arch::outl(env.boot.bench_port(), BENCH_BLOCK_READY);
+    true
 }
 
 fn sidecore_answers(c: &mut Client) -> bool {
@@ -199,6 +258,10 @@ fn timed_batch(
 /// One timed call: cycles, and which path answered.
 #[inline(always)]
 fn timed(c: &mut Client, op: BenchOp, path: BenchPath, pt: Option<&mut PtState>) -> (u64, Via) {
+    if path == BenchPath::GuestFloor {
+        // Not a path of any op (guest_floor_block measures it).
+        return (0, Via::Exit);
+    }
     match (op, pt) {
         (BenchOp::Null, _) => {
             let t0 = t_start();
@@ -211,7 +274,7 @@ fn timed(c: &mut Client, op: BenchOp, path: BenchPath, pt: Option<&mut PtState>)
                     c.pio_null();
                     Via::Exit
                 }
-                BenchPath::Sidecall => c.call(Opcode::Null as u16, [0; WORDS]).via,
+                BenchPath::Sidecall | BenchPath::GuestFloor => c.call(Opcode::Null as u16, [0; WORDS]).via,
             };
             (t_end().wrapping_sub(t0), via)
         }
@@ -223,7 +286,7 @@ fn timed(c: &mut Client, op: BenchOp, path: BenchPath, pt: Option<&mut PtState>)
                     Via::Exit
                 }
                 BenchPath::User => c.pio_call(Opcode::Cpuid as u16, [0; WORDS]).via,
-                BenchPath::Sidecall => c.call(Opcode::Cpuid as u16, [0; WORDS]).via,
+                BenchPath::Sidecall | BenchPath::GuestFloor => c.call(Opcode::Cpuid as u16, [0; WORDS]).via,
             };
             (t_end().wrapping_sub(t0), via)
         }

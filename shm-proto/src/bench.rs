@@ -4,9 +4,25 @@
 //! [`crate::boot::PORT_BENCH`]. The VMM merges them into histograms and, after
 //! every sidecall block, measures a block of the floor (a host cache-line
 //! ping-pong on the same two CPUs), so the two are interleaved in time.
+//!
+//! After each sidecall block the guest also measures the floor from guest
+//! mode: it asks the VMM to arm the sidecore ([`BENCH_ARM_FLOOR`]) for a
+//! block of round trips on its vCPU's [`crate::ring::VcpuShared::pong`]
+//! line, times them as it times its calls, and hands them over as a
+//! [`BenchPath::GuestFloor`] block of the same op.
 
 /// Samples in one block.
 pub const BENCH_BLOCK_SAMPLES: usize = 4096;
+
+/// Value of the PIO write that announces a block of samples.
+pub const BENCH_BLOCK_READY: u32 = 1;
+/// Value of the PIO write that asks the VMM to arm the sidecore for
+/// `count` guest floor round trips (the block's `op`, `path` and `count` say
+/// which); the VMM writes back in `count` how many it armed, 0 if none.
+pub const BENCH_ARM_FLOOR: u32 = 2;
+/// The most round trips one arming serves (a block and its warm-up).
+#[allow(clippy::cast_possible_truncation)] // 4096 fits
+pub const BENCH_FLOOR_MAX_ROUNDS: u32 = BENCH_BLOCK_SAMPLES as u32 + 64;
 
 /// Workload argument slots of the bench workload (`BootInfo::args`).
 pub mod arg {
@@ -88,6 +104,9 @@ impl BenchOp {
 
     /// Whether the op has this path.
     pub const fn has_path(self, p: BenchPath) -> bool {
+        if matches!(p, BenchPath::GuestFloor) {
+            return false;
+        }
         match self {
             BenchOp::Null | BenchOp::Cpuid => true,
             BenchOp::Pte | BenchOp::Pagefault => !matches!(p, BenchPath::Kernel),
@@ -107,6 +126,9 @@ pub enum BenchPath {
     User = 1,
     /// A sidecall.
     Sidecall = 2,
+    /// Not a path of the op: the guest<->sidecore one-line floor measured
+    /// beside the op's sidecall blocks (never in [`BenchPath::ALL`]).
+    GuestFloor = 3,
 }
 
 impl BenchPath {
@@ -119,6 +141,7 @@ impl BenchPath {
             0 => Some(BenchPath::Kernel),
             1 => Some(BenchPath::User),
             2 => Some(BenchPath::Sidecall),
+            3 => Some(BenchPath::GuestFloor),
             _ => None,
         }
     }
@@ -129,6 +152,7 @@ impl BenchPath {
             BenchPath::Kernel => "kernel",
             BenchPath::User => "user",
             BenchPath::Sidecall => "sidecall",
+            BenchPath::GuestFloor => "guest-floor",
         }
     }
 }
@@ -172,5 +196,7 @@ mod tests {
         assert!(!BenchOp::Pte.has_path(BenchPath::Kernel));
         assert!(BenchOp::Null.has_path(BenchPath::Kernel));
         assert!(BenchOp::Pagefault.has_path(BenchPath::Sidecall));
+        assert_eq!(BenchPath::from_u32(3), Some(BenchPath::GuestFloor));
+        assert!(!BenchPath::ALL.contains(&BenchPath::GuestFloor));
     }
 }

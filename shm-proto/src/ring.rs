@@ -365,6 +365,10 @@ pub struct VcpuShared {
     pub guest_events: crate::event::GuestEventLine,
     /// The packet device's queues.
     pub pkt: crate::event::PktQueues,
+    /// The guest<->sidecore floor's line (`sidecore bench`): the guest stores
+    /// an odd value, and a sidecore its VMM has armed for a block of round
+    /// trips answers with the next even one. Unarmed, nobody reads it.
+    pub pong: Line,
 }
 
 /// Offset of vCPU blocks in the region.
@@ -384,6 +388,7 @@ const _: () = assert!(core::mem::offset_of!(VcpuShared, latency) == 4992);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, events) == 5504);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, guest_events) == 5632);
 const _: () = assert!(core::mem::offset_of!(VcpuShared, pkt) == 5760);
+const _: () = assert!(core::mem::offset_of!(VcpuShared, pong) == 6784);
 
 /// Buckets in a [`LatencyHist`].
 pub const LAT_BUCKETS: usize = 64;

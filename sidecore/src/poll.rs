@@ -129,6 +129,15 @@ const MODE_SERVE: u8 = 0;
 const MODE_STOP: u8 = 1;
 /// Answer the floor ping-pong instead of the rings.
 const MODE_PONG: u8 = 2;
+/// Asked to answer a guest's floor ping-pong ([`Sidecore::guest_pong`]).
+const MODE_GUEST_PONG: u8 = 3;
+/// Answering it.
+const MODE_GUEST_PONG_ON: u8 = 4;
+
+/// How long an armed guest floor waits for the guest's next odd value
+/// before the sidecore goes back to its rings: a guest that stops pinging
+/// (or never starts) holds its sidecore this long at most.
+pub const GUEST_PONG_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The cache line of the floor measurement: the measuring thread stores an
 /// odd value, the sidecore answers with the next even one. Same traffic as a
@@ -155,6 +164,8 @@ pub struct Sidecore {
     cpu: usize,
     mode: Arc<AtomicU8>,
     pong: Arc<PongLine>,
+    /// The armed guest floor: `vcpu << 32 | rounds`.
+    guest_pong: Arc<AtomicU64>,
     active: Arc<AtomicUsize>,
     stats: Arc<CoreStats>,
     commands: Sender<Command>,
@@ -173,10 +184,12 @@ impl Sidecore {
         let mode = Arc::new(AtomicU8::new(MODE_SERVE));
         let active = Arc::new(AtomicUsize::new(usize::MAX));
         let pong = Arc::new(PongLine::default());
+        let guest_pong = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(CoreStats::default());
         let (tx, rx) = channel::unbounded();
         let (ready_tx, ready_rx) = channel::bounded::<Result<(), SidecoreError>>(1);
         let (mode2, pong2, stats2, active2, cpu) = (mode.clone(), pong.clone(), stats.clone(), active.clone(), cfg.cpu);
+        let guest_pong2 = guest_pong.clone();
         let cfg2_park = cfg.idle_park;
         let (hook, name2) = (cfg.on_start.clone(), cfg.name.clone());
         let thread = std::thread::Builder::new()
@@ -193,7 +206,9 @@ impl Sidecore {
                 if !ok {
                     return parts;
                 }
-                run(parts, &Control { mode: &mode2, pong: &pong2, active: &active2, park: cfg2_park }, &stats2, &rx)
+                let ctl =
+                    Control { mode: &mode2, pong: &pong2, guest_pong: &guest_pong2, active: &active2, park: cfg2_park };
+                run(parts, &ctl, &stats2, &rx)
             })
             .map_err(|source| SidecoreError::Spawn { name: cfg.name.clone(), source })?;
         match ready_rx.recv() {
@@ -204,7 +219,7 @@ impl Sidecore {
             }
             Err(_) => return Err(SidecoreError::Died(cfg.name)),
         }
-        Ok(Sidecore { name: cfg.name, cpu, mode, pong, active, stats, commands: tx, thread: Some(thread) })
+        Ok(Sidecore { name: cfg.name, cpu, mode, pong, guest_pong, active, stats, commands: tx, thread: Some(thread) })
     }
 
     /// Adds a ring while running (picked up within [`HEARTBEAT_SWEEPS`] sweeps).
@@ -256,6 +271,43 @@ impl Sidecore {
         self.mode.store(MODE_SERVE, Ordering::Release);
     }
 
+    /// Arms the guest floor: the sidecore leaves its rings and answers
+    /// `rounds` round trips (at most [`shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS`])
+    /// on the [`shm_proto::ring::VcpuShared::pong`] line of the ring it serves
+    /// for vCPU `vcpu`, then goes back to them; it goes back sooner once
+    /// the guest has left it idle for [`GUEST_PONG_IDLE`]. Returns once the
+    /// sidecore answers the line: `false` if it serves no ring of that vCPU,
+    /// is not serving (stopped, measuring the host floor), or did not take
+    /// the request within `wait`. Only the VMM that owns the VM arms it (the
+    /// bench's guest asks with a PIO exit); a guest can hold its sidecore
+    /// no longer than that.
+    pub fn guest_pong(&self, vcpu: u32, rounds: u32, wait: std::time::Duration) -> bool {
+        let rounds = rounds.min(shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS);
+        if rounds == 0 {
+            return false;
+        }
+        self.guest_pong.store((u64::from(vcpu) << 32) | u64::from(rounds), Ordering::Relaxed);
+        if self.mode.compare_exchange(MODE_SERVE, MODE_GUEST_PONG, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            match self.mode.load(Ordering::Acquire) {
+                MODE_GUEST_PONG_ON => return true,
+                MODE_GUEST_PONG if start.elapsed() < wait => std::thread::yield_now(),
+                // Not taken in time: withdrawn, unless it was taken just now.
+                MODE_GUEST_PONG => {
+                    return self
+                        .mode
+                        .compare_exchange(MODE_GUEST_PONG, MODE_SERVE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err_and(|m| m == MODE_GUEST_PONG_ON);
+                }
+                // Refused (no such ring), or already done.
+                _ => return false,
+            }
+        }
+    }
+
     /// Rings it serves now, by VM id (for least-loaded placement).
     pub fn ring_count(&self) -> usize {
         self.stats.rings.load(Ordering::Relaxed)
@@ -296,6 +348,7 @@ impl Drop for Sidecore {
 struct Control<'a> {
     mode: &'a AtomicU8,
     pong: &'a PongLine,
+    guest_pong: &'a AtomicU64,
     active: &'a AtomicUsize,
     park: Option<std::time::Duration>,
 }
@@ -307,12 +360,18 @@ fn run(parts: Parts, ctl: &Control, stats: &CoreStats, commands: &Receiver<Comma
     let mut parked = false;
     let mut nap = PARK_NAP;
     let mut plan = Plan::group(&mut rings);
-    let quantum = quantum_cycles(measure_tsc_rate());
+    let rate = measure_tsc_rate();
+    let quantum = quantum_cycles(rate);
+    let idle_cycles = cycles_of(GUEST_PONG_IDLE, rate);
     loop {
         match ctl.mode.load(Ordering::Relaxed) {
             MODE_SERVE => {}
             MODE_PONG => {
                 serve_pong(ctl.mode, ctl.pong);
+                continue;
+            }
+            MODE_GUEST_PONG => {
+                serve_guest_pong(&rings, ctl, idle_cycles);
                 continue;
             }
             _ => break,
@@ -504,7 +563,12 @@ fn sweep_shared(rings: &mut [RingRef], groups: &mut [Group], active: usize, quan
 
 /// [`VM_QUANTUM`] in TSC cycles at `rate`.
 fn quantum_cycles(rate: TscRate) -> u64 {
-    let ns = u64::try_from(VM_QUANTUM.as_nanos()).unwrap_or(u64::MAX);
+    cycles_of(VM_QUANTUM, rate)
+}
+
+/// `d` in TSC cycles at `rate`.
+fn cycles_of(d: std::time::Duration, rate: TscRate) -> u64 {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     ns.saturating_mul(rate.khz()) / 1_000_000
 }
 
@@ -594,6 +658,47 @@ fn serve_pong(mode: &AtomicU8, pong: &PongLine) {
     }
 }
 
+/// The partner side of a guest floor ([`Sidecore::guest_pong`]): answers
+/// every odd value on the vCPU's pong line with the next even one, until it
+/// has answered the rounds asked for, the guest has been idle for
+/// `idle_cycles`, or the sidecore is told to stop. The line is guest
+/// memory: any value may appear there, and the only write made is to that
+/// line.
+fn serve_guest_pong(rings: &[RingRef], ctl: &Control, idle_cycles: u64) {
+    let req = ctl.guest_pong.load(Ordering::Relaxed);
+    // The two halves of the packed request.
+    #[allow(clippy::cast_possible_truncation)]
+    let (vcpu, rounds) = ((req >> 32) as u32, req as u32);
+    let Some(ring) = rings.iter().find(|r| r.vcpu() == vcpu) else {
+        let _ = ctl.mode.compare_exchange(MODE_GUEST_PONG, MODE_SERVE, Ordering::AcqRel, Ordering::Relaxed);
+        return;
+    };
+    if ctl.mode.compare_exchange(MODE_GUEST_PONG, MODE_GUEST_PONG_ON, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        return;
+    }
+    let line = &ring.pong_line().value;
+    let (mut answered, mut k) = (0u32, 0u32);
+    let mut last = rdtsc();
+    while answered < rounds.min(shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS) {
+        let v = line.load(Ordering::Acquire);
+        if v & 1 == 1 {
+            line.store(v.wrapping_add(1), Ordering::Release);
+            answered += 1;
+            k = 0;
+            continue;
+        }
+        k = k.wrapping_add(1);
+        if k.is_multiple_of(256) {
+            if rdtsc().wrapping_sub(last) > idle_cycles || ctl.mode.load(Ordering::Relaxed) != MODE_GUEST_PONG_ON {
+                break;
+            }
+        } else if k == 1 {
+            last = rdtsc();
+        }
+    }
+    let _ = ctl.mode.compare_exchange(MODE_GUEST_PONG_ON, MODE_SERVE, Ordering::AcqRel, Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +734,57 @@ mod tests {
 
     fn served_by(rings: &[RingRef], id: u64) -> u64 {
         rings.iter().filter(|r| r.control().id == id).map(RingRef::expected).sum()
+    }
+
+    /// Plays the guest of a guest floor: `n` round trips on vCPU `v`'s
+    /// pong line; how many were answered within a second each.
+    fn ping(region: &SharedRegion, v: u32, n: u32) -> u32 {
+        let line = &region.vcpu(v).unwrap().pong.value;
+        let mut x = line.load(Ordering::Relaxed) & !1;
+        for k in 0..n {
+            line.store(x + 1, Ordering::Release);
+            let start = std::time::Instant::now();
+            while line.load(Ordering::Acquire) != x + 2 {
+                if start.elapsed() > std::time::Duration::from_secs(1) {
+                    return k;
+                }
+                std::hint::spin_loop();
+            }
+            x += 2;
+        }
+        n
+    }
+
+    #[test]
+    fn an_armed_guest_floor_answers_its_rounds_then_the_rings_again() {
+        let (region, rings) = vm(1, 2);
+        let cfg = SidecoreConfig { cpu: 0, name: "pong-test".into(), idle_park: None, on_start: None };
+        let sc = Sidecore::spawn(cfg, rings).unwrap();
+        // The rings are handed over by command, picked up within a heartbeat.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!sc.guest_pong(9, 10, std::time::Duration::from_secs(1)), "no ring of vCPU 9 here");
+        assert!(!sc.guest_pong(1, 0, std::time::Duration::from_secs(1)), "no rounds");
+        assert!(sc.guest_pong(1, 100, std::time::Duration::from_secs(1)));
+        assert_eq!(ping(&region, 1, 100), 100);
+        // Done: one more is not answered, the rings are.
+        assert_eq!(ping(&region, 1, 1), 0);
+        flood(&region, 0, 1);
+        let start = std::time::Instant::now();
+        while region.vcpu(0).unwrap().slots[0].poll_reply(0).is_none() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "the rings are not served after the floor");
+            std::hint::spin_loop();
+        }
+        // A guest that never pings holds the sidecore GUEST_PONG_IDLE only.
+        assert!(sc.guest_pong(1, 1000, std::time::Duration::from_secs(1)));
+        std::thread::sleep(GUEST_PONG_IDLE * 20);
+        assert_eq!(ping(&region, 1, 1), 0, "the sidecore left an idle floor");
+        flood(&region, 1, 1);
+        let start = std::time::Instant::now();
+        while region.vcpu(1).unwrap().slots[0].poll_reply(0).is_none() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "an idle floor kept the sidecore");
+            std::hint::spin_loop();
+        }
+        sc.stop().unwrap();
     }
 
     #[test]

@@ -267,6 +267,11 @@ impl RingRef {
         &self.stats
     }
 
+    /// The vCPU's guest floor line ([`crate::Sidecore::guest_pong`]).
+    pub fn pong_line(&self) -> &shm_proto::ring::Line {
+        &self.shared().pong
+    }
+
     fn shared(&self) -> &VcpuShared {
         // SAFETY: points into `self.region`, which this struct keeps alive.
         unsafe { self.shared.as_ref() }

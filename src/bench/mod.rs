@@ -78,6 +78,9 @@ pub trait FloorProbe: Sync {
     fn floor_block(&self, samples: &mut [u64]) -> bool;
     /// Sweeps the idle benchmark rings (`on`) or only the VM's own.
     fn set_idle_rings(&self, on: bool);
+    /// Arms the sidecore serving vCPU `vcpu` for `rounds` guest floor round
+    /// trips; false if none took it.
+    fn guest_pong(&self, vcpu: u32, rounds: u32) -> bool;
 }
 
 pub struct BenchCollector {
@@ -173,6 +176,30 @@ impl BenchCollector {
                 f.1.push(*m);
             }
         }
+    }
+
+    /// The guest asks for a block of guest floor round trips (its block at
+    /// `gpa` says how many): arms the sidecore serving it, and writes back
+    /// in the block's `count` how many it armed (0: none, and the guest
+    /// measures no guest floor this time).
+    pub fn arm_guest_floor(
+        &self,
+        vcpu: u32,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        sidecores: Option<&dyn FloorProbe>,
+    ) -> Result<(), BenchError> {
+        let bad = |what: String| BenchError::BadBlock { vcpu, what };
+        let count = mem.read_obj::<u32>(GuestAddress(gpa + 8)).map_err(|e| bad(e.to_string()))?;
+        let rounds = count.min(shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS);
+        // Two spinning parties on one CPU measure the scheduler: no guest
+        // floor for a vCPU that shares a sidecore's CPU.
+        let cpu = sidecore_core::pin::current_cpu();
+        let armed = match sidecores {
+            Some(set) if cpu.is_some_and(|c| !set.cpus().contains(&c)) && set.guest_pong(vcpu, rounds) => rounds,
+            _ => 0,
+        };
+        mem.write_obj::<u32>(armed, GuestAddress(gpa + 8)).map_err(|e| bad(e.to_string()))
     }
 
     /// Takes the block vCPU `vcpu` announced at `gpa`; after a sidecall
@@ -551,7 +578,11 @@ fn ratios(results: &[ResultRow], floor_by_op: &BTreeMap<String, Stat>) -> Vec<Ra
         if let Some(floor) = floor_by_op.get(&side.op).filter(|f| f.samples > 0 && f.p50_ns > 0.0) {
             out.push(Ratio { op: side.op.clone(), name: "sidecall/floor".into(), value: s / floor.p50_ns });
         }
-        for other in results.iter().filter(|r| r.op == side.op && r.path != "sidecall") {
+        let guest_floor = BenchPath::GuestFloor.name();
+        if let Some(g) = results.iter().find(|r| r.op == side.op && r.path == guest_floor && r.stat.p50_ns > 0.0) {
+            out.push(Ratio { op: side.op.clone(), name: "sidecall/guest-floor".into(), value: s / g.stat.p50_ns });
+        }
+        for other in results.iter().filter(|r| r.op == side.op && r.path != "sidecall" && r.path != guest_floor) {
             out.push(Ratio {
                 op: side.op.clone(),
                 name: format!("{}/sidecall", other.path),
@@ -615,7 +646,8 @@ impl BenchReport {
                 by_op.entry(r.op.as_str()).or_default().push(format!("{} {:.2}", r.name, r.value));
             }
             for (op, rs) in by_op {
-                let floor = self.floor_by_op.get(op).map(|f| format!("  (floor beside it: p50 {:.0} ns)", f.p50_ns));
+                let floor =
+                    self.floor_by_op.get(op).map(|f| format!("  (host floor beside it: p50 {:.0} ns)", f.p50_ns));
                 s += &format!("  {:<18} {}{}\n", op, rs.join("   "), floor.unwrap_or_default());
             }
         }
@@ -774,5 +806,62 @@ mod tests {
         mem.write_obj(3u32, GuestAddress(gpa + 8)).unwrap();
         mem.write_obj(9u32, GuestAddress(gpa)).unwrap();
         assert!(c.on_block(0, &mem, gpa, None).is_err());
+    }
+
+    /// Sidecores that arm whatever they are asked for, on no CPU a vCPU has.
+    struct Arms(std::sync::atomic::AtomicU32);
+
+    impl FloorProbe for Arms {
+        fn cpus(&self) -> &[usize] {
+            &[usize::MAX]
+        }
+        fn floor_block(&self, _: &mut [u64]) -> bool {
+            false
+        }
+        fn set_idle_rings(&self, _: bool) {}
+        fn guest_pong(&self, _vcpu: u32, rounds: u32) -> bool {
+            self.0.store(rounds, std::sync::atomic::Ordering::Relaxed);
+            true
+        }
+    }
+
+    #[test]
+    fn guest_floor_blocks_are_armed_bounded_and_give_their_ratio() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let c = BenchCollector::new(1_000_000, None);
+        let gpa = 0x1_0000;
+        // No sidecores: nothing armed, the guest is told 0.
+        mem.write_obj(1016u32, GuestAddress(gpa + 8)).unwrap();
+        c.arm_guest_floor(0, &mem, gpa, None).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(gpa + 8)).unwrap(), 0);
+        // A hostile count is cut to one block and its warm-up.
+        let probe = Arms(std::sync::atomic::AtomicU32::new(0));
+        mem.write_obj(u32::MAX, GuestAddress(gpa + 8)).unwrap();
+        c.arm_guest_floor(0, &mem, gpa, Some(&probe)).unwrap();
+        let armed = mem.read_obj::<u32>(GuestAddress(gpa + 8)).unwrap();
+        if sidecore_core::pin::current_cpu().is_some() {
+            assert_eq!(armed, shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS);
+            assert_eq!(probe.0.load(std::sync::atomic::Ordering::Relaxed), armed);
+        }
+        // A sidecall block and its guest floor block: the ratio of the two.
+        for (path, v) in [(BenchPath::Sidecall, 300u64), (BenchPath::GuestFloor, 200)] {
+            for (off, w) in [(0u64, 0u32), (4, path as u32), (8, 1), (12, 0)] {
+                mem.write_obj(w, GuestAddress(gpa + off)).unwrap();
+            }
+            mem.write_obj(v, GuestAddress(gpa + 64)).unwrap();
+            c.on_block(0, &mem, gpa, None).unwrap();
+        }
+        let rep = c.report(ReportHeader {
+            backend: "pvm".into(),
+            vcpu_cpu: 1,
+            vcpu_cpus: vec![1],
+            sidecore_cpu: 0,
+            timing_representative: true,
+            execution: "yes".into(),
+        });
+        assert!(rep.results.iter().any(|r| r.op == "null" && r.path == "guest-floor"));
+        let r = rep.ratios.iter().find(|r| r.name == "sidecall/guest-floor").unwrap();
+        assert!((r.value - 1.5).abs() < 0.01, "{}", r.value);
+        assert!(!rep.ratios.iter().any(|r| r.name == "guest-floor/sidecall"));
     }
 }

@@ -569,12 +569,16 @@ fn vcpu_thread(i: u32, mut vcpu: VcpuFd, cpu: usize, vm: &Vm, shared: &Shared) -
                     d.on_tx();
                 }
             }
-            Action::Bench => {
+            Action::Bench(what) => {
                 let gpa = shm_proto::layout::guest_bench_block(vm.layout.free_gpa, vm.boot.nr_vcpus, i);
                 if let Some(b) = &shared.bench {
-                    if let Err(e) =
-                        b.on_block(i, &vm.mem, gpa, shared.sidecores.as_deref().map(|s| s as &dyn FloorProbe))
-                    {
+                    let probe = shared.sidecores.as_deref().map(|s| s as &dyn FloorProbe);
+                    let done = if what == shm_proto::bench::BENCH_ARM_FLOOR {
+                        b.arm_guest_floor(i, &vm.mem, gpa, probe)
+                    } else {
+                        b.on_block(i, &vm.mem, gpa, probe)
+                    };
+                    if let Err(e) = done {
                         return (VcpuEnd::Fault(e.to_string()), phase_exits);
                     }
                 }

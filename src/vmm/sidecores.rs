@@ -48,6 +48,9 @@ impl FloorProbe for SidecoreSet {
     fn set_idle_rings(&self, on: bool) {
         SidecoreSet::set_idle_rings(self, on);
     }
+    fn guest_pong(&self, vcpu: u32, rounds: u32) -> bool {
+        SidecoreSet::guest_pong(self, vcpu, rounds)
+    }
 }
 
 fn poisoned() -> RunError {
@@ -159,6 +162,17 @@ impl SidecoreSet {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Arms the guest floor of vCPU `vcpu` on the sidecore that serves its
+    /// ring ([`Sidecore::guest_pong`]); `false` if none is running or took it.
+    pub fn guest_pong(&self, vcpu: u32, rounds: u32) -> bool {
+        let Ok(st) = self.state.lock() else { return false };
+        match &*st {
+            // The others refuse at their next sweep: they hold no ring of it.
+            SetState::Running(cores) => cores.iter().any(|c| c.guest_pong(vcpu, rounds, Duration::from_millis(100))),
+            SetState::Stopped(_) => false,
         }
     }
 

@@ -89,8 +89,10 @@ pub enum Action {
     Marker(u32),
     /// A control request: the run loop passes it on, then resumes.
     Control(u32),
-    /// A benchmark block is ready: the run loop collects it, then resumes.
-    Bench,
+    /// The bench's PIO write ([`shm_proto::bench::BENCH_BLOCK_READY`]: a
+    /// block is ready; [`shm_proto::bench::BENCH_ARM_FLOOR`]: arm the guest
+    /// floor): the run loop handles it, then resumes.
+    Bench(u32),
     /// The guest queued packets on the packet device's tx queue (its exit
     /// path): the run loop sends them, then resumes.
     PacketTx,
@@ -194,7 +196,7 @@ impl<W: Write> ExitHandler<'_, W> {
         } else if port == b.control_port {
             Action::Control(value)
         } else if port == b.bench_port() {
-            Action::Bench
+            Action::Bench(value)
         } else if port == shm_proto::boot::PORT_PKT_TX {
             Action::PacketTx
         } else {
