@@ -152,7 +152,7 @@ impl<'a> Client<'a> {
         let bound = self.env.boot.sidecall_timeout[op::op_class(opcode)];
         let start = arch::rdtsc();
         loop {
-            if let Poll::Done(body) = GuestRing::poll(vs, t) {
+            if let Poll::Done(body) = self.ring.poll_mine(vs, t) {
                 return Some(self.replied(&body));
             }
             if arch::rdtsc().wrapping_sub(start) > bound {
@@ -270,7 +270,7 @@ impl<'a> Client<'a> {
             let bound = self.env.boot.sidecall_timeout[op::op_class(op)].saturating_mul(1 + (i - base) as u64 / 8);
             let mut reply = None;
             loop {
-                if let Poll::Done(body) = GuestRing::poll(vs, t) {
+                if let Poll::Done(body) = self.ring.poll_mine(vs, t) {
                     reply = Some(self.replied(&body));
                     break;
                 }

@@ -367,8 +367,9 @@ impl RingRef {
                 if self.timed {
                     self.stats.record_service(crate::tsc::rdtsc().wrapping_sub(t0));
                 }
-                self.stats.count(op::op_class((req.head & 0xffff) as u16), status);
                 slot.publish_reply(ticket, &Body { head: op::encode_status(status), words });
+                // Counted after the reply is out: off the caller's path.
+                self.stats.count(op::op_class((req.head & 0xffff) as u16), status);
                 self.advance();
                 true
             }
@@ -454,7 +455,7 @@ mod tests {
     use crate::cpuid::{CpuidEntry, CpuidTable};
     use proptest::prelude::*;
     use shm_proto::op::{encode_head, Opcode, FLAGS_KNOWN};
-    use shm_proto::ring::{next_ticket, state_word, Slot, RING_SLOTS, TICKET_MASK};
+    use shm_proto::ring::{next_ticket, state_word, Slot, SlotState, RING_SLOTS, TICKET_MASK};
 
     fn setup() -> (Arc<SharedRegion>, RingRef, Arc<VmStats>) {
         let region = SharedRegion::alloc(1).unwrap();
@@ -483,6 +484,31 @@ mod tests {
         let (_r, mut ring, stats) = setup();
         assert_eq!(ring.serve(), 0);
         assert_eq!(stats.snapshot().total(), 0);
+    }
+
+    #[test]
+    fn a_reply_read_lets_the_next_lap_post_without_a_look_until_a_resync() {
+        use shm_proto::sidecall::{GuestRing, Poll};
+        let (r, mut ring, _stats) = setup();
+        let vs = r.vcpu(0).unwrap();
+        let mut g = GuestRing::resume(vs);
+        for i in 0..RING_SLOTS as u64 {
+            let t = g.post(vs, &null(i)).unwrap();
+            assert!(ring.serve_slot());
+            assert!(matches!(g.poll_mine(vs, t), Poll::Done(b) if b.words[0] == i));
+        }
+        // Only a guest's own stray write could put a word there now: the
+        // post trusts its knowledge of the slot and does not look at it.
+        let garbage = state_word(5, SlotState::Claimed);
+        slot(&r, 0).state.store(garbage, Ordering::Relaxed);
+        assert_eq!(g.post(vs, &null(64)), Some(64));
+        assert!(ring.serve_slot());
+        assert!(matches!(g.poll_mine(vs, 64), Poll::Done(b) if b.words[0] == 64));
+        // A resync forgets what it knew: the post looks, and a claimed slot
+        // is busy.
+        slot(&r, 1).state.store(garbage, Ordering::Relaxed);
+        g.resync(vs);
+        assert_eq!(g.post(vs, &null(65)), None);
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl Model {
         let vs = self.w.region.vcpu(0).expect("vcpu");
         match std::mem::replace(&mut self.guest, Guest::Idle) {
             Guest::Idle => {}
-            Guest::Waiting { t, id, left } => match GuestRing::poll(vs, t) {
+            Guest::Waiting { t, id, left } => match self.g.poll_mine(vs, t) {
                 Poll::Done(b) => self.replied(id, &b, false),
                 _ if left > 1 => self.guest = Guest::Waiting { t, id, left: left - 1 },
                 _ => match self.g.withdraw(vs, t) {
@@ -271,7 +271,7 @@ impl Model {
             Guest::Batch { ids, first, i, held, left, claimed } => {
                 let t = ticket_add(first, i);
                 let id = ids[i];
-                match GuestRing::poll(vs, t) {
+                match self.g.poll_mine(vs, t) {
                     Poll::Done(b) => {
                         self.replied(id, &b, true);
                         self.guest = Guest::Batch { ids, first, i: i + 1, held, left: self.poll_bound, claimed: false };
