@@ -203,6 +203,11 @@ impl Selection {
             if p == BenchPath::Sidecall && self.idle_rings > 0 {
                 rows.push((op.name().to_string(), format!("sidecall+{}idle", self.idle_rings)));
             }
+            if p == BenchPath::Sidecall {
+                // Measured beside its sidecall blocks (not when the vCPU
+                // shares the sidecore's CPU).
+                rows.push((op.name().to_string(), BenchPath::GuestFloor.name().to_string()));
+            }
         }
         let mut host: Vec<(String, BenchPath)> = self
             .host_series()
@@ -265,6 +270,7 @@ mod tests {
             vec![
                 ("null".to_string(), "sidecall".to_string()),
                 ("null".to_string(), "sidecall+8idle".to_string()),
+                ("null".to_string(), "guest-floor".to_string()),
                 ("irq".to_string(), "sidecall".to_string()),
             ]
         );
