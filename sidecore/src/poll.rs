@@ -297,7 +297,8 @@ impl Sidecore {
     /// on the [`shm_proto::ring::VcpuShared::pong`] line of the ring it serves
     /// for vCPU `vcpu`, then goes back to them; it goes back sooner once
     /// the guest has left it idle for [`GUEST_PONG_IDLE`]. Returns once the
-    /// sidecore answers the line: `false` if it serves no ring of that vCPU,
+    /// sidecore has taken the request (it may be over already when a short
+    /// floor is served before the caller looks): `false` if it serves no ring of that vCPU,
     /// is not serving (stopped, measuring the host floor), or did not take
     /// the request within `wait`. Only the VMM that owns the VM arms it (the
     /// bench's guest asks with a PIO exit); a guest can hold its sidecore
@@ -687,6 +688,7 @@ fn serve_guest_pong(rings: &[RingRef], ctl: &Control, idle_cycles: u64) {
     // The two halves of the packed request.
     #[allow(clippy::cast_possible_truncation)]
     let (vcpu, rounds) = ((req >> 32) as u32, req as u32);
+    // Only guest_pong writes the request, and it caps the rounds.
     let Some(ring) = rings.iter().find(|r| r.vcpu() == vcpu) else {
         let _ = ctl.mode.compare_exchange(MODE_GUEST_PONG, MODE_SERVE, Ordering::AcqRel, Ordering::Relaxed);
         return;
@@ -701,7 +703,7 @@ fn serve_guest_pong(rings: &[RingRef], ctl: &Control, idle_cycles: u64) {
     ctl.guest_pong_taken.fetch_add(1, Ordering::Release);
     let (mut answered, mut k) = (0u32, 0u32);
     let mut last = rdtsc();
-    while answered < rounds.min(shm_proto::bench::BENCH_FLOOR_MAX_ROUNDS) {
+    while answered < rounds {
         let v = line.load(Ordering::Acquire);
         if v & 1 == 1 {
             line.store(v.wrapping_add(1), Ordering::Release);

@@ -773,6 +773,18 @@ mod tests {
         assert_eq!(floor_level(530.0), "slow");
     }
 
+    /// A native PVM run on CPUs 0 and 1.
+    fn header() -> ReportHeader {
+        ReportHeader {
+            backend: "pvm".into(),
+            vcpu_cpu: 1,
+            vcpu_cpus: vec![1],
+            sidecore_cpu: 0,
+            timing_representative: true,
+            execution: "yes".into(),
+        }
+    }
+
     #[test]
     fn collector_reads_blocks_and_refuses_bad_ones() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -785,14 +797,7 @@ mod tests {
             mem.write_obj(*v, GuestAddress(gpa + 64 + 8 * i as u64)).unwrap();
         }
         c.on_block(0, &mem, gpa, None).unwrap();
-        let rep = c.report(ReportHeader {
-            backend: "pvm".into(),
-            vcpu_cpu: 1,
-            vcpu_cpus: vec![1],
-            sidecore_cpu: 0,
-            timing_representative: true,
-            execution: "yes".into(),
-        });
+        let rep = c.report(header());
         assert_eq!(rep.results.len(), 1);
         assert_eq!(rep.results[0].op, "null");
         assert_eq!(rep.results[0].path, "sidecall");
@@ -851,14 +856,7 @@ mod tests {
             mem.write_obj(v, GuestAddress(gpa + 64)).unwrap();
             c.on_block(0, &mem, gpa, None).unwrap();
         }
-        let rep = c.report(ReportHeader {
-            backend: "pvm".into(),
-            vcpu_cpu: 1,
-            vcpu_cpus: vec![1],
-            sidecore_cpu: 0,
-            timing_representative: true,
-            execution: "yes".into(),
-        });
+        let rep = c.report(header());
         assert!(rep.results.iter().any(|r| r.op == "null" && r.path == "guest-floor"));
         let r = rep.ratios.iter().find(|r| r.name == "sidecall/guest-floor").unwrap();
         assert!((r.value - 1.5).abs() < 0.01, "{}", r.value);
